@@ -1,0 +1,247 @@
+"""What forksafe knows about native runtimes and fork: data, not code.
+
+Adding a runtime means adding a ``Runtime`` entry below, not a branch in a
+probe. Each entry says how to recognise the library (a regular expression over
+its full path, so that wheel-bundled copies such as ``libgomp-a34b3233.so.1``
+match too), how to recognise its threads (by OS thread name, and by the probe's
+stack attribution, which needs no name), how bad it is when merely loaded and
+when active, why, and what to do instead.
+
+"Active" is told by the signals named in ``activity``:
+
+``threads``
+    an OS thread of the runtime is alive (owned by its library, or named like
+    its threads);
+``flag:SYMBOL``
+    the loaded library's own ``int SYMBOL(void)`` answers non-zero (libdispatch's
+    ``_dispatch_is_multithreaded``);
+``sqlite-used``
+    the ``sqlite3`` module opened a connection (for Apple's system SQLite,
+    which starts using libdispatch from ``sqlite3_initialize``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from forksafe._report import Severity
+
+DOCS = "docs/hazards.md"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One native runtime and how it behaves across fork."""
+
+    key: str
+    name: str
+    libraries: str
+    why: str
+    remedy: str
+    loaded: Severity | None = Severity.INFO
+    active: Severity = Severity.ERROR
+    activity: tuple[str, ...] = ("threads",)
+    threads: str | None = None
+    #: An environment variable that turns on the runtime's own fork support;
+    #: when it is set to a true value an active runtime is a warning, not an error.
+    fork_support: str | None = None
+    _library_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
+    _thread_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_library_re", re.compile(self.libraries))
+        compiled = None if self.threads is None else re.compile(self.threads)
+        object.__setattr__(self, "_thread_re", compiled)
+
+    def matches_library(self, path: str) -> bool:
+        return self._library_re.search(path) is not None
+
+    def matches_thread_name(self, name: str) -> bool:
+        return self._thread_re is not None and self._thread_re.match(name) is not None
+
+
+_ANY_START = (
+    "use a start method that does not fork: forksafe.get_context() picks 'forkserver' "
+    "or 'spawn' when forking is unsafe"
+)
+
+RUNTIMES: tuple[Runtime, ...] = (
+    Runtime(
+        key="gnu-openmp",
+        name="GNU OpenMP (libgomp)",
+        libraries=r"/libgomp[-.][^/]*$",
+        why=(
+            "libgomp keeps its worker pool alive between parallel regions and registers no "
+            "fork handler: the child inherits a pool whose threads do not exist, so the "
+            "child's first parallel region waits for them forever"
+        ),
+        remedy=(
+            f"{_ANY_START}; or fork before the first parallel region; or set "
+            "OMP_NUM_THREADS=1 in the parent so that no pool is started"
+        ),
+    ),
+    Runtime(
+        key="llvm-openmp",
+        name="LLVM OpenMP (libomp)",
+        libraries=r"/libomp[-.][^/]*$",
+        active=Severity.WARNING,
+        why=(
+            "libomp re-initialises itself in the child through a pthread_atfork handler, "
+            "but a fork during a parallel region, or with locks held by its workers, can "
+            "still deadlock the child"
+        ),
+        remedy=f"fork only outside parallel regions, or {_ANY_START}",
+    ),
+    Runtime(
+        key="intel-openmp",
+        name="Intel OpenMP (libiomp5)",
+        libraries=r"/libiomp5[-.][^/]*$",
+        active=Severity.WARNING,
+        why=(
+            "libiomp5 re-initialises itself in the child through a pthread_atfork "
+            "handler, but a fork during a parallel region can still deadlock the child"
+        ),
+        remedy=f"fork only outside parallel regions, or {_ANY_START}",
+    ),
+    Runtime(
+        key="openblas",
+        name="OpenBLAS",
+        libraries=r"/lib(scipy_)?openblas[^/]*$",
+        active=Severity.INFO,
+        why=(
+            "OpenBLAS registers pthread_atfork handlers that shut its thread pool down "
+            "before fork and restart it in the child, so its threads are safe to fork over"
+        ),
+        remedy="nothing to do: OpenBLAS handles fork itself",
+    ),
+    Runtime(
+        key="mkl",
+        name="Intel MKL",
+        libraries=r"/libmkl_(rt|core)[^/]*$",
+        active=Severity.INFO,
+        why=(
+            "MKL's own threads come from its threading layer (Intel or GNU OpenMP, or TBB); "
+            "those are reported separately when active"
+        ),
+        remedy="nothing to do for MKL itself; see the threading layer's entry",
+    ),
+    Runtime(
+        key="tbb",
+        name="Intel oneTBB",
+        libraries=r"/libtbb[^/]*$",
+        active=Severity.WARNING,
+        why="oneTBB's worker threads do not exist in the child and it has no fork handler",
+        remedy=f"{_ANY_START}; or fork before TBB starts its workers",
+    ),
+    Runtime(
+        key="grpc",
+        name="gRPC core",
+        libraries=r"/(cygrpc\.[^/]*\.so|libgrpc[^/]*\.so[^/]*)$",
+        threads=r"(grpc_global_tim|event_engine|lifeguard|default-executo|resolver-execu|grpc_)",
+        fork_support="GRPC_ENABLE_FORK_SUPPORT",
+        why=(
+            "gRPC runs its own polling, timer and executor threads; without fork support "
+            "the child inherits gRPC's state with those threads gone and crashes "
+            "(SIGSEGV) or hangs on its first RPC"
+        ),
+        remedy=(
+            f"{_ANY_START}; or create channels and servers only after forking; or set "
+            "GRPC_ENABLE_FORK_SUPPORT=1 (and GRPC_POLL_STRATEGY=poll) before importing grpc"
+        ),
+    ),
+    Runtime(
+        key="cuda",
+        name="NVIDIA CUDA driver",
+        libraries=r"/libcuda\.(so[^/]*|dylib)$",
+        threads=r"cuda-",
+        why=(
+            "an initialised CUDA context cannot be used in a forked child: NVIDIA documents "
+            "that CUDA is not fork-safe, and the child fails with "
+            "'initialization error' or hangs"
+        ),
+        remedy=(
+            f"{_ANY_START} (PyTorch: torch.multiprocessing.set_start_method('spawn')); "
+            "or initialise CUDA only in the children"
+        ),
+    ),
+    Runtime(
+        key="jvm",
+        name="Java VM (libjvm)",
+        libraries=r"/libjvm\.(so|dylib)$",
+        loaded=Severity.WARNING,
+        threads=(
+            r"(VM Thread|GC Thread|C[12] CompilerThre|Reference Handl|Finalizer"
+            r"|Signal Dispatch)"
+        ),
+        why=(
+            "a running JVM has garbage-collector, compiler and VM threads that vanish in "
+            "the child; the child's JVM deadlocks or crashes at its next safepoint"
+        ),
+        remedy=f"{_ANY_START}; or start the JVM (jpype, pyjnius) only in the children",
+    ),
+    Runtime(
+        key="libdispatch",
+        name="Apple libdispatch (Grand Central Dispatch)",
+        libraries=r"/libdispatch\.(dylib|so)[^/]*$",
+        loaded=None,  # part of libSystem: loaded in every macOS process
+        activity=("flag:_dispatch_is_multithreaded", "threads"),
+        threads=r"fakedispatch-|com\.apple\.(root|main-thread)",
+        why=(
+            "libdispatch marks the process multithreaded once it has used a queue, and "
+            "crashes the child on its next use ('crashed on child side of fork pre-exec'); "
+            "Apple documents that no GCD call is safe after fork until exec"
+        ),
+        remedy=(
+            f"{_ANY_START}; or make the call that used GCD (system proxy lookup, system "
+            "SQLite, Objective-C frameworks) only in the children or in a helper process"
+        ),
+    ),
+    Runtime(
+        key="apple-frameworks",
+        name="Apple CoreFoundation / Foundation",
+        libraries=r"/(CoreFoundation|Foundation)\.framework/",
+        loaded=None,
+        threads=r"com\.apple\.",
+        why=(
+            "CoreFoundation and Foundation run dispatch queues and threads once used; "
+            "Apple documents them as unsafe to use in a forked child before exec"
+        ),
+        remedy=f"{_ANY_START}; or use these frameworks only after forking",
+    ),
+    Runtime(
+        key="objc",
+        name="Objective-C runtime (libobjc)",
+        libraries=r"/libobjc\.A\.dylib$",
+        loaded=None,
+        why=(
+            "a class whose +initialize ran in another thread at fork time is locked in the "
+            "child; the runtime aborts the child rather than deadlock "
+            "(OBJC_DISABLE_INITIALIZE_FORK_SAFETY only turns the abort off)"
+        ),
+        remedy=f"{_ANY_START}; setting OBJC_DISABLE_INITIALIZE_FORK_SAFETY=YES fixes nothing",
+    ),
+    Runtime(
+        key="apple-sqlite",
+        name="Apple's system SQLite (/usr/lib/libsqlite3.dylib)",
+        libraries=r"^/usr/lib/libsqlite3(\.0)?\.dylib$",
+        loaded=Severity.WARNING,
+        activity=("sqlite-used",),
+        why=(
+            "Apple's build of SQLite uses libdispatch from sqlite3_initialize on; once a "
+            "connection was opened, the first SQLite call in a forked child crashes it"
+        ),
+        remedy=(
+            f"{_ANY_START}; or use a Python that bundles its own SQLite (python.org, "
+            "Homebrew, conda) or the pysqlite3-binary package"
+        ),
+    ),
+)
+
+
+def find(key: str) -> Runtime:
+    """The entry with this key; KeyError names the known keys."""
+    for runtime in RUNTIMES:
+        if runtime.key == key:
+            return runtime
+    raise KeyError(f"no runtime {key!r}; known: {', '.join(r.key for r in RUNTIMES)}")

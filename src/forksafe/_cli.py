@@ -1,0 +1,167 @@
+"""The ``forksafe`` command line.
+
+Every user error ends in one line on stderr and exit status 2 — a bad option, a
+module that fails to import, an unreadable report file — never a traceback,
+unless ``--debug`` asks for one. Message texts are constants so that the tests
+check the very words users see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from typing import Any, NoReturn, Sequence
+
+from forksafe._report import SCHEMA, ForkEvent, Report, Severity
+
+IMPORT_FAILED = "forksafe: cannot import {module!r}: {error}"
+REPORT_UNREADABLE = "forksafe: cannot read report {path!r}: {error}"
+REPORT_FOREIGN = "forksafe: {path!r} is not a forksafe report (expected schema {schema!r})"
+
+EXIT_CLEAN, EXIT_HAZARDS, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the fix, still exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+class UsageError(Exception):
+    """A user error that the CLI reports as one line with exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="forksafe",
+        description="Know what breaks in a forked child before you fork.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    check = commands.add_parser(
+        "check",
+        help="report what would break if this process forked now",
+        description=(
+            "Import the given modules (as a preloading server such as gunicorn --preload "
+            "would), then report the hazards of forking at that point. Exit 0 when clean, "
+            "1 when a hazard reaches --fail-on, 2 on usage errors."
+        ),
+    )
+    check.add_argument("--import", dest="imports", action="append", default=[],
+                       metavar="MODULE", help="import MODULE first (repeatable, in order)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--fail-on", choices=["warning", "error"], default="error",
+                       help="exit 1 when a hazard reaches this level (default: error)")
+    check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks for errors")
+
+    explain = commands.add_parser(
+        "explain",
+        help="render a saved JSON report as text",
+        description="Render a report written by 'forksafe check --json' or 'forksafe run'.",
+    )
+    explain.add_argument("file", metavar="FILE", help="the JSON report ('-' for stdin)")
+    explain.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show tracebacks for errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "check":
+            return _check(args)
+        if args.command == "explain":
+            return _explain(args)
+    except UsageError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def _check(args: argparse.Namespace) -> int:
+    from forksafe._check import check
+    from forksafe._ledger import observe
+
+    observe()  # so that threads and connections the imports create have origins
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: the project's own modules
+    for module in args.imports:
+        _import(module)
+    report = check()
+    if args.json:
+        print(json.dumps(check_json(report), indent=2))
+    else:
+        print(report)
+    worst = report.max_severity
+    return EXIT_HAZARDS if worst is not None and worst >= Severity.parse(args.fail_on) else 0
+
+
+def check_json(report: Report) -> dict[str, Any]:
+    """A fork-like entry (DESIGN.md §3) without child data: what forking now would meet."""
+    data = {"schema": SCHEMA, "command": ["forksafe", *sys.argv[1:]],
+            "mechanism": "check", "site": None, "action": "allowed"}
+    data.update(report.to_dict())
+    return data
+
+
+def _import(module: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise UsageError(IMPORT_FAILED.format(module=module, error=what)) from exc
+
+
+def _explain(args: argparse.Namespace) -> int:
+    path = args.file
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        data = json.loads(text)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(REPORT_UNREADABLE.format(path=path, error=_reason(exc))) from exc
+    except json.JSONDecodeError as exc:
+        error = f"not valid JSON ({exc.msg} at line {exc.lineno})"
+        raise UsageError(REPORT_UNREADABLE.format(path=path, error=error)) from exc
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise UsageError(REPORT_FOREIGN.format(path=path, schema=SCHEMA))
+    try:
+        print(render_saved(data))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise UsageError(REPORT_UNREADABLE.format(path=path, error=f"corrupt: {exc}")) from exc
+    return EXIT_CLEAN
+
+
+def render_saved(data: dict[str, Any]) -> str:
+    """Text for a saved report: a check (one entry) or a run (a list of forks)."""
+    if "forks" not in data:
+        return str(Report.from_dict(data))
+    forks = data["forks"]
+    if not isinstance(forks, list):
+        raise ValueError("'forks' must be a list")
+    events = [ForkEvent.from_dict(f) for f in forks]
+    from forksafe._render import render_events
+
+    return render_events(data.get("command"), data.get("exit_code"), events)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,224 @@
+"""Reading another thread's Python stack: where it is, whether it waits, what it holds.
+
+Everything here works on live frames of *other* threads, so it only reads:
+source lines through ``linecache`` and, to tell whether a ``with`` block's lock
+is held, a dotted name looked up in the frame's variables and in instance
+``__dict__``s — never ``getattr`` on arbitrary objects, which could run a
+property and change the program being diagnosed.
+"""
+
+from __future__ import annotations
+
+import functools
+import linecache
+import os
+import re
+import sysconfig
+import types
+from dataclasses import dataclass
+from typing import Any
+
+from forksafe._report import Site
+
+#: Functions in which a thread sits idle, by (file name suffix, function name).
+_WAIT_FUNCTIONS = {
+    ("threading.py", "wait"): "waiting on a threading Condition/Event",
+    ("threading.py", "_wait_for_tstate_lock"): "waiting in Thread.join",
+    ("threading.py", "join"): "waiting in Thread.join",
+    ("queue.py", "get"): "waiting in queue.Queue.get",
+    ("queue.py", "put"): "waiting in queue.Queue.put",
+    ("selectors.py", "select"): "waiting in a selector (select/poll/epoll)",
+    ("socket.py", "accept"): "waiting in socket.accept",
+    ("socket.py", "readinto"): "waiting on a socket read",
+    ("connection.py", "_recv"): "waiting on a multiprocessing connection",
+    ("connection.py", "wait"): "waiting on a multiprocessing connection",
+}
+
+#: A top frame whose current line calls one of these is blocked inside that call:
+#: C functions push no Python frame, so the caller's line is all there is to see.
+_BLOCKING_CALL = re.compile(
+    r"\b(time\.sleep|sleep|select|poll|epoll\.poll|input)\s*\("
+    r"|\.(wait|acquire|get|join|recv|recvfrom|recv_into|accept|read|readline|sleep)\s*\("
+)
+
+_WITH = re.compile(r"^(\s*)(async\s+)?with\s+(.+?)\s*:\s*(#.*)?$")
+_DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+_LIB_DIRS = tuple(
+    os.path.normcase(os.path.realpath(p)) + os.sep
+    for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}
+)
+_OWN_DIR = os.path.normcase(os.path.dirname(os.path.realpath(__file__))) + os.sep
+
+
+@functools.lru_cache(maxsize=4096)
+def is_library_file(filename: str) -> bool:
+    """True for the standard library and forksafe itself: not the user's code."""
+    path = os.path.normcase(os.path.realpath(filename)) if os.sep in filename else filename
+    if "site-packages" in path:
+        return False
+    return path.startswith(_LIB_DIRS) or path.startswith(_OWN_DIR) or filename.startswith("<frozen")
+
+
+def user_site(sites: list[Site]) -> Site | None:
+    """The innermost site in the user's code, else the innermost site at all."""
+    for site in sites:
+        if not is_library_file(site.file):
+            return site
+    return sites[0] if sites else None
+
+
+def stack(frame: types.FrameType | None, limit: int = 12) -> list[Site]:
+    """Sites of ``frame`` and its callers, innermost first."""
+    out: list[Site] = []
+    while frame is not None and len(out) < limit:
+        out.append(Site(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+        frame = frame.f_back
+    return out
+
+
+def short_path(filename: str) -> str:
+    """``filename`` relative to the working directory when it lies below it."""
+    try:
+        return _short_path(filename, os.getcwd())
+    except OSError:  # the working directory was removed
+        return filename
+
+
+@functools.lru_cache(maxsize=4096)
+def _short_path(filename: str, cwd: str) -> str:
+    if not os.path.isabs(filename):
+        return filename
+    try:
+        relative = os.path.relpath(filename, cwd)
+    except ValueError:
+        return filename
+    return filename if relative.startswith(os.pardir) else relative
+
+
+def where(site: Site) -> str:
+    return f"{short_path(site.file)}:{site.line}"
+
+
+def source_line(site: Site) -> str:
+    return linecache.getline(site.file, site.line).strip()
+
+
+def waiting(frame: types.FrameType) -> str | None:
+    """Why the thread at ``frame`` is idle, or None when it seems to be running."""
+    code = frame.f_code
+    key = (os.path.basename(code.co_filename), code.co_name)
+    if key in _WAIT_FUNCTIONS and is_library_file(code.co_filename):
+        return _WAIT_FUNCTIONS[key]
+    line = linecache.getline(code.co_filename, frame.f_lineno)
+    match = _BLOCKING_CALL.search(line)
+    if match:
+        return f"blocked in `{match.group(0).strip()}...)`"
+    return None
+
+
+@dataclass(frozen=True)
+class HeldLock:
+    """A ``with`` block the thread is inside, and whether its object is a held lock."""
+
+    expression: str
+    site: Site
+    locked: bool | None  # None: not a recognisable lock, or could not be resolved
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lock": self.expression, "at": f"{self.site.file}:{self.site.line}",
+                "locked": self.locked}
+
+
+def held_locks(frame: types.FrameType | None, limit: int = 12) -> list[HeldLock]:
+    """``with`` blocks enclosing the current line of each frame, innermost frame first.
+
+    Only blocks whose object looks like a lock (a ``Lock``/``RLock``/
+    ``Condition``/``Semaphore``, or a name containing "lock" or "mutex") are
+    kept. Standard-library frames are skipped: their ``with`` blocks around
+    waits release the lock while waiting.
+    """
+    found: list[HeldLock] = []
+    depth = 0
+    while frame is not None and depth < limit:
+        code = frame.f_code
+        if not is_library_file(code.co_filename):
+            for expr, line in _enclosing_withs(code, frame.f_lineno):
+                obj, resolved = _resolve(expr, frame)
+                locked = _is_locked(obj) if resolved else None
+                if locked is not None or re.search(r"lock|mutex", expr, re.IGNORECASE):
+                    found.append(HeldLock(expr, Site(code.co_filename, line, code.co_name), locked))
+        frame = frame.f_back
+        depth += 1
+    return found
+
+
+def _enclosing_withs(code: types.CodeType, lineno: int) -> list[tuple[str, int]]:
+    lines = linecache.getlines(code.co_filename)
+    if not lines or lineno > len(lines):
+        return []
+    current = lines[lineno - 1]
+    open_blocks: list[tuple[int, str, int]] = []  # (indent, expression, line)
+    for number in range(code.co_firstlineno, lineno):
+        text = lines[number - 1]
+        if not text.strip() or text.lstrip().startswith("#"):
+            continue
+        indent = len(text) - len(text.lstrip())
+        while open_blocks and indent <= open_blocks[-1][0]:
+            open_blocks.pop()
+        match = _WITH.match(text)
+        if match:
+            open_blocks.append((indent, match.group(3), number))
+    indent = len(current) - len(current.lstrip())
+    while open_blocks and indent <= open_blocks[-1][0]:
+        open_blocks.pop()
+    result = []
+    for _, expr, number in open_blocks:
+        for part in expr.split(","):
+            item = part.split(" as ")[0].strip()
+            result.append((item, number))
+    return result
+
+
+def _resolve(expr: str, frame: types.FrameType) -> tuple[object, bool]:
+    if not _DOTTED.match(expr):
+        return None, False
+    head, *rest = expr.split(".")
+    scopes: list[Any] = [frame.f_locals, frame.f_globals]
+    for scope in scopes:
+        if head in scope:
+            obj = scope[head]
+            break
+    else:
+        return None, False
+    for name in rest:
+        namespace = obj.__dict__ if isinstance(obj, types.ModuleType) else _instance_dict(obj)
+        if namespace is None or name not in namespace:
+            return None, False
+        obj = namespace[name]
+    return obj, True
+
+
+def _instance_dict(obj: object) -> dict[str, Any] | None:
+    try:
+        namespace = object.__getattribute__(obj, "__dict__")
+    except AttributeError:
+        return None
+    return namespace if isinstance(namespace, dict) else None
+
+
+def _is_locked(obj: object) -> bool | None:
+    """Whether ``obj`` is a threading primitive that is currently held, if it is one."""
+    kind = type(obj).__name__
+    if kind == "Condition":
+        return _is_locked((_instance_dict(obj) or {}).get("_lock"))
+    if kind in ("lock", "Lock"):
+        return bool(obj.locked())  # type: ignore[attr-defined]
+    if kind in ("RLock", "_RLock"):
+        # Only the C RLock's repr tells its owner without acquiring it.
+        return repr(obj).startswith("<locked")
+    if kind in ("Semaphore", "BoundedSemaphore"):
+        namespace = _instance_dict(obj) or {}
+        value = namespace.get("_value")
+        return None if not isinstance(value, int) else value == 0
+    return None

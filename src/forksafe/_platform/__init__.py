@@ -1,0 +1,113 @@
+"""Operating-system facts behind one small interface.
+
+The probes ask three questions of the OS: which native libraries are loaded,
+which OS threads exist (and, where it can be seen, which library's code each
+one is running), and — for runtimes that can tell us themselves — what a
+zero-argument C flag function of an *already loaded* library returns. Each OS
+answers them its own way (procfs and ``dl_iterate_phdr`` on Linux, the dyld
+image list and the Mach thread list on macOS); everything above this package is
+OS-neutral.
+
+Backends are imported lazily so that ``import forksafe`` loads no ctypes
+library and touches no OS interface.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class LoadedLibrary:
+    """A native image mapped into the process.
+
+    ``text`` holds the executable address ranges ``[start, end)`` so that a
+    code address found on a thread's stack can be mapped back to its library.
+    """
+
+    path: str
+    text: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class OSThread:
+    """An OS-level thread of this process.
+
+    ``tid`` is the id Python reports as ``threading.Thread.native_id``
+    (the kernel tid on Linux, ``pthread_threadid_np`` on macOS), so that OS
+    threads and Python threads can be matched. ``libraries`` lists the loaded
+    libraries whose code is on the thread's stack, the outermost first, or is
+    empty when the stack cannot be seen; ``owner`` is the library whose start
+    routine runs the thread (the outermost one that is not libc/pthread
+    plumbing), or ``None`` when unknown.
+    """
+
+    tid: int
+    name: str
+    state: str = "unknown"
+    libraries: tuple[str, ...] = ()
+    owner: str | None = None
+
+
+class Platform(Protocol):
+    """What the probes need from the operating system."""
+
+    name: str
+
+    def loaded_libraries(self) -> list[LoadedLibrary]:
+        """Every native image currently mapped, main program included."""
+        ...
+
+    def threads(self, skip: frozenset[int], libraries: list[LoadedLibrary]) -> list[OSThread]:
+        """Every OS thread except those whose tid is in ``skip``.
+
+        ``libraries`` is the caller's fresh ``loaded_libraries()`` answer, used
+        to attribute stack addresses without listing the images twice.
+        """
+        ...
+
+    def call_flag(self, library: str, symbol: str) -> int | None:
+        """Call ``int symbol(void)`` in ``library`` if it is already loaded.
+
+        Never loads anything (``RTLD_NOLOAD``); ``None`` when the library is
+        not loaded or lacks the symbol. Only for side-effect-free query
+        functions such as libdispatch's ``_dispatch_is_multithreaded``.
+        """
+        ...
+
+
+class _Unsupported:
+    """A platform we know nothing about: no libraries, no threads, no flags."""
+
+    name = sys.platform
+
+    def loaded_libraries(self) -> list[LoadedLibrary]:
+        return []
+
+    def threads(self, skip: frozenset[int], libraries: list[LoadedLibrary]) -> list[OSThread]:
+        return []
+
+    def call_flag(self, library: str, symbol: str) -> int | None:
+        return None
+
+
+_current: Platform | None = None
+
+
+def current() -> Platform:
+    """The backend for this OS, created on first use."""
+    global _current
+    if _current is None:
+        if sys.platform.startswith("linux"):
+            from forksafe._platform._linux import LinuxPlatform
+
+            _current = LinuxPlatform()
+        elif sys.platform == "darwin":
+            from forksafe._platform._darwin import DarwinPlatform
+
+            _current = DarwinPlatform()
+        else:
+            _current = _Unsupported()
+    return _current

@@ -1,0 +1,310 @@
+"""Linux: ``dl_iterate_phdr`` for images, procfs for threads and their stacks.
+
+Attributing a native thread to a library is the heart of telling a *loaded*
+runtime from an *active* one: GNU OpenMP names no thread, so its pool can only
+be recognised by what its threads are running. A thread blocked in a system
+call exposes its stack pointer in ``/proc/self/task/TID/syscall``; reading the
+live part of its stack through ``/proc/self/mem`` (never by dereferencing a
+pointer, so a racing thread cannot make us fault) and mapping every word that
+points into some library's executable segment back to that library gives the
+chain of return addresses, outermost (the start routine) at the top of the
+stack. This is the same idea a conservative stack scanner uses; stale words can
+add a library, but the outermost frames — the ones we rank by — are live.
+"""
+
+from __future__ import annotations
+
+import array
+import bisect
+import ctypes
+import os
+import sys
+import threading
+from typing import Callable
+
+from forksafe._platform import LoadedLibrary, OSThread
+
+PT_LOAD = 1
+PF_X = 1
+
+#: How much of a thread's live stack to read. Idle pool workers use well under
+#: this between their start routine and the blocking system call; glibc keeps
+#: the thread descriptor and static TLS above it in the same mapping.
+STACK_SCAN_BYTES = 48 * 1024
+
+#: Libraries every thread passes through, which say nothing about who owns it.
+TRANSPARENT = ("libc.so", "libc-", "libpthread", "ld-linux", "libstdc++", "libgcc_s", "[vdso]")
+
+
+class _Phdr(ctypes.Structure):
+    _fields_ = [
+        ("p_type", ctypes.c_uint32),
+        ("p_flags", ctypes.c_uint32),
+        ("p_offset", ctypes.c_uint64),
+        ("p_vaddr", ctypes.c_uint64),
+        ("p_paddr", ctypes.c_uint64),
+        ("p_filesz", ctypes.c_uint64),
+        ("p_memsz", ctypes.c_uint64),
+        ("p_align", ctypes.c_uint64),
+    ]
+
+
+class _PhdrInfo(ctypes.Structure):
+    _fields_ = [
+        ("dlpi_addr", ctypes.c_uint64),
+        ("dlpi_name", ctypes.c_char_p),
+        ("dlpi_phdr", ctypes.POINTER(_Phdr)),
+        ("dlpi_phnum", ctypes.c_uint16),
+    ]
+
+
+#: A mapping from /proc/self/maps: start, end, permissions, path ("" if anonymous).
+_Span = tuple[int, int, str, str]
+
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(_PhdrInfo), ctypes.c_size_t, ctypes.c_void_p
+)
+
+
+class LinuxPlatform:
+    """The Linux backend; all ctypes set-up happens on first use, not on import."""
+
+    name = "linux"
+
+    def __init__(self, proc: str = "/proc/self") -> None:
+        self._proc = proc
+        self._iterate: Callable[..., int] | None = None
+        self._exe: str | None = None
+        self._tid_off: int | None = None
+
+    # -- images ---------------------------------------------------------------
+
+    def loaded_libraries(self) -> list[LoadedLibrary]:
+        if self._iterate is None:
+            libc = ctypes.CDLL(None)
+            iterate = libc.dl_iterate_phdr
+            iterate.argtypes = [_CALLBACK, ctypes.c_void_p]
+            iterate.restype = ctypes.c_int
+            self._iterate = iterate
+            self._exe = os.path.realpath(sys.executable)
+        found: list[LoadedLibrary] = []
+
+        def visit(info_p: ctypes._Pointer[_PhdrInfo], size: int, data: object) -> int:
+            info = info_p.contents
+            raw = info.dlpi_name
+            # The main program reports an empty name; the vDSO reports its soname.
+            path = raw.decode(errors="replace") if raw else (self._exe or "")
+            ranges = []
+            for i in range(info.dlpi_phnum):
+                ph = info.dlpi_phdr[i]
+                if ph.p_type == PT_LOAD and ph.p_flags & PF_X:
+                    start = info.dlpi_addr + ph.p_vaddr
+                    ranges.append((start, start + ph.p_memsz))
+            found.append(LoadedLibrary(path, tuple(ranges)))
+            return 0
+
+        self._iterate(_CALLBACK(visit), None)
+        return found
+
+    # -- threads --------------------------------------------------------------
+
+    def threads(self, skip: frozenset[int], libraries: list[LoadedLibrary]) -> list[OSThread]:
+        task = f"{self._proc}/task"
+        try:
+            tids = [int(t) for t in os.listdir(task)]
+        except OSError:
+            return []
+        others = [tid for tid in tids if tid not in skip]
+        if not others:
+            return []
+        locator = _Locator(libraries)
+        spans: list[_Span] | None = None
+        tops: dict[int, int] | None = None
+        result = []
+        for tid in sorted(others):
+            base = f"{task}/{tid}"
+            name = _read(f"{base}/comm").rstrip("\n")
+            if not name:
+                continue  # exited while we looked
+            state = _state(_read(f"{base}/stat"))
+            sp = _stack_pointer(_read(f"{base}/syscall"))
+            if spans is None:
+                spans = _mappings(_read(f"{self._proc}/maps"))
+            stack = b""
+            if sp is not None:
+                stack = self._read_stack(sp, spans)
+            else:
+                # On a CPU: no stack pointer to be had, but the outermost frames
+                # sit just below the thread descriptor at the top of its stack.
+                if tops is None:
+                    tops = self._stack_tops(spans)
+                if tid in tops:
+                    top = tops[tid]
+                    stack = self._pread(top - STACK_SCAN_BYTES, STACK_SCAN_BYTES)
+            libs = locator.scan(stack)
+            found = libs[-1] if libs and not _transparent(libs[-1]) else None
+            result.append(OSThread(tid, name, state, libs, found))
+        return result
+
+    def _stack_tops(self, spans: list[_Span]) -> dict[int, int]:
+        """Thread id -> the end of the mapping that holds that thread's descriptor.
+
+        glibc places each thread's ``struct pthread`` at the top of its stack
+        mapping; its header starts with two pointers to itself (``tcb`` and,
+        two words on, ``self``). Finding those self-pointers in the last pages
+        of anonymous mappings, and the tid at the offset learned from our own
+        descriptor, maps every glibc thread to its stack without stopping it.
+        """
+        offset = self._tid_offset()
+        if offset is None:
+            return {}
+        tops: dict[int, int] = {}
+        window = 8192
+        for lo, hi, perms, path in spans:
+            if not perms.startswith("rw") or path or hi - lo < window:
+                continue
+            base = hi - window
+            data = self._pread(base, window)
+            if len(data) != window:
+                continue
+            words = array.array("Q", data)
+            for i, (word, address) in enumerate(zip(words[::8], range(base, hi, 64))):
+                if word == address and words[i * 8 + 2] == address:
+                    at = i * 64 + offset
+                    if at + 4 <= window:
+                        tops[int.from_bytes(data[at : at + 4], sys.byteorder)] = hi
+        return tops
+
+    def _tid_offset(self) -> int | None:
+        if self._tid_off is None:
+            self._tid_off = -1
+            me = threading.get_ident()  # on Linux, pthread_self(): our struct pthread
+            data = self._pread(me, 4096)
+            if len(data) == 4096:
+                words = array.array("Q", data[:24])
+                if words[0] == me and words[2] == me:
+                    tid = threading.get_native_id().to_bytes(4, sys.byteorder)
+                    at = data.find(tid, 24)
+                    while at != -1 and at % 4:
+                        at = data.find(tid, at + 1)
+                    self._tid_off = at
+        return None if self._tid_off < 0 else self._tid_off
+
+    def _pread(self, address: int, size: int) -> bytes:
+        try:
+            fd = os.open(f"{self._proc}/mem", os.O_RDONLY)
+        except OSError:
+            return b""
+        try:
+            return os.pread(fd, size, address)
+        except OSError:
+            return b""
+        finally:
+            os.close(fd)
+
+    def _read_stack(self, sp: int, spans: list[_Span]) -> bytes:
+        i = bisect.bisect_right(spans, (sp, sys.maxsize)) - 1
+        if i < 0 or not spans[i][0] <= sp < spans[i][1]:
+            return b""
+        end = min(spans[i][1], sp + STACK_SCAN_BYTES)
+        return self._pread(sp, end - sp)
+
+    # -- flags ----------------------------------------------------------------
+
+    def call_flag(self, library: str, symbol: str) -> int | None:
+        mode = getattr(os, "RTLD_NOLOAD", 4) | getattr(os, "RTLD_LAZY", 1)
+        try:
+            lib = ctypes.CDLL(library, mode=mode)
+            func = getattr(lib, symbol)
+        except (OSError, AttributeError):
+            return None
+        func.argtypes = []
+        func.restype = ctypes.c_int
+        return int(func())
+
+
+class _Locator:
+    """Maps code addresses back to the library whose executable segment holds them."""
+
+    def __init__(self, libraries: list[LoadedLibrary]) -> None:
+        spans = sorted((s, e, lib.path) for lib in libraries for s, e in lib.text if e > s)
+        self._starts = [s for s, _, _ in spans]
+        self._spans = spans
+        self._low = spans[0][0] if spans else 0
+        self._high = max((e for _, e, _ in spans), default=0)
+
+    def scan(self, stack: bytes) -> tuple[str, ...]:
+        """Libraries on the stack, outermost first, up to the first one that owns the thread.
+
+        The top of the stack is outermost. Scanning stops at the first library
+        that is not plumbing (see ``TRANSPARENT``): that is the start routine's,
+        and going deeper would only cost time and add stale words.
+        """
+        usable = len(stack) - len(stack) % 8
+        if not usable or not self._spans:
+            return ()
+        words = array.array("Q", stack[:usable])
+        low, high, starts, spans = self._low, self._high, self._starts, self._spans
+        seen: dict[str, None] = {}
+        for word in reversed(words):
+            if low <= word < high:
+                i = bisect.bisect_right(starts, word) - 1
+                if i >= 0 and word < spans[i][1] and spans[i][2] not in seen:
+                    path = spans[i][2]
+                    seen[path] = None
+                    if not _transparent(path):
+                        break
+        return tuple(seen)
+
+
+def _transparent(path: str) -> bool:
+    base = os.path.basename(path)
+    return any(base.startswith(t) for t in TRANSPARENT)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _state(stat: str) -> str:
+    # Field 2 (comm) may hold spaces and parentheses; the state follows the last ')'.
+    tail = stat.rpartition(")")[2].split()
+    code = tail[0] if tail else "?"
+    return {
+        "R": "running",
+        "S": "sleeping",
+        "D": "disk-wait",
+        "T": "stopped",
+        "t": "traced",
+        "Z": "zombie",
+    }.get(code, "unknown")
+
+
+def _stack_pointer(syscall: str) -> int | None:
+    # "NR arg1..arg6 sp pc" while blocked in a system call; "running" or "-1 sp pc" otherwise.
+    fields = syscall.split()
+    if len(fields) == 9:
+        try:
+            return int(fields[7], 16)
+        except ValueError:
+            return None
+    return None
+
+
+def _mappings(maps: str) -> list[_Span]:
+    spans = []
+    for line in maps.splitlines():
+        fields = line.split(None, 5)
+        if len(fields) < 5:
+            continue
+        lo, _, hi = fields[0].partition("-")
+        try:
+            spans.append((int(lo, 16), int(hi, 16), fields[1], fields[5] if len(fields) > 5 else ""))
+        except ValueError:
+            continue
+    spans.sort()
+    return spans

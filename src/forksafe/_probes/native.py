@@ -1,0 +1,131 @@
+"""Native runtimes from the catalog, and native threads nobody accounts for.
+
+A runtime is judged on what it is *doing*, not on being loaded: scikit-learn
+loads GNU OpenMP on import, and forking then is perfectly safe until a parallel
+region has started the pool. So each catalog entry found among the loaded
+libraries is checked for its activity signals (its threads, its own flag
+function, its use) and reported at its "active" or its "loaded" severity.
+OS threads that no Python thread and no runtime accounts for are reported on
+their own: a thread of unknown safety is a warning.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from forksafe import _catalog, _ledger
+from forksafe._catalog import Runtime
+from forksafe._platform import OSThread
+from forksafe._report import Hazard, Severity
+from forksafe._snapshot import Snapshot
+
+_TRUE = ("1", "true", "yes", "on")
+
+UNKNOWN_THREAD_REMEDY = (
+    "find which library started this thread (its name and owner are in the evidence) and "
+    "fork before it starts, or use forksafe.get_context() to avoid forking"
+)
+
+
+def probe(snapshot: Snapshot, runtimes: tuple[Runtime, ...] = _catalog.RUNTIMES) -> list[Hazard]:
+    hazards = []
+    libraries = snapshot.libraries
+    threads = snapshot.os_threads
+    claimed: set[int] = set()
+    for runtime in runtimes:
+        paths = [lib.path for lib in libraries if runtime.matches_library(lib.path)]
+        if not paths:
+            continue
+        own = [t for t in threads if _belongs(t, runtime)]
+        claimed.update(t.tid for t in own)
+        signals = _signals(runtime, paths, own, snapshot)
+        hazard = _runtime_hazard(runtime, paths, own, signals)
+        if hazard is not None:
+            hazards.append(hazard)
+    snapshot.claimed |= claimed
+    dummies = snapshot.dummy_native_ids()
+    for thread in threads:
+        if thread.tid not in claimed and thread.tid not in dummies:
+            hazards.append(_unknown_thread(thread))
+    return hazards
+
+
+def _belongs(thread: OSThread, runtime: Runtime) -> bool:
+    if thread.owner is not None and runtime.matches_library(thread.owner):
+        return True
+    return runtime.matches_thread_name(thread.name)
+
+
+def _signals(
+    runtime: Runtime, paths: list[str], own: list[OSThread], snapshot: Snapshot
+) -> list[str]:
+    signals = []
+    for activity in runtime.activity:
+        if activity == "threads" and own:
+            signals.append(f"{len(own)} live thread{'s' if len(own) != 1 else ''}")
+        elif activity.startswith("flag:"):
+            symbol = activity[len("flag:"):]
+            if any(snapshot.platform.call_flag(path, symbol) for path in paths):
+                signals.append(f"{symbol}() is true")
+        elif activity == "sqlite-used":
+            opened = _ledger.connections_opened()
+            if opened or _open_connection_count():
+                signals.append("a connection was opened")
+    return signals
+
+
+def _open_connection_count() -> int:
+    from forksafe._probes.sqlite import open_connections
+
+    return len(open_connections())
+
+
+def _runtime_hazard(
+    runtime: Runtime, paths: list[str], own: list[OSThread], signals: list[str]
+) -> Hazard | None:
+    evidence: dict[str, Any] = {
+        "runtime": runtime.key,
+        "libraries": paths,
+        "active": bool(signals),
+        "signals": signals,
+        "threads": [{"tid": t.tid, "name": t.name, "state": t.state} for t in own],
+        "why": runtime.why,
+    }
+    if not signals:
+        if runtime.loaded is None:
+            return None
+        summary = f"{runtime.name} is loaded ({_short(paths[0])}) but not active"
+        return Hazard("native-runtime", runtime.loaded, summary, runtime.remedy, evidence)
+    severity = runtime.active
+    summary = f"{runtime.name} is active: {', '.join(signals)}"
+    names = sorted({t.name for t in own})
+    if names:
+        summary += f" ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
+    summary += f" in {_short(paths[0])}"
+    if runtime.fork_support is not None:
+        enabled = os.environ.get(runtime.fork_support, "").strip().lower() in _TRUE
+        evidence["fork_support"] = {"variable": runtime.fork_support, "enabled": enabled}
+        if enabled:
+            severity = min(severity, Severity.WARNING)
+            summary += f"; {runtime.fork_support} is on, so it prepares for fork itself"
+        else:
+            summary += f"; fork support is off ({runtime.fork_support} not set)"
+    return Hazard("native-runtime", severity, summary, runtime.remedy, evidence)
+
+
+def _unknown_thread(thread: OSThread) -> Hazard:
+    owner = _short(thread.owner) if thread.owner else "unknown code"
+    summary = f"native thread {thread.tid} {thread.name!r} ({thread.state}) started by {owner}"
+    evidence = {
+        "tid": thread.tid,
+        "name": thread.name,
+        "state": thread.state,
+        "owner": thread.owner,
+        "stack_libraries": list(thread.libraries),
+    }
+    return Hazard("native-thread", Severity.WARNING, summary, UNKNOWN_THREAD_REMEDY, evidence)
+
+
+def _short(path: str) -> str:
+    return os.path.basename(path.rstrip("/")) or path

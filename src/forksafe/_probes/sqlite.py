@@ -1,0 +1,72 @@
+"""Open ``sqlite3`` connections: the child must never use an inherited one.
+
+SQLite's documentation ("How To Corrupt An SQLite Database File", section 2.6)
+says not to carry an open connection across ``fork()``: POSIX advisory locks
+are not inherited, so the child writes believing it holds locks it does not,
+and closing the connection in the child can checkpoint or delete the parent's
+journal. ``sqlite3.Connection`` supports no weak references, so live
+connections are found by asking the garbage collector — only when the program
+imported ``sqlite3`` at all — and their origins are looked up in the ledger.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from typing import Any
+
+from forksafe import _frames, _ledger
+from forksafe._report import Hazard, Severity
+from forksafe._snapshot import Snapshot
+
+REMEDY = (
+    "open a new connection in the child and never touch this one there; close it before "
+    "forking if the parent is done with it (forksafe.protect_sqlite() enforces this)"
+)
+
+
+def open_connections() -> list[Any]:
+    """Live, not yet closed ``sqlite3.Connection`` objects of this process."""
+    module = sys.modules.get("sqlite3")
+    if module is None:
+        return []
+    kind = module.Connection
+    error = module.ProgrammingError
+    found = []
+    for obj in gc.get_objects():
+        if isinstance(obj, kind):
+            try:
+                obj.total_changes  # raises ProgrammingError once closed  # noqa: B018
+            except error:
+                continue
+            except Exception:  # a subclass with odd properties: count it as open
+                pass
+            found.append(obj)
+    return found
+
+
+def probe(snapshot: Snapshot) -> list[Hazard]:
+    hazards = []
+    for connection in open_connections():
+        raw = _ledger.connection_origin(connection)
+        sites = _ledger.sites(raw) if raw else []
+        site = _frames.user_site(sites)
+        where = f"opened at {site.file}:{site.line}" if site else "origin unknown"
+        try:
+            in_transaction = bool(connection.in_transaction)
+        except Exception:
+            in_transaction = False
+        summary = f"an open SQLite connection ({where}) would be inherited by the child"
+        if in_transaction:
+            summary += ", in the middle of a transaction"
+        evidence: dict[str, Any] = {
+            "opened_at": [s.to_dict() for s in sites[:5]] if sites else (
+                "origin unknown: call forksafe.observe() before connecting"),
+            "in_transaction": in_transaction,
+            "code": _frames.source_line(site) if site else None,
+        }
+        hazards.append(Hazard(
+            "sqlite-connection", Severity.WARNING,
+            summary + "; using it there can corrupt the database", REMEDY, evidence,
+        ))
+    return hazards

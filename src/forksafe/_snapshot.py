@@ -1,0 +1,74 @@
+"""The facts several probes share, gathered once per check and only when asked.
+
+A check runs several probes that look at the same process: the thread probe
+and the native probe both need the Python threads, the native probe and the
+SQLite probe both need the loaded libraries. ``Snapshot`` computes each fact on
+first use and keeps it for the rest of the check, so a check costs what its
+questions cost, once.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from typing import Callable
+
+from forksafe._platform import LoadedLibrary, OSThread, Platform
+
+
+class Snapshot:
+    """One check's view of the process, from the calling thread's point of view."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        current_frames: Callable[[], dict[int, types.FrameType]] = sys._current_frames,
+    ) -> None:
+        self.platform = platform
+        self.caller = threading.current_thread()
+        self._current_frames = current_frames
+        self._frames: dict[int, types.FrameType] | None = None
+        self._libraries: list[LoadedLibrary] | None = None
+        self._os_threads: list[OSThread] | None = None
+        self.claimed: set[int] = set()  # OS thread ids a runtime has accounted for
+
+    @property
+    def frames(self) -> dict[int, types.FrameType]:
+        """Each Python thread's current frame, by ident."""
+        if self._frames is None:
+            self._frames = self._current_frames()
+        return self._frames
+
+    def python_threads(self) -> list[threading.Thread]:
+        """Live Python threads other than the caller."""
+        me = self.caller.ident
+        return [t for t in threading.enumerate() if t.ident != me and t.is_alive()]
+
+    @property
+    def libraries(self) -> list[LoadedLibrary]:
+        if self._libraries is None:
+            self._libraries = self.platform.loaded_libraries()
+        return self._libraries
+
+    @property
+    def os_threads(self) -> list[OSThread]:
+        """OS threads that no regular Python thread accounts for.
+
+        Threads that merely run Python callbacks for native code (threading's
+        dummy threads) are kept: their owner is a native runtime.
+        """
+        if self._os_threads is None:
+            skip = {threading.get_native_id()}
+            for t in threading.enumerate():
+                if t.native_id is not None and not isinstance(t, threading._DummyThread):
+                    skip.add(t.native_id)
+            self._os_threads = self.platform.threads(frozenset(skip), self.libraries)
+        return self._os_threads
+
+    def dummy_native_ids(self) -> set[int]:
+        return {
+            t.native_id
+            for t in threading.enumerate()
+            if isinstance(t, threading._DummyThread) and t.native_id is not None
+        }
