@@ -30,7 +30,7 @@ from forksafe._report import Severity
 DOCS = "docs/hazards.md"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity equality: cheap to hash as a cache key
 class Runtime:
     """One native runtime and how it behaves across fork."""
 

@@ -30,6 +30,7 @@ import threading
 import types
 from typing import Any, Callable, Sequence
 
+from forksafe._frames import is_library_file
 from forksafe._report import Site
 
 #: Frames kept per start site: enough to see past a thread pool to the user's call.
@@ -43,7 +44,6 @@ _ORIGIN_ATTR = "_forksafe_started_at"
 
 _state: dict[str, Any] = {}
 _connection_origins: dict[int, RawFrames] = {}
-_connections_opened = 0
 
 
 def observing() -> bool:
@@ -97,9 +97,9 @@ def connection_origin(connection: object) -> RawFrames | None:
     return _connection_origins.get(id(connection))
 
 
-def connections_opened() -> int:
-    """How many connections were opened while observing (for 'SQLite was used')."""
-    return _connections_opened
+def sqlite_used() -> bool:
+    """Whether a connection was opened while observing (for 'SQLite was used')."""
+    return bool(_connection_origins)
 
 
 def sites(frames: RawFrames) -> list[Site]:
@@ -108,10 +108,19 @@ def sites(frames: RawFrames) -> list[Site]:
 
 
 def _raw_frames(frame: types.FrameType | None) -> RawFrames:
-    # Code objects and line numbers only: holding frames would keep locals alive.
+    """Frames from ``frame`` outwards, up to and including the first in user code.
+
+    Code objects and line numbers only: holding frames would keep locals alive.
+    Stopping at the user's frame keeps the common case (the user calls
+    ``start()`` or ``connect()`` directly) to one frame: on CPython 3.11+ every
+    further ``f_back`` materialises a frame object, which is most of the cost.
+    """
     out: list[tuple[types.CodeType, int]] = []
     while frame is not None and len(out) < DEPTH:
-        out.append((frame.f_code, frame.f_lineno))
+        code = frame.f_code
+        out.append((code, frame.f_lineno))
+        if not is_library_file(code.co_filename):
+            break
         frame = frame.f_back
     return tuple(out)
 
@@ -124,15 +133,23 @@ def _wrap_sqlite(sqlite3: types.ModuleType) -> None:
     if isinstance(dbapi2, types.ModuleType) and dbapi2.connect is sqlite3.connect:
         modules.append(dbapi2)
     original: Callable[..., Any] = sqlite3.connect
+    origins = _connection_origins
+    getframe = sys._getframe
+    library = is_library_file
 
     def connect(*args: Any, **kwargs: Any) -> Any:
-        global _connections_opened
+        # The hot path of a program that connects per request: kept to a frame
+        # pointer, one cached lookup and one dict store (benchmarks/bench_observe.py).
         connection = original(*args, **kwargs)
-        _connections_opened += 1
-        if len(_connection_origins) >= MAX_CONNECTIONS:
-            for key in list(itertools.islice(_connection_origins, MAX_CONNECTIONS // 2)):
-                _connection_origins.pop(key, None)
-        _connection_origins[id(connection)] = _raw_frames(sys._getframe(1))
+        frame = getframe(1)
+        code = frame.f_code
+        if library(code.co_filename):
+            origins[id(connection)] = _raw_frames(frame)
+        else:
+            origins[id(connection)] = ((code, frame.f_lineno),)
+        if len(origins) > MAX_CONNECTIONS:
+            for key in list(itertools.islice(origins, MAX_CONNECTIONS // 2)):
+                origins.pop(key, None)
         return connection
 
     connect.__wrapped__ = original  # type: ignore[attr-defined]

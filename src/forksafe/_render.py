@@ -10,6 +10,7 @@ from __future__ import annotations
 import textwrap
 from typing import TYPE_CHECKING, Any
 
+from forksafe._frames import short_path
 from forksafe._report import ForkEvent, Hazard, Severity
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def _details(hazard: Hazard, indent: str) -> list[str]:
 def _site_text(site: Any) -> str:
     if not isinstance(site, dict):
         return str(site)
-    text = f"{site.get('file')}:{site.get('line')} in {site.get('function')}"
+    text = f"{short_path(str(site.get('file')))}:{site.get('line')} in {site.get('function')}"
     code = site.get("code")
     return f"{text}: {code}" if code else text
 

@@ -41,7 +41,8 @@ class OSThread:
     libraries whose code is on the thread's stack, the outermost first, or is
     empty when the stack cannot be seen; ``owner`` is the library whose start
     routine runs the thread (the outermost one that is not libc/pthread
-    plumbing), or ``None`` when unknown.
+    plumbing), or ``None`` when unknown. ``named`` is false when the thread
+    never set a name of its own and merely carries the process's name.
     """
 
     tid: int
@@ -49,6 +50,7 @@ class OSThread:
     state: str = "unknown"
     libraries: tuple[str, ...] = ()
     owner: str | None = None
+    named: bool = True
 
 
 class Platform(Protocol):

@@ -55,6 +55,10 @@ class _PhdrInfo(ctypes.Structure):
         ("dlpi_name", ctypes.c_char_p),
         ("dlpi_phdr", ctypes.POINTER(_Phdr)),
         ("dlpi_phnum", ctypes.c_uint16),
+        # glibc >= 2.4: load and unload counters, which let an unchanged set of
+        # images be recognised from the first callback alone.
+        ("dlpi_adds", ctypes.c_ulonglong),
+        ("dlpi_subs", ctypes.c_ulonglong),
     ]
 
 
@@ -76,6 +80,10 @@ class LinuxPlatform:
         self._iterate: Callable[..., int] | None = None
         self._exe: str | None = None
         self._tid_off: int | None = None
+        self._images: tuple[int, int, list[LoadedLibrary]] | None = None
+        # A thread's start routine never changes: (tid, start time) -> stack libraries.
+        self._owners: dict[tuple[int, str], tuple[str, ...]] = {}
+        self._maps: tuple[str, list[_Span]] = ("", [])
 
     # -- images ---------------------------------------------------------------
 
@@ -88,9 +96,16 @@ class LinuxPlatform:
             self._iterate = iterate
             self._exe = os.path.realpath(sys.executable)
         found: list[LoadedLibrary] = []
+        counters: list[int] = []
+        counted = ctypes.sizeof(_PhdrInfo)
 
         def visit(info_p: ctypes._Pointer[_PhdrInfo], size: int, data: object) -> int:
             info = info_p.contents
+            if not counters and size >= counted:
+                counters[:] = [info.dlpi_adds, info.dlpi_subs]
+                cached = self._images
+                if cached is not None and (cached[0], cached[1]) == (counters[0], counters[1]):
+                    return 1  # nothing loaded or unloaded since last time: stop here
             raw = info.dlpi_name
             # The main program reports an empty name; the vDSO reports its soname.
             path = raw.decode(errors="replace") if raw else (self._exe or "")
@@ -104,7 +119,11 @@ class LinuxPlatform:
             return 0
 
         self._iterate(_CALLBACK(visit), None)
-        return found
+        if self._images is not None and counters == list(self._images[:2]):
+            return list(self._images[2])
+        if counters:
+            self._images = (counters[0], counters[1], found)
+        return list(found)
 
     # -- threads --------------------------------------------------------------
 
@@ -117,34 +136,48 @@ class LinuxPlatform:
         others = [tid for tid in tids if tid not in skip]
         if not others:
             return []
+        process_name = _read(f"{self._proc}/comm").rstrip("\n")
         locator = _Locator(libraries)
         spans: list[_Span] | None = None
         tops: dict[int, int] | None = None
+        owners: dict[tuple[int, str], tuple[str, ...]] = {}
         result = []
         for tid in sorted(others):
             base = f"{task}/{tid}"
             name = _read(f"{base}/comm").rstrip("\n")
-            if not name:
+            stat = _read(f"{base}/stat")
+            if not name or not stat:
                 continue  # exited while we looked
-            state = _state(_read(f"{base}/stat"))
-            sp = _stack_pointer(_read(f"{base}/syscall"))
-            if spans is None:
-                spans = _mappings(_read(f"{self._proc}/maps"))
-            stack = b""
-            if sp is not None:
-                stack = self._read_stack(sp, spans)
-            else:
-                # On a CPU: no stack pointer to be had, but the outermost frames
-                # sit just below the thread descriptor at the top of its stack.
-                if tops is None:
-                    tops = self._stack_tops(spans)
-                if tid in tops:
-                    top = tops[tid]
-                    stack = self._pread(top - STACK_SCAN_BYTES, STACK_SCAN_BYTES)
-            libs = locator.scan(stack)
-            found = libs[-1] if libs and not _transparent(libs[-1]) else None
-            result.append(OSThread(tid, name, state, libs, found))
+            state, started = _state(stat)
+            key = (tid, started)
+            libs = self._owners.get(key)
+            if libs is None:
+                sp = _stack_pointer(_read(f"{base}/syscall"))
+                if spans is None:
+                    spans = self._mappings()
+                stack = b""
+                if sp is not None:
+                    stack = self._read_stack(sp, spans)
+                else:
+                    # On a CPU: no stack pointer to be had, but the outermost frames
+                    # sit just below the thread descriptor at the top of its stack.
+                    if tops is None:
+                        tops = self._stack_tops(spans)
+                    if tid in tops:
+                        stack = self._pread(tops[tid] - STACK_SCAN_BYTES, STACK_SCAN_BYTES)
+                libs = locator.scan(stack)
+            owner = libs[-1] if libs and not _transparent(libs[-1]) else None
+            if owner is not None:
+                owners[key] = libs  # only a found owner is final; retry the others
+            result.append(OSThread(tid, name, state, libs, owner, name != process_name))
+        self._owners = owners  # forget threads that are gone: bounded by live threads
         return result
+
+    def _mappings(self) -> list[_Span]:
+        text = _read(f"{self._proc}/maps")
+        if text != self._maps[0]:
+            self._maps = (text, _parse_maps(text))
+        return self._maps[1]
 
     def _stack_tops(self, spans: list[_Span]) -> dict[int, int]:
         """Thread id -> the end of the mapping that holds that thread's descriptor.
@@ -270,18 +303,23 @@ def _read(path: str) -> str:
         return ""
 
 
-def _state(stat: str) -> str:
+def _state(stat: str) -> tuple[str, str]:
+    """The thread's state and its start time (field 22), which tells a reused tid apart."""
     # Field 2 (comm) may hold spaces and parentheses; the state follows the last ')'.
     tail = stat.rpartition(")")[2].split()
     code = tail[0] if tail else "?"
-    return {
-        "R": "running",
-        "S": "sleeping",
-        "D": "disk-wait",
-        "T": "stopped",
-        "t": "traced",
-        "Z": "zombie",
-    }.get(code, "unknown")
+    started = tail[19] if len(tail) > 19 else ""
+    return _STATES.get(code, "unknown"), started
+
+
+_STATES = {
+    "R": "running",
+    "S": "sleeping",
+    "D": "disk-wait",
+    "T": "stopped",
+    "t": "traced",
+    "Z": "zombie",
+}
 
 
 def _stack_pointer(syscall: str) -> int | None:
@@ -295,7 +333,7 @@ def _stack_pointer(syscall: str) -> int | None:
     return None
 
 
-def _mappings(maps: str) -> list[_Span]:
+def _parse_maps(maps: str) -> list[_Span]:
     spans = []
     for line in maps.splitlines():
         fields = line.split(None, 5)
@@ -303,7 +341,8 @@ def _mappings(maps: str) -> list[_Span]:
             continue
         lo, _, hi = fields[0].partition("-")
         try:
-            spans.append((int(lo, 16), int(hi, 16), fields[1], fields[5] if len(fields) > 5 else ""))
+            path = fields[5] if len(fields) > 5 else ""
+            spans.append((int(lo, 16), int(hi, 16), fields[1], path))
         except ValueError:
             continue
     spans.sort()

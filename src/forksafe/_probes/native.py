@@ -11,6 +11,7 @@ their own: a thread of unknown safety is a warning.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -33,8 +34,12 @@ def probe(snapshot: Snapshot, runtimes: tuple[Runtime, ...] = _catalog.RUNTIMES)
     libraries = snapshot.libraries
     threads = snapshot.os_threads
     claimed: set[int] = set()
+    by_runtime: dict[str, list[str]] = {}
+    for lib in libraries:
+        for key in _runtimes_of(lib.path, runtimes):
+            by_runtime.setdefault(key, []).append(lib.path)
     for runtime in runtimes:
-        paths = [lib.path for lib in libraries if runtime.matches_library(lib.path)]
+        paths = by_runtime.get(runtime.key)
         if not paths:
             continue
         own = [t for t in threads if _belongs(t, runtime)]
@@ -49,6 +54,12 @@ def probe(snapshot: Snapshot, runtimes: tuple[Runtime, ...] = _catalog.RUNTIMES)
         if thread.tid not in claimed and thread.tid not in dummies:
             hazards.append(_unknown_thread(thread))
     return hazards
+
+
+@functools.lru_cache(maxsize=2048)
+def _runtimes_of(path: str, runtimes: tuple[Runtime, ...]) -> tuple[str, ...]:
+    """Keys of the runtimes whose library pattern matches ``path`` (paths rarely change)."""
+    return tuple(r.key for r in runtimes if r.matches_library(path))
 
 
 def _belongs(thread: OSThread, runtime: Runtime) -> bool:
@@ -68,10 +79,8 @@ def _signals(
             symbol = activity[len("flag:"):]
             if any(snapshot.platform.call_flag(path, symbol) for path in paths):
                 signals.append(f"{symbol}() is true")
-        elif activity == "sqlite-used":
-            opened = _ledger.connections_opened()
-            if opened or _open_connection_count():
-                signals.append("a connection was opened")
+        elif activity == "sqlite-used" and (_ledger.sqlite_used() or _open_connection_count()):
+            signals.append("a connection was opened")
     return signals
 
 
@@ -89,7 +98,9 @@ def _runtime_hazard(
         "libraries": paths,
         "active": bool(signals),
         "signals": signals,
-        "threads": [{"tid": t.tid, "name": t.name, "state": t.state} for t in own],
+        "threads": [
+            {"tid": t.tid, "name": t.name, "named": t.named, "state": t.state} for t in own
+        ],
         "why": runtime.why,
     }
     if not signals:
@@ -99,7 +110,7 @@ def _runtime_hazard(
         return Hazard("native-runtime", runtime.loaded, summary, runtime.remedy, evidence)
     severity = runtime.active
     summary = f"{runtime.name} is active: {', '.join(signals)}"
-    names = sorted({t.name for t in own})
+    names = sorted({t.name for t in own if t.named})
     if names:
         summary += f" ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
     summary += f" in {_short(paths[0])}"
@@ -116,7 +127,8 @@ def _runtime_hazard(
 
 def _unknown_thread(thread: OSThread) -> Hazard:
     owner = _short(thread.owner) if thread.owner else "unknown code"
-    summary = f"native thread {thread.tid} {thread.name!r} ({thread.state}) started by {owner}"
+    label = repr(thread.name) if thread.named else "(unnamed)"
+    summary = f"native thread {thread.tid} {label} ({thread.state}) started by {owner}"
     evidence = {
         "tid": thread.tid,
         "name": thread.name,

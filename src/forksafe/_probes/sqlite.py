@@ -51,7 +51,7 @@ def probe(snapshot: Snapshot) -> list[Hazard]:
         raw = _ledger.connection_origin(connection)
         sites = _ledger.sites(raw) if raw else []
         site = _frames.user_site(sites)
-        where = f"opened at {site.file}:{site.line}" if site else "origin unknown"
+        where = f"opened at {_frames.where(site)}" if site else "origin unknown"
         try:
             in_transaction = bool(connection.in_transaction)
         except Exception:
