@@ -166,6 +166,24 @@ RUNTIMES: tuple[Runtime, ...] = (
         ),
     ),
     Runtime(
+        key="rocm",
+        name="AMD ROCm HIP runtime",
+        libraries=r"/libamdhip64\.so[^/]*$",
+        why="like CUDA, an initialised HIP runtime cannot be used in a forked child",
+        remedy=f"{_ANY_START}; or initialise the GPU only in the children",
+    ),
+    Runtime(
+        key="mpi",
+        name="MPI library",
+        libraries=r"/lib(mpi|mpich)(\.so|_)[^/]*$",
+        loaded=Severity.WARNING,
+        why=(
+            "MPI implementations do not support fork after MPI_Init: the child shares the "
+            "parent's network endpoints and registered memory (Open MPI warns about it)"
+        ),
+        remedy=f"{_ANY_START}; or fork before initialising MPI",
+    ),
+    Runtime(
         key="jvm",
         name="Java VM (libjvm)",
         libraries=r"/libjvm\.(so|dylib)$",
@@ -220,6 +238,22 @@ RUNTIMES: tuple[Runtime, ...] = (
             "(OBJC_DISABLE_INITIALIZE_FORK_SAFETY only turns the abort off)"
         ),
         remedy=f"{_ANY_START}; setting OBJC_DISABLE_INITIALIZE_FORK_SAFETY=YES fixes nothing",
+    ),
+    Runtime(
+        key="apple-systemconfiguration",
+        name="Apple SystemConfiguration (system proxy lookup)",
+        libraries=r"/SystemConfiguration\.framework/",
+        loaded=Severity.WARNING,
+        active=Severity.ERROR,
+        why=(
+            "SystemConfiguration is loaded by urllib's macOS proxy lookup (_scproxy); it "
+            "talks to configd through libdispatch, so a child forked after a proxy lookup "
+            "can crash on its next one (CPython bpo-27126, bpo-13829)"
+        ),
+        remedy=(
+            "look proxies up out of process with forksafe.getproxies() / "
+            f"forksafe.patch_urllib(), or {_ANY_START}"
+        ),
     ),
     Runtime(
         key="apple-sqlite",

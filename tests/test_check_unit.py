@@ -1,0 +1,47 @@
+"""check() itself: probe failures, the caller's point of view, and rendering."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from forksafe import ForkSafetyWarning, Hazard, Severity, _check
+from forksafe._snapshot import Snapshot
+
+
+def broken(snapshot: Snapshot) -> list[Hazard]:
+    raise RuntimeError("probe exploded")
+
+
+def fine(snapshot: Snapshot) -> list[Hazard]:
+    return [Hazard("thread", Severity.WARNING, "s", "r", {})]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_failures() -> None:
+    _check._reported_failures.clear()
+
+
+def test_failing_probe_is_reported_once_and_the_check_goes_on() -> None:
+    """A probe bug becomes an info hazard each time and one warning per process."""
+    probes = [("broken", broken), ("fine", fine)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _check.check(_probes=probes)
+        second = _check.check(_probes=probes)
+    assert [h.kind for h in first.hazards] == ["probe-error", "thread"]
+    assert first.hazards[0].severity is Severity.INFO
+    assert "probe exploded" in first.hazards[0].summary
+    assert len(second.hazards) == 2
+    assert [str(w.message) for w in caught] == [
+        _check.PROBE_FAILED.format(probe="broken", error="RuntimeError: probe exploded")
+    ]
+    assert caught[0].category is ForkSafetyWarning
+
+
+def test_report_names_the_calling_thread() -> None:
+    """The report records which thread would survive the fork."""
+    report = _check.check(_probes=[])
+    assert report.thread == "MainThread"
+    assert report.hazards == ()

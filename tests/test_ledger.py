@@ -1,0 +1,77 @@
+"""The observation layer: what it records, and that it undoes itself exactly."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+
+from conftest import run_scenario
+
+from forksafe import _ledger
+
+
+def test_observe_is_idempotent_and_unobserve_restores_identity() -> None:
+    """observe() twice wraps once; unobserve() puts back the very same function."""
+    original = threading.Thread.start
+    try:
+        _ledger.observe()
+        wrapped = threading.Thread.start
+        _ledger.observe()
+        assert threading.Thread.start is wrapped
+        assert wrapped is not original
+    finally:
+        _ledger.unobserve()
+    assert threading.Thread.start is original
+    assert not _ledger.observing()
+
+
+def test_thread_origin_records_the_start_line() -> None:
+    """A thread started while observing knows the file and line of its start() call."""
+    try:
+        _ledger.observe()
+        t = threading.Thread(target=lambda: None)
+        t.start(); line = _current_line()  # noqa: E702 - same line on purpose
+        t.join()
+    finally:
+        _ledger.unobserve()
+    frames = _ledger.thread_origin(t)
+    assert frames is not None
+    site = _ledger.sites(frames)[0]
+    assert (site.file, site.line) == (__file__, line)
+
+
+def _current_line() -> int:
+    import sys
+
+    return sys._getframe(1).f_lineno
+
+
+def test_sqlite_imported_after_observe_is_wrapped(tmp_path: pathlib.Path) -> None:
+    """observe() does not import sqlite3, but wraps connect when the program does."""
+    s = run_scenario("""
+        import sys, forksafe
+        forksafe.observe()
+        assert "sqlite3" not in sys.modules
+        import sqlite3
+        assert sqlite3.connect.__wrapped__ is not None
+        conn = sqlite3.connect(":memory:")
+        from forksafe import _ledger
+        emit(opened=_ledger.sqlite_used())
+        forksafe.unobserve()
+        assert not hasattr(sqlite3.connect, "__wrapped__")
+    """, tmp_path)
+    assert s.returncode == 0, s.stderr
+    assert s.result["opened"] is True
+
+
+def test_connection_origins_stay_bounded(tmp_path: pathlib.Path) -> None:
+    """A program that opens connections forever keeps a bounded table of origins."""
+    s = run_scenario("""
+        import forksafe, sqlite3
+        forksafe.observe()
+        from forksafe import _ledger
+        for _ in range(3 * _ledger.MAX_CONNECTIONS):
+            sqlite3.connect(":memory:").close()
+        emit(size=len(_ledger._connection_origins), limit=_ledger.MAX_CONNECTIONS)
+    """, tmp_path)
+    assert s.result["size"] <= s.result["limit"]
