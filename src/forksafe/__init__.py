@@ -1,14 +1,28 @@
 """forksafe: know what breaks in a forked child before you fork.
 
 Importing forksafe changes nothing in the process: it starts no thread, loads
-no native library, sets no variable and patches nothing. The work happens only
-when a function below is called, and its modules are imported then.
+no native library, sets no variable and patches nothing. Every public name
+below other than the report types lives in a private module that is imported
+only when the name is first used (PEP 562 ``__getattr__``), so the import
+itself stays cheap and inert.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from forksafe._errors import ForkSafetyError, ForkSafetyWarning
 from forksafe._report import ForkEvent, Hazard, Outcome, Report, Severity, Site
+
+if TYPE_CHECKING:
+    from forksafe._check import check
+    from forksafe._doctor import doctor
+    from forksafe._guard import guard, install, uninstall
+    from forksafe._ledger import observe, unobserve
+    from forksafe._remedies.context import get_context
+    from forksafe._remedies.proxies import getproxies, patch_urllib, proxy_bypass, unpatch_urllib
+    from forksafe._remedies.sqlite import protect_sqlite, unprotect_sqlite
 
 __all__ = [
     "ForkEvent",
@@ -20,37 +34,50 @@ __all__ = [
     "Severity",
     "Site",
     "check",
+    "doctor",
+    "get_context",
+    "getproxies",
+    "guard",
+    "install",
     "observe",
+    "patch_urllib",
+    "protect_sqlite",
+    "proxy_bypass",
+    "uninstall",
     "unobserve",
+    "unpatch_urllib",
+    "unprotect_sqlite",
 ]
 
 __version__ = "0.1.0"
 
-
-def check() -> Report:
-    """Report what would break in the child if the calling thread forked now.
-
-    Cheap enough to call before every fork (see ``benchmarks/``). For the
-    origins of threads and SQLite connections, call ``observe()`` (or
-    ``install()``) early, before they are created.
-    """
-    from forksafe._check import check as _check
-
-    return _check()
-
-
-def observe() -> None:
-    """Record where threads are started and SQLite connections opened, from now on.
-
-    Costs well under a microsecond per thread start or connection; idempotent.
-    """
-    from forksafe._ledger import observe as _observe
-
-    _observe()
+# Where each lazily imported public name lives.
+_LAZY = {
+    "check": "forksafe._check",
+    "doctor": "forksafe._doctor",
+    "get_context": "forksafe._remedies.context",
+    "getproxies": "forksafe._remedies.proxies",
+    "guard": "forksafe._guard",
+    "install": "forksafe._guard",
+    "observe": "forksafe._ledger",
+    "patch_urllib": "forksafe._remedies.proxies",
+    "protect_sqlite": "forksafe._remedies.sqlite",
+    "proxy_bypass": "forksafe._remedies.proxies",
+    "uninstall": "forksafe._guard",
+    "unobserve": "forksafe._ledger",
+    "unpatch_urllib": "forksafe._remedies.proxies",
+    "unprotect_sqlite": "forksafe._remedies.sqlite",
+}
 
 
-def unobserve() -> None:
-    """Stop recording; restores ``threading.Thread.start`` and ``sqlite3.connect``."""
-    from forksafe._ledger import unobserve as _unobserve
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'forksafe' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
-    _unobserve()
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

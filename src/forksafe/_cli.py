@@ -61,6 +61,38 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks for errors")
 
+    run = commands.add_parser(
+        "run",
+        help="run COMMAND with the fork guard in every Python process it starts",
+        description=(
+            "Run COMMAND (a script, pytest, gunicorn, celery, ...) with the fork guard "
+            "active in every Python process of its tree; print one summary at the end and "
+            "optionally write the JSON report. The exit status is COMMAND's own."
+        ),
+    )
+    run.add_argument("--policy", choices=["log", "warn", "raise"], default="warn",
+                     help="what the guard does at a hazardous fork (default: warn)")
+    run.add_argument("--report", metavar="FILE", help="write the JSON report to FILE")
+    run.add_argument("--hang-timeout", type=_seconds, metavar="SECONDS", default=None,
+                     help="report a forked child that makes no progress for this long")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                     help="show tracebacks for errors")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG]...",
+                     help="the command to run, after '--'")
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="report how this Python and environment stand towards fork",
+        description=(
+            "Check which SQLite library sqlite3 uses, the default start method, CPython's "
+            "fork warning, fork-related environment variables and installed fork-unsafe "
+            "runtimes; each line gets a verdict (ok / note / problem) and a fix."
+        ),
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for errors")
+
     explain = commands.add_parser(
         "explain",
         help="render a saved JSON report as text",
@@ -72,6 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -79,6 +122,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "run":
+            from forksafe._run import cli as run_cli
+
+            return run_cli(args)
+        if args.command == "doctor":
+            from forksafe._doctor import cli as doctor_cli
+
+            return doctor_cli(args)
     except UsageError as exc:
         if args.debug:
             traceback.print_exc()
