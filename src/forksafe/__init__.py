@@ -2,20 +2,21 @@
 
 Importing forksafe changes nothing in the process: it starts no thread, loads
 no native library, sets no variable and patches nothing. Every public name
-below other than the report types lives in a private module that is imported
+below other than the two exception types lives in a private module that is imported
 only when the name is first used (PEP 562 ``__getattr__``), so the import
 itself stays cheap and inert.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
 from forksafe._errors import ForkSafetyError, ForkSafetyWarning
-from forksafe._report import ForkEvent, Hazard, Outcome, Report, Severity, Site
 
+# Not typing.TYPE_CHECKING: importing typing (with dataclasses, the report
+# model's cost) would triple this module's import time; mypy honours the name.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from forksafe._check import check
     from forksafe._doctor import doctor
     from forksafe._guard import guard, install, uninstall
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from forksafe._remedies.context import get_context
     from forksafe._remedies.proxies import getproxies, patch_urllib, proxy_bypass, unpatch_urllib
     from forksafe._remedies.sqlite import protect_sqlite, unprotect_sqlite
+    from forksafe._report import ForkEvent, Hazard, Outcome, Report, Severity, Site
 
 __all__ = [
     "ForkEvent",
@@ -53,6 +55,12 @@ __version__ = "0.1.0"
 
 # Where each lazily imported public name lives.
 _LAZY = {
+    "ForkEvent": "forksafe._report",
+    "Hazard": "forksafe._report",
+    "Outcome": "forksafe._report",
+    "Report": "forksafe._report",
+    "Severity": "forksafe._report",
+    "Site": "forksafe._report",
     "check": "forksafe._check",
     "doctor": "forksafe._doctor",
     "get_context": "forksafe._remedies.context",
@@ -74,6 +82,8 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'forksafe' has no attribute {name!r}")
+    import importlib
+
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip this function
     return value

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+TYPE_CHECKING = False  # typing itself is not imported: see __init__.py
 if TYPE_CHECKING:
     from forksafe._report import Report
 
