@@ -7,12 +7,19 @@ and closing the connection in the child can checkpoint or delete the parent's
 journal. ``sqlite3.Connection`` supports no weak references, so live
 connections are found by asking the garbage collector — only when the program
 imported ``sqlite3`` at all — and their origins are looked up in the ledger.
+
+Before Python 3.10 the connection type is not tracked by the collector at all
+(it lacks ``Py_TPFLAGS_HAVE_GC``), so ``gc.get_objects()`` never lists one;
+there the connections are found one step away instead, among the objects that
+tracked containers and live frames refer to. That costs a few milliseconds in a
+large program (7 ms for 23,000 objects), and only on those old Pythons.
 """
 
 from __future__ import annotations
 
 import gc
 import sys
+import types
 from typing import Any
 
 from forksafe import _frames, _ledger
@@ -33,7 +40,7 @@ def open_connections() -> list[Any]:
     kind = module.Connection
     error = module.ProgrammingError
     found = []
-    for obj in gc.get_objects():
+    for obj in _candidates(kind):
         if isinstance(obj, kind):
             try:
                 obj.total_changes  # raises ProgrammingError once closed  # noqa: B018
@@ -42,6 +49,36 @@ def open_connections() -> list[Any]:
             except Exception:  # a subclass with odd properties: count it as open
                 pass
             found.append(obj)
+    return found
+
+
+_HAVE_GC = 1 << 14  # Py_TPFLAGS_HAVE_GC
+
+
+def _candidates(kind: type) -> list[Any]:
+    """Objects among which every reachable connection is found."""
+    if kind.__flags__ & _HAVE_GC:
+        return gc.get_objects()
+    # Untracked type (Python < 3.10): look one reference away from everything
+    # tracked, and from the running frames, which hold locals.
+    kinds = {kind, *_subclasses(kind)}
+    roots: list[Any] = gc.get_objects()
+    for top in sys._current_frames().values():
+        frame: types.FrameType | None = top
+        while frame is not None:
+            roots.append(frame)
+            frame = frame.f_back
+    seen: dict[int, Any] = {}
+    for obj in gc.get_referents(*roots):
+        if type(obj) in kinds:
+            seen[id(obj)] = obj
+    return list(seen.values())
+
+
+def _subclasses(kind: type) -> list[type]:
+    found: list[type] = []
+    for sub in kind.__subclasses__():
+        found += [sub, *_subclasses(sub)]
     return found
 
 
