@@ -77,7 +77,8 @@ def _candidates(kind: type) -> list[Any]:
 
 def _subclasses(kind: type) -> list[type]:
     found: list[type] = []
-    for sub in kind.__subclasses__():
+    subclasses: list[type] = kind.__subclasses__()
+    for sub in subclasses:
         found += [sub, *_subclasses(sub)]
     return found
 
