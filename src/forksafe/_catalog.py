@@ -204,7 +204,10 @@ RUNTIMES: tuple[Runtime, ...] = (
         libraries=r"/libdispatch\.(dylib|so)[^/]*$",
         loaded=None,  # part of libSystem: loaded in every macOS process
         activity=("flag:_dispatch_is_multithreaded", "threads"),
-        threads=r"fakedispatch-|com\.apple\.(root|main-thread)",
+        # Worker threads are named by the queue they serve (the Darwin backend reads
+        # the label, as debuggers do): com.apple.root.<qos>-qos for the global
+        # queues; com.apple.libdispatch-manager is the manager thread.
+        threads=r"fakedispatch-|com\.apple\.(root\.|main-thread|libdispatch-)",
         why=(
             "libdispatch marks the process multithreaded once it has used a queue, and "
             "crashes the child on its next use ('crashed on child side of fork pre-exec'); "
@@ -220,7 +223,9 @@ RUNTIMES: tuple[Runtime, ...] = (
         name="Apple CoreFoundation / Foundation",
         libraries=r"/(CoreFoundation|Foundation)\.framework/",
         loaded=None,
-        threads=r"com\.apple\.",
+        # Any other com.apple. thread (CFSocket, NSURLConnectionLoader, ...); the
+        # libdispatch names are excluded so that a GCD worker counts once, as libdispatch.
+        threads=r"com\.apple\.(?!root\.|main-thread|libdispatch-)",
         why=(
             "CoreFoundation and Foundation run dispatch queues and threads once used; "
             "Apple documents them as unsafe to use in a forked child before exec"
