@@ -1,22 +1,97 @@
 """The little that runs in a forked child right after a guarded fork.
 
-Work in progress: the interface is firm (the guard calls ``arm``), the body grows.
+A forked child may inherit locks held by threads that do not exist in it, so
+everything here is a handful of system calls: open one file, and point
+``faulthandler`` at it. ``faulthandler`` is the right tool because its handlers
+are C signal handlers that write the Python traceback of every thread without
+taking the GIL or any lock, so they work in a child that crashed inside C code,
+or that is stuck in C code holding the GIL.
+
+The file is ``<state dir>/<child pid>.crash``. It survives the child's death,
+and the parent (``forksafe._outcome.on_reaped``) or the supervising
+``forksafe run`` reads it and removes it. Three signals write into it:
+
+* the fatal signals ``faulthandler.enable`` covers (SIGSEGV, SIGBUS, SIGILL,
+  SIGFPE, SIGABRT): traceback, then the signal's default action, so the child
+  still dies by the same signal and its parent sees the true wait status;
+* SIGTRAP, which ``faulthandler.enable`` does not cover but which Apple's
+  libdispatch raises (``brk``) on arm64 when used in a forked child. It is
+  registered with ``chain=True``: faulthandler then restores the previous
+  disposition (the default: terminate with a core) and re-raises, so the child
+  dies by SIGTRAP instead of returning to the trapping instruction and looping;
+* ``DUMP_SIGNAL``, only when a hang timeout is set: the hang monitor, which runs
+  in another process, sends it to a child that made no progress to get the
+  Python stacks of all its threads. ``chain=False``: the handler writes and
+  returns, and the interrupted system call is restarted (SA_RESTART).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
+
+#: The signal the hang monitor sends for a stack dump. A real-time signal, because
+#: applications use SIGUSR1/SIGUSR2 (gunicorn does) and real-time signals are rarely
+#: claimed; the monitor checks the child's caught-signal mask before sending it,
+#: since the default action of a real-time signal is to terminate.
+DUMP_SIGNAL: int | None = (
+    int(signal.SIGRTMAX) - 3 if hasattr(signal, "SIGRTMAX") else None  # type: ignore[attr-defined,unused-ignore]
+)
+
+#: Names ``forksafe run`` and the environment hook use for the state directory.
+STATE_DIR_VARIABLE = "FORKSAFE_STATE_DIR"
+
+_FLAGS = (
+    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+)
+
+
+def state_dir(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
+    """Where crash files and hang markers live: per run, or one per user.
+
+    ``forksafe run`` points ``FORKSAFE_STATE_DIR`` at a private directory it
+    removes at the end; otherwise a directory per user under the temp dir.
+    Computed from ``os.environ`` only (no ``tempfile``, whose lock another thread
+    may hold at fork time).
+    """
+    env = os.environ if environ is None else environ
+    explicit = env.get(STATE_DIR_VARIABLE)
+    if explicit:
+        return explicit
+    return os.path.join(env.get("TMPDIR") or "/tmp", f"forksafe-{os.getuid()}")
 
 
 def crash_path(child_pid: int, *, directory: str | None = None) -> str:
-    """Where the child with ``child_pid`` writes its fatal-signal traceback."""
-    base = directory if directory is not None else os.environ.get("TMPDIR") or "/tmp"
-    return os.path.join(base, f"forksafe-{os.getuid()}-crash-{child_pid}.txt")
+    """The file the child with ``child_pid`` writes its tracebacks into."""
+    return os.path.join(directory or state_dir(), f"{child_pid}.crash")
+
+
+def hung_path(child_pid: int, *, directory: str | None = None) -> str:
+    """The marker a hang monitor leaves for a child it reported hung (JSON outcome)."""
+    return os.path.join(directory or state_dir(), f"{child_pid}.hung")
 
 
 def arm(parent_pid: int, hang_timeout: float | None) -> None:
-    """Prepare this freshly forked child so that its death or hang can be explained."""
-    import faulthandler
+    """Prepare this freshly forked child so that its death or hang can be explained.
 
-    fd = os.open(crash_path(os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    faulthandler.enable(file=fd, all_threads=True)
+    Called by the guard in the child, after it reset forksafe's own locks. Never
+    raises: a child that cannot be armed runs exactly as it would without us.
+    """
+    del parent_pid  # the parent knows its children; the file is named by our pid
+    try:
+        directory = state_dir()
+        path = crash_path(os.getpid(), directory=directory)
+        try:
+            fd = os.open(path, _FLAGS, 0o600)
+        except FileNotFoundError:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fd = os.open(path, _FLAGS, 0o600)
+        faulthandler.enable(file=fd, all_threads=True)
+        if hasattr(signal, "SIGTRAP"):
+            faulthandler.register(signal.SIGTRAP, file=fd, all_threads=True, chain=True)
+        if hang_timeout is not None and DUMP_SIGNAL is not None:
+            faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True, chain=False)
+    except (OSError, ValueError, RuntimeError):
+        pass

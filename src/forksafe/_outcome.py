@@ -1,16 +1,327 @@
-"""Parent side of following a forked child: reaping, crash and hang diagnosis.
+"""Parent side of following a forked child: what became of it, and why.
 
-Work in progress: the interface is firm (the guard calls these), the bodies grow.
+The guard calls ``on_forked`` right after each guarded fork and ``on_reaped``
+when one of its wrappers of ``os.waitpid``/``os.wait``/``os.wait3``/``os.wait4``
+reaps a guarded child (which covers ``multiprocessing``'s ``exitcode``/``join``
+and ``ProcessPoolExecutor``'s workers, both of which reap through
+``os.waitpid``). ``on_reaped`` turns the raw wait status into an ``Outcome``:
+
+* exited, with its code;
+* signaled, with the signal's name, the child's Python traceback from its crash
+  file (written by ``faulthandler`` in the child, see ``_child.py``) and a
+  diagnosis that links the death to the hazards recorded at that fork - or says
+  plainly that the fork was clean, so fork is probably not the cause;
+* hung, when a hang monitor reported the child (and then ended it).
+
+Deaths by a crash signal (``CRASH_SIGNALS``) also raise a ``ForkSafetyWarning``
+pointing at the user's line that reaped the child. Deaths by SIGKILL, SIGTERM,
+SIGINT and the like are recorded but not warned about: they are how parents
+stop children (``Pool.terminate``), and a warning per worker would be noise.
 """
 
 from __future__ import annotations
 
-from forksafe._report import ForkEvent
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+import warnings
+from typing import Any, Callable, Iterable
+
+from forksafe._child import crash_path, hung_path, state_dir
+from forksafe._errors import ForkSafetyWarning
+from forksafe._report import ForkEvent, Hazard, Outcome, Severity, Site
+
+#: Signals that mean the child crashed, as opposed to being stopped by someone.
+CRASH_SIGNALS = frozenset({"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGTRAP",
+                           "SIGSYS"})
+
+#: The environment variable ``forksafe run`` sets to its pid: it watches for hangs
+#: itself, for the whole tree, so processes under it start no hang monitor of their own.
+SUPERVISOR_VARIABLE = "FORKSAFE_SUPERVISOR"
+
+KILLED = "child {pid} ({forked}) was killed by {signal}{where}"
+AT_FORK = "at fork time: {hazards}"
+AT_FORK_MAYBE = "at fork time (a possible cause, not a typical one for a crash): {hazards}"
+CLEAN_FORK = (
+    "the fork was clean (forksafe found no hazard at warning level or above), so the "
+    "crash is probably not caused by fork; see the child's traceback"
+)
+FIX = "fix: {remedy}"
+HUNG_THEN = "{diagnosis} (then ended by {signal})"
+
+#: The most of a crash file that is read: a traceback of every thread, bounded.
+MAX_CRASH_BYTES = 64 * 1024
+
+_FILE_LINE = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<function>.*)$')
 
 
 def on_forked(event: ForkEvent, hang_timeout: float | None) -> None:
-    """Called in the parent right after a successful guarded fork."""
+    """Called in the parent right after a successful guarded fork.
+
+    With a hang timeout, hands the child to a hang monitor: ``forksafe run``'s
+    own when the process runs under it, else a helper process started on first
+    use (a process, not a thread, so that forksafe adds no thread - itself a
+    fork hazard - to the program it watches).
+    """
+    if hang_timeout is None or event.child_pid is None or _supervised():
+        return
+    from forksafe import _hang
+
+    _hang.client(hang_timeout).watch(event)
 
 
-def on_reaped(pid: int, status: int) -> None:
-    """Called when a guarded child ``pid`` was reaped with raw wait ``status``."""
+def on_reaped(
+    pid: int,
+    status: int,
+    *,
+    _event_for_child: Callable[[int], ForkEvent | None] | None = None,
+    _set_outcome: Callable[[int, Outcome], None] | None = None,
+    _directory: str | None = None,
+) -> None:
+    """Called when the guarded child ``pid`` was reaped with raw wait ``status``."""
+    if _event_for_child is None or _set_outcome is None:
+        from forksafe import _guard
+
+        _event_for_child = _event_for_child or _guard.event_for_child
+        _set_outcome = _set_outcome or _guard.set_outcome
+    event = _event_for_child(pid)
+    if event is None:
+        return
+    directory = _directory or state_dir()
+    traceback = take_crash_text(pid, directory=directory)
+    hung = take_hung_marker(pid, directory=directory)
+    outcome = outcome_for(event, status, traceback, hung)
+    _set_outcome(pid, outcome)
+    if outcome.status == "hung" or outcome.signal in CRASH_SIGNALS:
+        warn(outcome.diagnosis or f"child {pid} {outcome.status}")
+
+
+def outcome_for(event: ForkEvent, status: int, traceback: str | None,
+                hung: Outcome | None = None) -> Outcome:
+    """The outcome of ``event``'s child from its raw wait status and what it left."""
+    if os.WIFSIGNALED(status):
+        name = signal_name(os.WTERMSIG(status))
+        if hung is not None:
+            text = HUNG_THEN.format(diagnosis=hung.diagnosis or "hung", signal=name)
+            return Outcome("hung", None, name, hung.traceback or traceback, text)
+        return Outcome("signaled", None, name, traceback, diagnose_death(event, name, traceback))
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    if hung is not None:
+        return Outcome("hung", code, None, hung.traceback or traceback, hung.diagnosis)
+    return Outcome("exited", code, None, traceback, None)
+
+
+def diagnose_death(event: ForkEvent, signame: str, traceback: str | None) -> str:
+    """One paragraph: who died of what, where, and which fork-time hazard explains it."""
+    frames = parse_traceback(traceback or "")
+    where = f" in {frame_text(frames[0])}" if frames else ""
+    head = KILLED.format(pid=event.child_pid, forked=describe_fork(event), signal=signame,
+                         where=where)
+    blamed, typical = blame(event.report.hazards, traceback or "")
+    if not blamed:
+        return f"{head}; {CLEAN_FORK}"
+    parts = [head, (AT_FORK if typical else AT_FORK_MAYBE).format(
+        hazards="; ".join(hazard_text(h) for h in blamed[:3]))]
+    parts.append(FIX.format(remedy=blamed[0].remedy))
+    return "; ".join(parts[:2]) + ". " + parts[2]
+
+
+def blame(hazards: Iterable[Hazard], traceback: str) -> tuple[list[Hazard], bool]:
+    """The fork-time hazards that best explain a crash, best first, and whether typical.
+
+    Error-level native runtimes are what crash forked children (gRPC, libdispatch,
+    CUDA); one whose name or library appears in the child's traceback ranks
+    first. Other live threads and open connections may deadlock or corrupt but
+    rarely kill by a signal, so they are named only when nothing better exists,
+    and marked as a possible, not a typical, cause.
+    """
+    text = traceback.lower()
+    scored: list[tuple[int, int, Hazard]] = []
+    for i, hazard in enumerate(hazards):
+        if hazard.severity < Severity.WARNING:
+            continue
+        native = hazard.kind in ("native-runtime", "native-thread")
+        score = (3 if hazard.severity >= Severity.ERROR else 2) if native else 1
+        if native and _mentioned(hazard, text):
+            score += 2
+        scored.append((-score, i, hazard))
+    scored.sort(key=lambda item: (item[0], item[1]))
+    if not scored:
+        return [], False
+    best = -scored[0][0]
+    return [h for s, _, h in scored if -s == best], best >= 2
+
+
+def _mentioned(hazard: Hazard, text: str) -> bool:
+    ev = hazard.evidence
+    names = []
+    runtime = ev.get("runtime")
+    if isinstance(runtime, str):
+        names.append(runtime.split("-")[-1] if "-" in runtime else runtime)
+    for key in ("libraries", "stack_libraries"):
+        value = ev.get(key)
+        if isinstance(value, list):
+            names.extend(_stem(str(p)) for p in value)
+    owner = ev.get("owner")
+    if isinstance(owner, str):
+        names.append(_stem(owner))
+    return any(len(n) >= 3 and n.lower() in text for n in names)
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(path)
+    base = base[3:] if base.startswith("lib") else base
+    return re.split(r"[.\-]", base, maxsplit=1)[0]
+
+
+def hazard_text(hazard: Hazard) -> str:
+    """A hazard's summary plus the library and thread names that prove it."""
+    ev = hazard.evidence
+    details = []
+    libraries = ev.get("libraries")
+    if isinstance(libraries, list) and libraries:
+        details.append(f"library {libraries[0]}")
+    owner = ev.get("owner")
+    if isinstance(owner, str) and owner:
+        details.append(f"library {owner}")
+    threads = ev.get("threads")
+    if isinstance(threads, list):
+        names = sorted({str(t.get("name")) for t in threads if isinstance(t, dict)
+                        and t.get("named", True)})
+        if names:
+            details.append("threads " + ", ".join(repr(n) for n in names[:6]))
+    if hazard.kind == "native-thread" and isinstance(ev.get("name"), str):
+        details.append(f"thread {ev['name']!r}")
+    return hazard.summary + (f" ({'; '.join(details)})" if details else "")
+
+
+def describe_fork(event: ForkEvent) -> str:
+    if event.site is None:
+        return f"forked via {event.mechanism}"
+    return f"forked at {site_text(event.site)} via {event.mechanism}"
+
+
+def site_text(site: Site) -> str:
+    return f"{short_file(site.file)}:{site.line} in {site.function}"
+
+
+def frame_text(site: Site) -> str:
+    return f"{short_file(site.file)}:{site.line} ({site.function})"
+
+
+def short_file(path: str) -> str:
+    """A library file from its package directory on (``grpc/_channel.py``), else relative."""
+    marker = "-packages" + os.sep
+    at = path.rfind(marker)
+    if at != -1:
+        return path[at + len(marker):]
+    from forksafe._frames import short_path
+
+    return short_path(path)
+
+
+def parse_traceback(text: str) -> list[Site]:
+    """The frames of the crashing thread in faulthandler output, innermost first.
+
+    faulthandler writes one section per thread; the thread that received the
+    signal is marked "Current thread" (or the only section is "Stack"). Without
+    such a mark the first section is taken.
+    """
+    sections = _sections(text)
+    for current, frames in sections:
+        if current:
+            return frames
+    return sections[0][1] if sections else []
+
+
+def parse_sections(text: str) -> list[list[Site]]:
+    """Every thread's frames in faulthandler output, innermost first, current thread first."""
+    sections = _sections(text)
+    return [frames for current, frames in sections if current] + [
+        frames for current, frames in sections if not current]
+
+
+def _sections(text: str) -> list[tuple[bool, list[Site]]]:
+    sections: list[tuple[bool, list[Site]]] = []
+    for line in text.splitlines():
+        if "(most recent call first)" in line:
+            sections.append((line.startswith(("Current thread", "Stack")), []))
+            continue
+        match = _FILE_LINE.match(line)
+        if match and sections:
+            sections[-1][1].append(Site(match["file"], int(match["line"]), match["function"]))
+    return sections
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def take_crash_text(pid: int, *, directory: str | None = None) -> str | None:
+    """The child's crash file contents (bounded), removing the file; None if empty."""
+    path = crash_path(pid, directory=directory)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CRASH_BYTES)
+    except OSError:
+        return None
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    text = data.decode("utf-8", "replace").strip()
+    return text or None
+
+
+def take_hung_marker(pid: int, *, directory: str | None = None) -> Outcome | None:
+    """The outcome a hang monitor recorded for ``pid``, removing the marker."""
+    path = hung_path(pid, directory=directory)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data: Any = json.load(f)
+    except (OSError, ValueError):
+        return None
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    return Outcome.from_dict(data) if isinstance(data, dict) else None
+
+
+def warn(message: str) -> None:
+    """A ForkSafetyWarning attributed to the user's line, not to forksafe or the stdlib."""
+    warnings.warn(ForkSafetyWarning(message), stacklevel=user_stacklevel(sys._getframe(1)) + 1)
+
+
+_INTERNAL = (
+    os.sep + "forksafe" + os.sep, os.sep + "multiprocessing" + os.sep,
+    os.sep + "concurrent" + os.sep, os.sep + "subprocess.py", os.sep + "threading.py",
+)
+
+
+def user_stacklevel(frame: Any) -> int:
+    """How many frames above ``frame`` the first one outside forksafe and the stdlib's
+    process machinery is (1 = ``frame`` itself); the outermost frame when all are internal."""
+    level = 1
+    while frame is not None and frame.f_back is not None and (
+        frame.f_code.co_filename.startswith("<frozen") or
+        any(part in frame.f_code.co_filename for part in _INTERNAL)
+    ):
+        frame = frame.f_back
+        level += 1
+    return level
+
+
+def _supervised() -> bool:
+    value = os.environ.get(SUPERVISOR_VARIABLE, "")
+    if not value.isdigit():
+        return False
+    try:
+        os.kill(int(value), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
