@@ -11,12 +11,14 @@ from __future__ import annotations
 import gc
 import sqlite3
 import struct
+import sys
 import warnings
 from collections import Counter
+from typing import Iterator
 
 import pytest
 
-from forksafe import _catalog, _check, _ledger
+from forksafe import ForkSafetyWarning, _catalog, _check, _ledger
 from forksafe._platform import LoadedLibrary, OSThread
 from forksafe._platform import _darwin as darwin
 from forksafe._probes import native
@@ -359,11 +361,18 @@ def test_no_libdispatch_image_means_no_label_lookup() -> None:
     assert fake.calls["symbol"] == 0
 
 
-def test_failing_thread_list_becomes_one_probe_error() -> None:
+@pytest.fixture
+def fresh_failures() -> Iterator[None]:
+    """check() warns once per probe per process: forget the native probe's failure."""
+    _check._reported_failures.discard("native")
+    yield
+    _check._reported_failures.discard("native")
+
+
+def test_failing_thread_list_becomes_one_probe_error(fresh_failures: None) -> None:
     """task_threads failing is reported by check() as a probe error, once, and the check goes on."""
     fake = FakeMach()
     fake.thread_error = OSError(darwin.THREADS_FAILED.format(code=5))
-    _check._reported_failures.discard("native")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = _check.check(_platform=platform_for(fake), _probes=[("native", native.probe)])
@@ -372,7 +381,6 @@ def test_failing_thread_list_becomes_one_probe_error() -> None:
     assert hazard.kind == "probe-error"
     assert darwin.THREADS_FAILED.format(code=5) in hazard.summary
     assert len(caught) == 1
-    _check._reported_failures.discard("native")
 
 
 # -- flags -------------------------------------------------------------------------------
@@ -394,6 +402,20 @@ def test_backend_is_lazy() -> None:
     """Creating the platform calls nothing: ctypes is set up on the first question."""
     platform = darwin.DarwinPlatform()
     assert platform._api is None
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="needs a machine without libSystem")
+def test_missing_macos_interfaces_fail_once_with_a_clear_error(fresh_failures: None) -> None:
+    """Off macOS the real set-up fails with one clear error, kept rather than retried."""
+    platform = darwin.DarwinPlatform()
+    with pytest.raises(OSError, match="macOS interfaces forksafe needs are unavailable") as first:
+        platform.loaded_libraries()
+    with pytest.raises(OSError) as second:
+        platform.threads(frozenset(), [])
+    assert second.value is first.value
+    with pytest.warns(ForkSafetyWarning, match="macOS interfaces"):
+        report = _check.check(_platform=platform, _probes=[("native", native.probe)])
+    assert [h.kind for h in report.hazards] == ["probe-error"]
 
 
 # -- the catalog and the native probe over a fake Mac ---------------------------------------

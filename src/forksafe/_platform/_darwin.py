@@ -72,6 +72,7 @@ QUEUE_OFFSETS_SYMBOL = "dispatch_queue_offsets"
 MAX_LABEL = 64
 _PAGE = 4096  # the smallest page size on macOS (arm64 uses 16 KiB): a safe read boundary
 
+SETUP_FAILED = "the macOS interfaces forksafe needs are unavailable ({error})"
 THREADS_FAILED = (
     "task_threads() failed with kern_return_t {code}: the Mach thread list is unavailable"
 )
@@ -163,11 +164,26 @@ class DarwinPlatform:
         self._parsed: dict[tuple[str, int], _Image] = {}
         self._label_offset: int | None = None
         self._label_offset_known = False
+        self._setup_error: OSError | None = None
 
     @property
     def api(self) -> MachAPI:
+        """The OS calls, set up on first use.
+
+        A set-up failure (a symbol missing from an old or future macOS) is
+        kept and raised again on every later question, cheaply: the probes
+        turn it into one reported probe error instead of retrying ``dlopen``
+        on every fork.
+        """
         if self._api is None:
-            self._api = _Mach()
+            if self._setup_error is not None:
+                raise self._setup_error
+            try:
+                self._api = _Mach()
+            except (OSError, AttributeError, ValueError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                self._setup_error = OSError(SETUP_FAILED.format(error=error))
+                raise self._setup_error from exc
         return self._api
 
     # -- images ---------------------------------------------------------------
