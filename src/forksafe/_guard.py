@@ -1,0 +1,698 @@
+"""The guard: see every fork, decide by policy *before* it happens, record it.
+
+``install()`` puts thin wrappers around the Python-level ways to fork
+(``os.fork``, ``os.forkpty``, and ``subprocess.Popen._execute_child`` when a
+``preexec_fn`` is given) and registers one set of ``os.register_at_fork``
+hooks. Everything else is found through those:
+
+* ``multiprocessing``'s fork start method (``Process``, ``Pool``) and
+  ``concurrent.futures.ProcessPoolExecutor`` look ``os.fork`` up at call time,
+  so they go through the wrapper; ``pty.fork`` calls ``os.forkpty``. The
+  mechanism is named from the library frames between the wrapper and the
+  user's code, and the user's line is the first frame outside the standard
+  library and forksafe — the ``Process.start()``, ``Pool(...)`` or
+  ``executor.submit(...)`` the user wrote.
+* Forks that bypass the wrappers — C code calling ``PyOS_BeforeFork()``
+  (C extensions, ``_posixsubprocess``) or ``fork`` bound by ``from os import
+  fork`` before ``install()`` — run the ``before`` hook. Such a fork cannot be
+  refused (CPython ignores exceptions from fork hooks), so there ``raise``
+  degrades to ``warn``. The child's pid is learnt from
+  ``/proc/self/task/<tid>/children`` (the set before and after the fork).
+
+A fork through a wrapper sets a thread-local flag so that the hooks, which run
+inside the real ``fork()``, do not count it twice.
+
+In the child, the ``after_in_child`` hook runs for *every* fork the guard
+sees (wrapped or not) and is the only place the child side happens: it
+replaces forksafe's own lock, forgets the parent's history and arms
+``forksafe._child`` exactly once per fork. It takes no lock.
+
+The policy decision lives in ``_decide``; the record of a fork is a
+``ForkEvent`` kept in a bounded history and, when a report file is
+configured, appended as one JSON line (``_sink``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+import sys
+import threading
+import time
+import types
+import warnings
+from typing import Any, Callable, Iterator, Tuple
+
+from forksafe import _frames, _quiet
+from forksafe._errors import ForkSafetyError, ForkSafetyWarning
+from forksafe._report import ForkEvent, Hazard, Outcome, Report, Severity, Site
+from forksafe._sink import SINK_UNWRITABLE, Sink
+
+POLICIES = ("log", "warn", "raise")
+FAIL_ON = ("warning", "error")
+#: Fork events kept per process (``history()``), and children remembered by pid.
+HISTORY_SIZE = 1000
+CHILDREN_SIZE = 1000
+
+FORK_WARNING = "forksafe: {mechanism} at {where} forked while it was unsafe.\n{report}"
+FORK_REFUSED = (
+    "forksafe refused {mechanism} at {where}: {count} hazard(s) at or above {level!r} would "
+    "break the child (policy 'raise'); no child was created.\n{report}"
+)
+UNREFUSABLE_NOTE = (
+    "\n(This fork bypassed forksafe's wrappers: C code calling fork(), or `fork` bound "
+    "before install(). Such a fork cannot be refused, so policy 'raise' only warns.)"
+)
+BAD_POLICY = "unknown fork policy {value!r}{source}; expected one of: log, warn, raise"
+BAD_FAIL_ON = "unknown fail_on level {value!r}{source}; expected one of: warning, error"
+BAD_HANG_TIMEOUT = "hang_timeout {value!r}{source} is not a positive number of seconds"
+HOOK_FAILED = (
+    "forksafe: {what} failed ({error}); forksafe goes on without it and the program is not "
+    "affected. Please report this with the error above."
+)
+PREEXEC_SUMMARY = (
+    "subprocess runs Python code (preexec_fn {name}) in the forked child while {count} other "
+    "thread(s) are alive"
+)
+PREEXEC_REMEDY = (
+    "use subprocess's own arguments instead of preexec_fn: start_new_session=True, "
+    "process_group= (3.11+), user=/group=/umask=, pass_fds=; these run no Python code in "
+    "the child"
+)
+
+#: Frames of these library files (suffix, function or None) name the mechanism;
+#: the outermost match wins, so a Pool's Process.start() reads as the Pool.
+_MECHANISMS = (
+    (os.sep + os.path.join("concurrent", "futures", "process.py"), None, "concurrent.futures"),
+    (os.sep + os.path.join("multiprocessing", "pool.py"), None, "multiprocessing.Pool"),
+    (os.sep + os.path.join("multiprocessing", "popen_fork.py"), None, "multiprocessing"),
+    (os.sep + "pty.py", "fork", "pty.fork"),
+)
+
+_WAIT_FUNCTIONS = ("waitpid", "wait", "wait3", "wait4")
+
+WaitResult = Tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What ``install()`` was asked for, validated."""
+
+    policy: str = "warn"
+    fail_on: Severity = Severity.ERROR
+    hang_timeout: float | None = None
+    report: str | None = None
+
+    @classmethod
+    def make(
+        cls,
+        policy: str,
+        fail_on: str,
+        hang_timeout: float | None,
+        report: str | None,
+        *,
+        source: str = "",
+    ) -> Config:
+        """Validate the arguments; ValueError with a one-line message naming ``source``."""
+        where = f" (from {source})" if source else ""
+        if policy not in POLICIES:
+            raise ValueError(BAD_POLICY.format(value=policy, source=where))
+        if fail_on not in FAIL_ON:
+            raise ValueError(BAD_FAIL_ON.format(value=fail_on, source=where))
+        if hang_timeout is not None:
+            ok = isinstance(hang_timeout, (int, float)) and not isinstance(hang_timeout, bool)
+            if not ok or not 0 < hang_timeout < float("inf"):
+                raise ValueError(BAD_HANG_TIMEOUT.format(value=hang_timeout, source=where))
+            hang_timeout = float(hang_timeout)
+        return cls(policy, Severity.parse(fail_on), hang_timeout, report)
+
+
+@dataclasses.dataclass
+class _Decision:
+    """The guard's verdict on one fork, taken before the fork."""
+
+    mechanism: str
+    site: Site | None
+    frame: types.FrameType | None  # the user's frame, for the warning's attribution
+    report: Report
+    action: str
+    time: float
+
+
+# --- state -----------------------------------------------------------------------
+# ``_config`` is None when the guard is not installed: every wrapper and hook
+# reads it once and passes straight through when it is None.
+_config: Config | None = None
+_sink: Sink | None = None
+_originals: dict[str, Any] = {}  # "os.fork" -> the function our wrapper replaced
+_owned: dict[str, bool] = {}  # what install() itself turned on: observe, sqlite, filter
+_quiet_filter: Any = None
+_hooks_registered = False
+_failures: set[str] = set()
+
+# History and the child map are changed under ``_lock``, an RLock (a signal
+# handler that forks may interrupt its own thread inside it). The child gets a
+# fresh one: whatever thread held the parent's is gone.
+_lock = threading.RLock()
+_history: collections.deque[ForkEvent] = collections.deque(maxlen=HISTORY_SIZE)
+_children: dict[int, ForkEvent] = {}
+_local = threading.local()  # .busy: inside a wrapper's real fork; .pending: hook state
+
+_child_module: types.ModuleType | None = None
+_outcome_module: types.ModuleType | None = None
+
+
+# --- public API --------------------------------------------------------------------
+
+
+def install(
+    policy: str = "warn",
+    *,
+    fail_on: str = "error",
+    hang_timeout: float | None = None,
+    report: str | None = None,
+) -> None:
+    """Guard every fork of this process from now on. Idempotent.
+
+    Calling it again changes the configuration in place. ``policy``: ``"log"``
+    records each fork; ``"warn"`` also issues a ``ForkSafetyWarning`` for every
+    fork with a hazard at warning level or above; ``"raise"`` refuses, with a
+    ``ForkSafetyError`` raised before the fork, when a hazard reaches
+    ``fail_on`` (and warns below it). ``report`` names a file that gets one JSON
+    line per fork event; ``hang_timeout`` is handed to the child follower.
+    """
+    _install(Config.make(policy, fail_on, hang_timeout, report))
+
+
+def uninstall() -> None:
+    """Undo ``install()``: every patched function is restored by identity. Idempotent."""
+    global _config, _sink, _quiet_filter
+    if _config is None:
+        return
+    _config = None
+    for name, original in list(_originals.items()):
+        owner, attr = _owner(name)
+        if owner is not None and getattr(owner, attr, None) is _wrappers.get(name):
+            setattr(owner, attr, original)
+        # else someone wrapped our wrapper: leave theirs, ours now passes through
+    _originals.clear()
+    _wrappers.clear()
+    if _quiet_filter is not None:
+        with contextlib.suppress(ValueError):
+            filters: list[Any] = warnings.filters  # type: ignore[assignment]
+            filters.remove(_quiet_filter)
+            warnings._filters_mutated()  # type: ignore[attr-defined]
+        _quiet_filter = None
+    if _owned.pop("sqlite", False):
+        _unprotect_sqlite()
+    if _owned.pop("observe", False):
+        from forksafe._ledger import unobserve
+
+        unobserve()
+    if _sink is not None:
+        _sink.close()
+        _sink = None
+
+
+@contextlib.contextmanager
+def guard(
+    policy: str = "warn",
+    *,
+    fail_on: str = "error",
+    hang_timeout: float | None = None,
+    report: str | None = None,
+) -> Iterator[None]:
+    """``install()`` for the ``with`` block; afterwards the previous state is back."""
+    config = Config.make(policy, fail_on, hang_timeout, report)
+    previous = _config
+    _install(config)
+    try:
+        yield
+    finally:
+        if previous is None:
+            uninstall()
+        else:
+            _install(previous)
+
+
+def installed() -> Config | None:
+    """The active configuration, or None when the guard is off."""
+    return _config
+
+
+def history() -> list[ForkEvent]:
+    """This process's recent fork events, oldest first (at most ``HISTORY_SIZE``)."""
+    with _lock:
+        return list(_history)
+
+
+def event_for_child(pid: int) -> ForkEvent | None:
+    """The event of the fork that created child ``pid``, while it is remembered."""
+    return _children.get(pid)
+
+
+def set_outcome(pid: int, outcome: Outcome) -> None:
+    """Attach ``outcome`` to child ``pid``'s event and append it to the report file."""
+    with _lock:
+        event = _children.get(pid)
+        if event is not None:
+            updated = dataclasses.replace(event, outcome=outcome)
+            _children[pid] = updated
+            for i in range(len(_history) - 1, -1, -1):
+                if _history[i] is event:
+                    _history[i] = updated
+                    break
+    emit({"type": "outcome", "parent_pid": os.getpid(), "child_pid": pid,
+          "outcome": outcome.to_dict()})
+
+
+def emit(record: dict[str, Any]) -> None:
+    """Append ``record`` as one JSON line to the report file, if one is configured."""
+    sink = _sink
+    if sink is not None and not sink.write(record) and "sink" not in _failures:
+        _report_failure("sink", OSError(f"cannot write to {sink.path!r}"))
+
+
+# --- installing ----------------------------------------------------------------------
+
+_wrappers: dict[str, Any] = {}
+
+
+def _install(config: Config) -> None:
+    global _config, _sink, _quiet_filter, _child_module, _outcome_module
+    from forksafe._ledger import observe, observing
+
+    if _config is None:
+        _child_module = _optional("forksafe._child")
+        _outcome_module = _optional("forksafe._outcome")
+        if not observing():
+            observe()
+            _owned["observe"] = True
+        _register_hooks()
+        _patch()
+        if sys.version_info >= (3, 12) and _quiet_filter is None:
+            warnings.filterwarnings("ignore", message=_quiet.MESSAGE,
+                                    category=DeprecationWarning, module=_quiet.MODULE)
+            _quiet_filter = warnings.filters[0]
+    # The report file: reopened only when the path changes.
+    wanted = os.path.abspath(config.report) if config.report else None
+    if _sink is None or _sink.path != wanted:
+        old, _sink = _sink, None
+        if old is not None:
+            old.close()
+        if wanted is not None:
+            _sink = Sink(wanted)  # OSError propagates: install(report=...) was asked for it
+    # SQLite protection comes with "raise" and goes with it, if we turned it on.
+    if config.policy == "raise" and not _owned.get("sqlite"):
+        _owned["sqlite"] = _protect_sqlite()
+    elif config.policy != "raise" and _owned.pop("sqlite", False):
+        _unprotect_sqlite()
+    _config = config
+
+
+def open_sink_or_warn(path: str, source: str) -> bool:
+    """For the environment hook: try the report file, one line on stderr if unusable."""
+    try:
+        Sink(path).close()
+    except OSError as exc:
+        sys.stderr.write(SINK_UNWRITABLE.format(path=path, error=exc.strerror or exc,
+                                                source=source) + "\n")
+        return False
+    return True
+
+
+def _optional(name: str) -> types.ModuleType | None:
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except Exception as exc:
+        _report_failure(f"importing {name}", exc)
+        return None
+
+
+def _protect_sqlite() -> bool:
+    try:
+        from forksafe._remedies import sqlite as remedy
+    except ImportError:
+        return False
+    if remedy.protecting():
+        return False  # the user turned it on; it stays theirs
+    remedy.protect_sqlite()
+    return True
+
+
+def _unprotect_sqlite() -> None:
+    try:
+        from forksafe._remedies import sqlite as remedy
+    except ImportError:
+        return
+    remedy.unprotect_sqlite()
+
+
+def _owner(name: str) -> tuple[Any, str]:
+    module, _, attr = name.rpartition(".")
+    if module == "os":
+        return os, attr
+    if module == "subprocess.Popen":
+        sp = sys.modules.get("subprocess")
+        return (sp.Popen if sp is not None else None), attr
+    raise AssertionError(name)
+
+
+def _patch() -> None:
+    targets: list[tuple[str, Callable[[Any], Any]]] = [("os.fork", _wrap_fork)]
+    if hasattr(os, "forkpty"):
+        targets.append(("os.forkpty", _wrap_forkpty))
+    targets.extend((f"os.{name}", _wrap_wait) for name in _WAIT_FUNCTIONS if hasattr(os, name))
+    # subprocess is imported here (not at `import forksafe`): a Popen made later
+    # must find the wrapper on the class.
+    import subprocess
+
+    if hasattr(subprocess.Popen, "_execute_child"):
+        targets.append(("subprocess.Popen._execute_child", _wrap_execute_child))
+    for name, make in targets:
+        owner, attr = _owner(name)
+        original = getattr(owner, attr)
+        wrapper = make(original)
+        _originals[name] = original
+        _wrappers[name] = wrapper
+        setattr(owner, attr, wrapper)
+
+
+def _copy_identity(wrapper: Any, original: Any) -> Any:
+    for attr in ("__name__", "__qualname__", "__doc__"):
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(wrapper, attr, getattr(original, attr))
+    wrapper.__wrapped__ = original
+    return wrapper
+
+
+# --- the wrappers ----------------------------------------------------------------------
+
+
+def _wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
+    def fork() -> int:
+        if _config is None:
+            return original()
+        decision = _decide("os.fork", sys._getframe(1))
+        pid: int = _run(original, decision)
+        if pid:
+            _forked(decision, pid)
+        return pid
+
+    return _copy_identity(fork, original)  # type: ignore[no-any-return]
+
+
+def _wrap_forkpty(original: Callable[[], tuple[int, int]]) -> Callable[[], tuple[int, int]]:
+    def forkpty() -> tuple[int, int]:
+        if _config is None:
+            return original()
+        decision = _decide("os.forkpty", sys._getframe(1))
+        result: tuple[int, int] = _run(original, decision)
+        if result[0]:
+            _forked(decision, result[0])
+        return result
+
+    return _copy_identity(forkpty, original)  # type: ignore[no-any-return]
+
+
+def _wrap_execute_child(original: Callable[..., None]) -> Callable[..., None]:
+    def _execute_child(self: Any, args: Any, executable: Any, preexec_fn: Any,
+                       *rest: Any, **kwargs: Any) -> None:
+        if _config is None or preexec_fn is None:
+            return original(self, args, executable, preexec_fn, *rest, **kwargs)
+        decision = _decide("subprocess-preexec_fn", sys._getframe(1),
+                           extra=lambda report: _preexec_hazards(report, preexec_fn))
+        _run(lambda: original(self, args, executable, preexec_fn, *rest, **kwargs), decision)
+        pid = getattr(self, "pid", None)
+        if isinstance(pid, int):
+            _forked(decision, pid)
+        return None
+
+    return _copy_identity(_execute_child, original)  # type: ignore[no-any-return]
+
+
+def _wrap_wait(original: Callable[..., WaitResult]) -> Callable[..., WaitResult]:
+    def wait(*args: Any, **kwargs: Any) -> WaitResult:
+        result = original(*args, **kwargs)
+        pid = result[0]
+        if pid > 0 and pid in _children and _config is not None:
+            _reaped(pid, result[1])
+        return result
+
+    return _copy_identity(wait, original)  # type: ignore[no-any-return]
+
+
+def _run(fork: Callable[[], Any], decision: _Decision) -> Any:
+    """Call the real fork with the hooks told to stand aside for this thread."""
+    _local.busy = True
+    try:
+        if decision.action in ("warned", "refused"):
+            return _quiet.call(fork)  # CPython's generic warning adds nothing now
+        return fork()
+    finally:
+        _local.busy = False
+
+
+def _preexec_hazards(report: Report, preexec_fn: Any) -> tuple[Hazard, ...]:
+    threads = [h for h in report.hazards if h.kind in ("thread", "native-thread")]
+    if not threads:
+        return ()
+    name = getattr(preexec_fn, "__qualname__", None) or type(preexec_fn).__name__
+    return (Hazard(
+        "preexec-fn", Severity.WARNING,
+        PREEXEC_SUMMARY.format(name=name, count=len(threads)), PREEXEC_REMEDY,
+        {"preexec_fn": name, "threads": [h.evidence.get("name") for h in threads]},
+    ),)
+
+
+# --- deciding ---------------------------------------------------------------------------
+
+
+def _decide(
+    mechanism: str,
+    caller: types.FrameType,
+    *,
+    refusable: bool = True,
+    extra: Callable[[Report], tuple[Hazard, ...]] | None = None,
+) -> _Decision:
+    """Check, judge by policy, and warn or raise — all before the fork."""
+    decision = _judge(mechanism, caller, refusable=refusable, extra=extra)
+    _announce(decision, refusable=refusable)
+    return decision
+
+
+def _judge(
+    mechanism: str,
+    caller: types.FrameType,
+    *,
+    refusable: bool = True,
+    extra: Callable[[Report], tuple[Hazard, ...]] | None = None,
+) -> _Decision:
+    config = _config or Config()
+    mechanism, user = _locate(caller, mechanism)
+    stamp = time.time()
+    try:
+        from forksafe._check import check
+
+        report = check()
+        if extra is not None:
+            more = extra(report)
+            if more:
+                report = dataclasses.replace(report, hazards=report.hazards + more)
+    except Exception as exc:  # the check must never stop a fork it was not asked to stop
+        _report_failure("the fork-time check", exc)
+        error = f"{type(exc).__name__}: {exc}"
+        report = Report(hazards=(Hazard(
+            "probe-error", Severity.INFO, f"the fork-time check failed: {error}",
+            "the fork went on unchecked; please report the error", {"error": error},
+        ),))
+    worst = report.max_severity
+    action = "allowed"
+    if worst is not None and worst >= Severity.WARNING:
+        if config.policy == "raise" and refusable and worst >= config.fail_on:
+            action = "refused"
+        elif config.policy in ("warn", "raise"):
+            action = "warned"
+        else:
+            action = "logged"
+    site = Site(user.f_code.co_filename, user.f_lineno, user.f_code.co_name)
+    return _Decision(mechanism, site, user, report, action, stamp)
+
+
+def _announce(decision: _Decision, *, refusable: bool) -> None:
+    if decision.action == "refused":
+        event = _event(decision, None)
+        _record(event)
+        config = _config or Config()
+        count = len(decision.report.at_least(config.fail_on))
+        raise ForkSafetyError(FORK_REFUSED.format(
+            mechanism=decision.mechanism, where=_where(decision.site), count=count,
+            level=str(config.fail_on), report=decision.report,
+        ), decision.report)
+    if decision.action == "warned":
+        message = FORK_WARNING.format(mechanism=decision.mechanism, where=_where(decision.site),
+                                      report=decision.report)
+        if not refusable and (_config or Config()).policy == "raise":
+            message += UNREFUSABLE_NOTE
+        _warn_at(message, decision.frame)
+
+
+def _warn_at(message: str, target: types.FrameType | None) -> None:
+    """``warnings.warn`` with the ``stacklevel`` that lands on ``target``."""
+    level = 1
+    frame: types.FrameType | None = sys._getframe(0)
+    while frame is not None and frame is not target:
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, ForkSafetyWarning, stacklevel=level if frame is not None else 2)
+
+
+def _locate(caller: types.FrameType, mechanism: str) -> tuple[str, types.FrameType]:
+    """The mechanism, named by the library frames above ``caller``, and the user's frame."""
+    frame: types.FrameType | None = caller
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not _frames.is_library_file(filename):
+            return mechanism, frame
+        for suffix, function, name in _MECHANISMS:
+            if filename.endswith(suffix) and function in (None, frame.f_code.co_name):
+                mechanism = name
+                break
+        frame = frame.f_back
+    return mechanism, caller  # no user code at all (a library's own thread): the caller
+
+
+def _where(site: Site | None) -> str:
+    return "an unknown place" if site is None else _frames.where(site)
+
+
+# --- recording ---------------------------------------------------------------------------
+
+
+def _event(decision: _Decision, child_pid: int | None) -> ForkEvent:
+    return ForkEvent(
+        parent_pid=os.getpid(), child_pid=child_pid, time=decision.time,
+        mechanism=decision.mechanism, site=decision.site, action=decision.action,
+        report=decision.report,
+    )
+
+
+def _record(event: ForkEvent) -> None:
+    with _lock:
+        _history.append(event)
+        if event.child_pid is not None:
+            _children.pop(event.child_pid, None)  # a recycled pid moves to the end
+            _children[event.child_pid] = event
+            while len(_children) > CHILDREN_SIZE:
+                del _children[next(iter(_children))]
+    if _sink is not None:
+        emit({"type": "fork", **event.to_dict(), "command": list(getattr(sys, "argv", []))})
+
+
+def _forked(decision: _Decision, pid: int | None) -> None:
+    """Parent side, after a successful fork: record, then hand over to the follower."""
+    event = _event(decision, pid)
+    _record(event)
+    config = _config
+    follower = _outcome_module
+    if follower is not None and pid is not None and config is not None:
+        try:
+            follower.on_forked(event, config.hang_timeout)
+        except Exception as exc:
+            _report_failure("forksafe._outcome.on_forked", exc)
+
+
+def _reaped(pid: int, status: int) -> None:
+    follower = _outcome_module
+    if follower is None or not (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+        return
+    try:
+        follower.on_reaped(pid, status)
+    except Exception as exc:
+        _report_failure("forksafe._outcome.on_reaped", exc)
+
+
+def _report_failure(what: str, exc: BaseException) -> None:
+    """Say once per process that a part of forksafe failed; never raise."""
+    if what in _failures:
+        return
+    _failures.add(what)
+    message = HOOK_FAILED.format(what=what, error=f"{type(exc).__name__}: {exc}")
+    try:
+        warnings.warn(message, ForkSafetyWarning, stacklevel=3)
+    except Exception:  # warnings turned into errors: the program must still go on
+        with contextlib.suppress(Exception):
+            sys.stderr.write(message + "\n")
+
+
+# --- the at-fork hooks --------------------------------------------------------------------
+
+
+def _register_hooks() -> None:
+    """Once per process: hooks cannot be unregistered, so they check ``_config``."""
+    global _hooks_registered
+    if _hooks_registered:
+        return
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
+                        after_in_child=_after_fork_child)
+    _hooks_registered = True
+
+
+def _children_of_this_thread() -> set[int] | None:
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/children", "rb") as f:
+            return {int(p) for p in f.read().split()}
+    except (OSError, ValueError):
+        return None
+
+
+def _before_fork() -> None:
+    """A fork that no wrapper saw is about to happen in this thread."""
+    if _config is None or getattr(_local, "busy", False):
+        return
+    try:
+        caller = sys._getframe(1)
+        decision = _judge("unwrapped-fork", caller, refusable=False)
+        _local.pending = (decision, _children_of_this_thread())
+        _announce(decision, refusable=False)
+    except Exception as exc:  # an exception here would only be printed as unraisable
+        _report_failure("the fork hook", exc)
+
+
+def _after_fork_parent() -> None:
+    pending = getattr(_local, "pending", None)
+    if pending is None:
+        return
+    _local.pending = None
+    decision, before = pending
+    try:
+        after = _children_of_this_thread()
+        new = sorted(after - before) if before is not None and after is not None else []
+        if new or before is None:
+            _forked(decision, new[-1] if new else None)
+    except Exception as exc:
+        _report_failure("the fork hook", exc)
+
+
+def _after_fork_child() -> None:
+    """In every child of a guarded fork: reset our state, then arm the child once."""
+    global _lock
+    config = _config
+    if config is None:
+        return
+    _lock = threading.RLock()
+    _history.clear()
+    _children.clear()
+    _local.pending = None
+    child = _child_module
+    if child is not None:
+        try:
+            child.arm(os.getppid(), config.hang_timeout)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                os.write(2, (HOOK_FAILED.format(what="forksafe._child.arm", error=exc)
+                             + "\n").encode())
