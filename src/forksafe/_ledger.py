@@ -17,7 +17,9 @@ here runs at fork time or in a child, and nothing here takes a lock.
 
 ``sqlite3`` is not imported by ``observe()`` — a diagnostic tool must not load
 the library it diagnoses — so when it is not imported yet a one-shot import hook
-wraps ``connect`` the moment the program imports it.
+wraps ``connect`` the moment the program imports it. SQLite protection
+(``forksafe.protect_sqlite()``) wraps ``connect`` too; both go through
+``set_connect_layer`` below so that either can be undone in any order.
 """
 
 from __future__ import annotations
@@ -64,12 +66,7 @@ def observe() -> None:
     start.__wrapped__ = original_start  # type: ignore[attr-defined]
     start.__doc__ = original_start.__doc__
     threading.Thread.start = start  # type: ignore[method-assign]
-    if "sqlite3" in sys.modules:
-        _wrap_sqlite(sys.modules["sqlite3"])
-    else:
-        finder = _SqliteImportHook()
-        _state["finder"] = finder
-        sys.meta_path.insert(0, finder)
+    set_connect_layer("observe", _origin_layer)
 
 
 def unobserve() -> None:
@@ -77,14 +74,8 @@ def unobserve() -> None:
     if not _state:
         return
     threading.Thread.start = _state.pop("thread_start")  # type: ignore[method-assign]
-    finder = _state.pop("finder", None)
-    if finder is not None and finder in sys.meta_path:
-        sys.meta_path.remove(finder)
-    wrapped = _state.pop("sqlite", None)
-    if wrapped is not None:
-        for module, original in wrapped:
-            module.connect = original
     _state.clear()
+    set_connect_layer("observe", None)
 
 
 def thread_origin(thread: threading.Thread) -> RawFrames | None:
@@ -125,14 +116,82 @@ def _raw_frames(frame: types.FrameType | None) -> RawFrames:
     return tuple(out)
 
 
-def _wrap_sqlite(sqlite3: types.ModuleType) -> None:
-    if "sqlite" in _state:
-        return
-    modules = [sqlite3]
-    dbapi2 = getattr(sqlite3, "dbapi2", None)
-    if isinstance(dbapi2, types.ModuleType) and dbapi2.connect is sqlite3.connect:
-        modules.append(dbapi2)
-    original: Callable[..., Any] = sqlite3.connect
+# -- sqlite3.connect, shared by two layers ------------------------------------
+#
+# Two features wrap ``sqlite3.connect``: the origin recording above ("observe")
+# and the protection of connections inherited across fork ("protect", in
+# forksafe._remedies.sqlite). Each may be turned on and off at any time and in
+# any order, so neither may simply put back "the function it found": that would
+# drop the other's wrapper or resurrect a removed one. Instead the layers live
+# in one table and the chain is rebuilt from the true original whenever a layer
+# comes or goes, always in the same order (protect innermost, so that the
+# ledger records the very object the program gets). With no layer left, the
+# original function is back by identity.
+
+#: Inner to outer.
+LAYER_ORDER = ("protect", "observe")
+
+ConnectLayer = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+_layers: dict[str, ConnectLayer] = {}
+#: "original": the true sqlite3.connect, "modules": where it was found.
+_chain: dict[str, Any] = {}
+_finder: list[_SqliteImportHook] = []
+
+
+def set_connect_layer(name: str, make: ConnectLayer | None) -> None:
+    """Add (``make(inner) -> wrapper``) or remove (``None``) a layer around ``connect``.
+
+    ``sqlite3`` is never imported here: when the program has not imported it
+    yet, a one-shot import hook builds the chain the moment it does.
+    """
+    if name not in LAYER_ORDER:
+        raise ValueError(f"unknown connect layer {name!r}")
+    if make is None:
+        _layers.pop(name, None)
+    else:
+        _layers[name] = make
+    module = sys.modules.get("sqlite3")
+    if module is not None:
+        _remove_finder()
+        _rebuild(module)
+    elif _layers and not _finder:
+        finder = _SqliteImportHook()
+        _finder.append(finder)
+        sys.meta_path.insert(0, finder)
+    elif not _layers:
+        _remove_finder()
+
+
+def _remove_finder() -> None:
+    while _finder:
+        finder = _finder.pop()
+        if finder in sys.meta_path:
+            sys.meta_path.remove(finder)
+
+
+def _rebuild(sqlite3: types.ModuleType) -> None:
+    if not _chain:
+        if not _layers:
+            return
+        original = sqlite3.connect
+        modules = [sqlite3]
+        dbapi2 = getattr(sqlite3, "dbapi2", None)
+        if isinstance(dbapi2, types.ModuleType) and dbapi2.connect is original:
+            modules.append(dbapi2)
+        _chain.update(original=original, modules=modules)
+    func: Callable[..., Any] = _chain["original"]
+    for name in LAYER_ORDER:
+        make = _layers.get(name)
+        if make is not None:
+            func = make(func)
+    for module in _chain["modules"]:
+        module.connect = func
+    if not _layers:
+        _chain.clear()
+
+
+def _origin_layer(original: Callable[..., Any]) -> Callable[..., Any]:
     origins = _connection_origins
     getframe = sys._getframe
     library = is_library_file
@@ -154,9 +213,7 @@ def _wrap_sqlite(sqlite3: types.ModuleType) -> None:
 
     connect.__wrapped__ = original  # type: ignore[attr-defined]
     connect.__doc__ = original.__doc__
-    _state["sqlite"] = [(m, original) for m in modules]
-    for module in modules:
-        module.connect = connect  # type: ignore[attr-defined]
+    return connect
 
 
 class _SqliteImportHook(importlib.abc.MetaPathFinder):
@@ -193,8 +250,5 @@ class _WrappingLoader(importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         self._loader.exec_module(module)
-        if _state:
-            _wrap_sqlite(module)
-        finder = _state.pop("finder", None)
-        if finder is not None and finder in sys.meta_path:
-            sys.meta_path.remove(finder)
+        _remove_finder()
+        _rebuild(module)

@@ -1,0 +1,411 @@
+"""SQLite connections inherited across fork: refuse to use them in the child.
+
+SQLite's documentation ("How To Corrupt An SQLite Database File", section 2.6)
+says a connection must never be carried across ``fork()``: POSIX advisory locks
+belong to a process, so the child's copy of the connection believes it holds
+locks it does not, and a child that rolls back or closes a copy made in the
+middle of a transaction plays the journal back into the file under the parent's
+feet. The remedy is simple — open a new connection in the child — but the
+mistake is silent until the database is corrupt.
+
+With protection on, every connection ``sqlite3.connect`` opens remembers the
+process and the line that opened it, and refuses, with a catchable
+``ForkSafetyError`` naming both, to be used in any other process. Nothing is
+sent to SQLite first: the file is not touched.
+
+How use is intercepted, given that ``sqlite3.Connection`` is a C type:
+
+* ``sqlite3.connect`` is wrapped (through ``_ledger.set_connect_layer``, which
+  composes with ``forksafe.observe()`` in either order) to pass a
+  ``factory``: a Python subclass of ``sqlite3.Connection`` (or of the
+  program's own factory) whose every method first compares the opening pid
+  with the current one. ``Connection.execute`` and friends go through the
+  ``cursor`` method by name, so they are covered too.
+* ``cursor()`` returns a subclass of ``sqlite3.Cursor`` with the same check on
+  ``execute``/``fetch*``/iteration, so a cursor made before the fork and used
+  (executed again, or read further) in the child is refused as well.
+* As a second line for the paths that never reach Python code — a
+  ``sqlite3.Cursor(conn)`` made directly, ``conn(sql)`` — an authorizer makes
+  every statement *prepared* in another process fail with SQLite's "not
+  authorized" before it runs. A progress handler was considered and rejected:
+  SQLite answers an interrupted write statement by rolling the whole
+  transaction back, which in the child is exactly the corruption to avoid.
+
+The current pid is read from a one-element list that an
+``os.register_at_fork`` hook refreshes in the child (one list store, no lock):
+``os.getpid()`` is a system call on glibc >= 2.25 and iteration over rows
+checks it once per row. A child made by a raw C ``fork()`` that runs no
+Python fork hooks is still caught by the authorizer, which calls
+``os.getpid()`` itself (it runs only when a statement is prepared).
+
+``close()`` on an inherited connection in the child does not close it — that
+would run SQLite's close (and rollback) in the child — but detaches it: the
+object is marked closed for this process and kept alive forever, so that
+garbage collection never closes it either. That makes the common "close what
+you inherited after fork" idiom (Django's ``connections.close_all()``) safe.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import types
+import weakref
+from typing import Any, Callable
+
+from forksafe import _frames, _ledger
+from forksafe._errors import ForkSafetyError
+
+CONNECTION_INHERITED = (
+    "this connection was opened in process {pid} at {site} and inherited across fork; "
+    "open a new connection in the child"
+)
+UNKNOWN_SITE = "an unknown place"
+
+#: Connection methods that do nothing to the database (or only to this object).
+_HARMLESS = frozenset({"__init__", "__new__", "__del__", "__init_subclass__", "__subclasshook__"})
+#: Properties whose setter may run SQL (isolation_level=None commits on <= 3.11).
+_SETTERS = ("isolation_level", "autocommit")
+_CURSOR_METHODS = ("execute", "executemany", "executescript", "fetchone", "fetchmany",
+                   "fetchall", "__next__")
+
+#: This process's pid, refreshed in a forked child by an at-fork hook.
+_current = [os.getpid()]
+_hook_registered: list[bool] = []
+_state: dict[str, Any] = {}
+_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+_cursor_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+_classes_lock = threading.Lock()
+#: Inherited objects kept alive in a child so that SQLite never closes them there.
+_pinned: list[object] = []
+
+
+def protect_sqlite() -> None:
+    """Make connections opened from now on refuse to be used in a forked child.
+
+    Idempotent. Does not import ``sqlite3``: when the program has not imported
+    it yet, protection starts the moment it does. Connections opened before
+    this call are not protected (they are still reported by ``forksafe.check()``).
+    """
+    if _state:
+        return
+    if not _hook_registered and hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_forked)
+        _hook_registered.append(True)
+    _state["on"] = True
+    _ledger.set_connect_layer("protect", _protect_layer)
+
+
+def unprotect_sqlite() -> None:
+    """Stop protecting new connections; ``sqlite3.connect`` is restored by identity.
+
+    Connections opened while protection was on stay protected.
+    """
+    if not _state:
+        return
+    _state.clear()
+    _ledger.set_connect_layer("protect", None)
+
+
+def protecting() -> bool:
+    return bool(_state)
+
+
+def _forked() -> None:
+    # Runs in every forked child: one system call and one list store, no lock.
+    _current[0] = os.getpid()
+
+
+def _protect_layer(original: Callable[..., Any]) -> Callable[..., Any]:
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        module = sys.modules["sqlite3"]
+        if len(args) > 5:  # factory given positionally (deprecated, still allowed)
+            factory = _protected_class(args[5], module)
+            if factory is not None:
+                args = (*args[:5], factory, *args[6:])
+        else:
+            factory = _protected_class(kwargs.get("factory", module.Connection), module)
+            if factory is not None:
+                kwargs["factory"] = factory
+        connection = original(*args, **kwargs)
+        if factory is not None:
+            _arm(connection, module, _ledger._raw_frames(sys._getframe(1)))
+        return connection
+
+    connect.__wrapped__ = original  # type: ignore[attr-defined]
+    connect.__doc__ = original.__doc__
+    return connect
+
+
+def _arm(connection: Any, module: types.ModuleType, frames: _ledger.RawFrames) -> None:
+    connection._forksafe_pid = _current[0]
+    connection._forksafe_frames = frames
+    pid = connection._forksafe_pid
+    getpid = os.getpid
+    deny: int = module.SQLITE_DENY
+    ok: int = module.SQLITE_OK
+
+    def authorizer(*_: Any) -> int:
+        return deny if getpid() != pid else ok
+
+    connection._forksafe_authorizer = authorizer
+    module.Connection.set_authorizer(connection, authorizer)
+
+
+def message(connection: Any) -> str:
+    """The text of the error raised when ``connection`` is used in another process."""
+    frames = getattr(connection, "_forksafe_frames", None)
+    site = _frames.user_site(_ledger.sites(frames)) if frames else None
+    where = _frames.where(site) if site is not None else UNKNOWN_SITE
+    return CONNECTION_INHERITED.format(pid=getattr(connection, "_forksafe_pid", "?"),
+                                       site=where)
+
+
+def _refuse(connection: Any) -> ForkSafetyError:
+    return ForkSafetyError(message(connection))
+
+
+def _pinner() -> Callable[[object], None]:
+    """A function that keeps an object alive for the rest of this process.
+
+    Used in a child on inherited connections and cursors, so that SQLite's
+    close (and its rollback) never runs there. A list alone is not enough:
+    interpreter shutdown clears module globals and collects cycles, which would
+    free the object after all. A reference that nothing ever drops is: it is
+    taken with ``Py_IncRef`` through ctypes, bound here in the parent when the
+    first protected connection is opened, so that the child needs no import —
+    possibly during interpreter shutdown — to use it.
+    """
+    pinned: list[object] = _pinned
+    try:
+        import ctypes
+
+        incref = ctypes.pythonapi.Py_IncRef
+        py_object = ctypes.py_object
+    except Exception:  # no ctypes: the list still covers everything but shutdown
+        return pinned.append
+
+    def pin(obj: object) -> None:
+        pinned.append(obj)
+        incref(py_object(obj))
+
+    return pin
+
+
+def _protected_class(base: Any, module: types.ModuleType) -> type | None:
+    """A subclass of the connection class ``base`` that refuses use in another process."""
+    if not isinstance(base, type) or not issubclass(base, module.Connection):
+        return None  # a factory that is not a class: leave it alone
+    if getattr(base, "_forksafe_protected", False):
+        return base
+    cls = _classes.get(base)
+    if cls is None:
+        with _classes_lock:
+            cls = _classes.get(base)
+            if cls is None:
+                cls = _make_connection_class(base, module)
+                _classes[base] = cls
+    return cls
+
+
+def _make_connection_class(base: type, module: types.ModuleType) -> type:
+    pin = _pinner()
+    namespace: dict[str, Any] = {"_forksafe_protected": True, "__doc__": base.__doc__,
+                                 "_forksafe_pid": None, "_forksafe_frames": None}
+    for name in dir(base):
+        if name in _HARMLESS or name in _SETTERS or name == "total_changes":
+            continue
+        if name.startswith("__") and name not in ("__enter__", "__exit__", "__call__"):
+            continue
+        value = getattr(base, name)
+        if isinstance(value, type) or not callable(value):
+            continue  # exception classes, properties
+        namespace[name] = _guarded_method(name, value)
+    for name in _SETTERS:
+        if hasattr(base, name):
+            namespace[name] = _guarded_property(name, base)
+    namespace["total_changes"] = _total_changes(base, module)
+    namespace["close"] = _connection_close(base, pin)
+    namespace["cursor"] = _connection_cursor(base, module)
+    namespace["set_authorizer"] = _connection_set_authorizer(base)
+    namespace["__del__"] = _finalizer(getattr(base, "__del__", None), pin)
+    return type(base.__name__, (base,), namespace)
+
+
+def _guarded_method(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    current = _current
+
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._forksafe_pid != current[0] and self._forksafe_pid is not None:
+            raise _refuse(self)
+        return method(self, *args, **kwargs)
+
+    guarded.__name__ = guarded.__qualname__ = name
+    guarded.__doc__ = method.__doc__
+    return guarded
+
+
+def _guarded_property(name: str, base: type) -> property:
+    descriptor = getattr(base, name)
+
+    def get(self: Any) -> Any:
+        return descriptor.__get__(self, type(self))
+
+    def set_(self: Any, value: Any) -> None:
+        if self._forksafe_pid != _current[0] and self._forksafe_pid is not None:
+            raise _refuse(self)
+        descriptor.__set__(self, value)
+
+    return property(get, set_, doc=descriptor.__doc__)
+
+
+def _total_changes(base: type, module: types.ModuleType) -> property:
+    descriptor = base.total_changes  # type: ignore[attr-defined]
+
+    def get(self: Any) -> Any:
+        # A connection detached in the child reads as closed, like a closed one,
+        # so that forksafe.check() in the child does not report it again.
+        if self.__dict__.get("_forksafe_detached"):
+            raise module.ProgrammingError("Cannot operate on a closed database.")
+        return descriptor.__get__(self, type(self))
+
+    return property(get, doc=descriptor.__doc__)
+
+
+def _connection_close(base: type, pin: Callable[[object], None]) -> Callable[..., Any]:
+    close = base.close  # type: ignore[attr-defined]
+    current = _current
+
+    def close_(self: Any) -> None:
+        """Close the connection; in a forked child, detach it without touching SQLite."""
+        if self._forksafe_pid != current[0] and self._forksafe_pid is not None:
+            if not self.__dict__.get("_forksafe_detached"):
+                self._forksafe_detached = True
+                pin(self)
+            return
+        close(self)
+
+    close_.__name__ = close_.__qualname__ = "close"
+    return close_
+
+
+def _connection_cursor(base: type, module: types.ModuleType) -> Callable[..., Any]:
+    cursor = base.cursor  # type: ignore[attr-defined]
+
+    def cursor_(self: Any, factory: Any = None) -> Any:
+        if self._forksafe_pid != _current[0] and self._forksafe_pid is not None:
+            raise _refuse(self)
+        kind = _protected_cursor_class(module.Cursor if factory is None else factory, module)
+        if kind is None:
+            return cursor(self, factory)
+        result = cursor(self, kind)
+        result._forksafe_pid = self._forksafe_pid
+        return result
+
+    cursor_.__name__ = cursor_.__qualname__ = "cursor"
+    cursor_.__doc__ = cursor.__doc__
+    return cursor_
+
+
+def _connection_set_authorizer(base: type) -> Callable[..., Any]:
+    set_authorizer = base.set_authorizer  # type: ignore[attr-defined]
+
+    def set_authorizer_(self: Any, authorizer_callback: Any) -> None:
+        """Set the program's authorizer, keeping the refusal in other processes first."""
+        if self._forksafe_pid != _current[0] and self._forksafe_pid is not None:
+            raise _refuse(self)
+        ours = self.__dict__.get("_forksafe_authorizer")
+        if ours is None:
+            set_authorizer(self, authorizer_callback)
+        elif authorizer_callback is None:
+            set_authorizer(self, ours)
+        else:
+            def composed(*args: Any) -> Any:
+                denied = ours(*args)
+                return denied if denied else authorizer_callback(*args)
+
+            set_authorizer(self, composed)
+
+    set_authorizer_.__name__ = set_authorizer_.__qualname__ = "set_authorizer"
+    return set_authorizer_
+
+
+def _finalizer(
+    base_del: Callable[..., Any] | None, pin: Callable[[object], None]
+) -> Callable[[Any], None]:
+    # Only closure variables, no module globals: this may run during interpreter
+    # shutdown, after this module's globals were cleared.
+    current = _current
+
+    def __del__(self: Any) -> None:
+        pid = self.__dict__.get("_forksafe_pid")
+        if pid is not None and pid != current[0]:
+            if not self.__dict__.get("_forksafe_detached"):
+                self.__dict__["_forksafe_detached"] = True
+                pin(self)  # resurrected: SQLite's close never runs in the child
+            return
+        if base_del is not None:
+            base_del(self)
+
+    return __del__
+
+
+def _protected_cursor_class(base: Any, module: types.ModuleType) -> type | None:
+    if not isinstance(base, type) or not issubclass(base, module.Cursor):
+        return None
+    if getattr(base, "_forksafe_protected", False):
+        return base
+    cls = _cursor_classes.get(base)
+    if cls is None:
+        with _classes_lock:
+            cls = _cursor_classes.get(base)
+            if cls is None:
+                cls = _make_cursor_class(base)
+                _cursor_classes[base] = cls
+    return cls
+
+
+def _make_cursor_class(base: type) -> type:
+    pin = _pinner()
+    namespace: dict[str, Any] = {"_forksafe_protected": True, "__doc__": base.__doc__,
+                                 "_forksafe_pid": None}
+    current = _current
+    for name in _CURSOR_METHODS:
+        method = getattr(base, name, None)
+        if method is None:
+            continue
+
+        def guarded(self: Any, *args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            if self._forksafe_pid != current[0] and self._forksafe_pid is not None:
+                raise _refuse(self.connection)
+            return _method(self, *args, **kwargs)
+
+        guarded.__name__ = guarded.__qualname__ = name
+        guarded.__doc__ = method.__doc__
+        namespace[name] = guarded
+    close = base.close  # type: ignore[attr-defined]
+    base_del = getattr(base, "__del__", None)
+
+    def close_(self: Any) -> None:
+        if self._forksafe_pid != current[0] and self._forksafe_pid is not None:
+            if not self.__dict__.get("_forksafe_detached"):
+                self.__dict__["_forksafe_detached"] = True
+                pin(self)  # resetting its statement would touch the parent's transaction
+            return
+        close(self)
+
+    namespace["close"] = close_
+
+    def __del__(self: Any) -> None:
+        pid = self.__dict__.get("_forksafe_pid")
+        if pid is not None and pid != current[0]:
+            if not self.__dict__.get("_forksafe_detached"):
+                self.__dict__["_forksafe_detached"] = True
+                pin(self)
+            return
+        if base_del is not None:
+            base_del(self)
+
+    namespace["__del__"] = __del__
+    return type(base.__name__, (base,), namespace)

@@ -1,0 +1,286 @@
+"""protect_sqlite(): a connection inherited across fork refuses to be used in the child."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from conftest import run_scenario
+from forksafe._remedies.sqlite import CONNECTION_INHERITED
+
+
+def test_inherited_connection_refuses_every_use_in_the_child(tmp_path: pathlib.Path) -> None:
+    """Connection and pre-fork cursor uses raise ForkSafetyError naming pid and site."""
+    s = run_scenario("""
+        import os, sqlite3, json, forksafe
+        forksafe.protect_sqlite()
+        conn = sqlite3.connect("app.db")  # OPEN
+        conn.execute("create table t(x)")
+        conn.commit()
+        cur = conn.cursor()
+        cur.execute("select 1 union all select 2")
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            results = {}
+            uses = {
+                "execute": lambda: conn.execute("insert into t values (1)"),
+                "cursor": lambda: conn.cursor(),
+                "commit": lambda: conn.commit(),
+                "rollback": lambda: conn.rollback(),
+                "executescript": lambda: conn.executescript("select 1;"),
+                "with": lambda: conn.__enter__(),
+                "isolation_level": lambda: setattr(conn, "isolation_level", None),
+                "cursor.execute": lambda: cur.execute("select 1 union all select 2"),
+                "cursor.fetchone": lambda: cur.fetchone(),
+                "cursor.iter": lambda: next(iter(cur)),
+                "call": lambda: conn("select 5"),
+            }
+            for name, use in uses.items():
+                try:
+                    use()
+                    results[name] = "allowed"
+                except forksafe.ForkSafetyError as exc:
+                    results[name] = str(exc)
+            own = sqlite3.connect("app.db")
+            own.execute("insert into t values (42)")
+            own.commit()
+            results["own"] = own.execute("select x from t").fetchall()
+            own.close()
+            os.write(w, json.dumps(results).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            child = json.loads(f.read())
+        os.waitpid(pid, 0)
+        conn.execute("insert into t values (7)")
+        conn.commit()
+        emit(child=child, parent_pid=os.getpid(), fetched=cur.fetchall(),
+             rows=conn.execute("select x from t order by x").fetchall(),
+             ok=conn.execute("pragma integrity_check").fetchone()[0])
+    """, tmp_path, timeout=30)
+    expected = CONNECTION_INHERITED.format(pid=s.result["parent_pid"],
+                                           site=f"scenario.py:{s.line_of('OPEN')}")
+    child = s.result["child"]
+    assert child.pop("own") == [[42]]
+    assert child == dict.fromkeys(child, expected)
+    assert len(child) == 11
+    # The parent's own use goes on undisturbed, its cursor included.
+    assert s.result["fetched"] == [[1], [2]]
+    assert s.result["rows"] == [[7], [42]]
+    assert s.result["ok"] == "ok"
+
+
+CLOSE_IN_CHILD = """
+    import gc, os, sys, sqlite3
+    if {protect}:
+        import forksafe
+        forksafe.protect_sqlite()
+    conn = sqlite3.connect("big.db")
+    conn.execute("pragma cache_size=5")  # small cache: the transaction spills into the file
+    conn.execute("create table t(x)")
+    conn.commit()
+    for i in range(2000):
+        conn.execute("insert into t values (?)", ("row %d " % i * 30,))
+    pid = os.fork()
+    if pid == 0:
+        {child}
+        sys.exit(0)  # a normal exit: interpreter shutdown frees what is left
+    os.waitpid(pid, 0)
+    try:
+        conn.commit()
+        committed = True
+    except sqlite3.Error:
+        committed = False
+    check = sqlite3.connect("big.db")
+    try:
+        verdict = check.execute("pragma integrity_check").fetchone()[0]
+        rows = check.execute("select count(*) from t").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        verdict, rows = str(exc), None
+    emit(committed=committed, verdict=verdict, rows=rows)
+"""
+
+
+@pytest.mark.parametrize("child", ["conn.close()", "del conn; gc.collect()", "pass"])
+def test_child_letting_go_mid_transaction_leaves_the_database_intact(
+    tmp_path: pathlib.Path, child: str
+) -> None:
+    """Closing, freeing or just exiting in the child never rolls back the parent's work."""
+    s = run_scenario(CLOSE_IN_CHILD.format(protect=True, child=child), tmp_path, timeout=30)
+    assert s.result == {**s.result, "committed": True, "verdict": "ok", "rows": 2000}
+
+
+def test_without_protection_the_same_child_corrupts_the_database(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The twin: unprotected, the child's close() rolls the parent's journal back."""
+    s = run_scenario(CLOSE_IN_CHILD.format(protect=False, child="conn.close()"), tmp_path,
+                     timeout=30)
+    assert (s.result["committed"], s.result["verdict"]) != (True, "ok")
+
+
+def test_concurrent_parent_and_child_writers_keep_the_database_intact(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Children refused the inherited connection write through their own, alongside the parent."""
+    s = run_scenario("""
+        import os, sqlite3, forksafe
+        forksafe.protect_sqlite()
+        conn = sqlite3.connect("shared.db", timeout=20)
+        conn.execute("create table t(who, n)")
+        conn.commit()
+        conn.execute("insert into t values ('parent', -1)")
+        conn.commit()  # see docs/remedies.md: a child cannot write while this is open
+        children = []
+        for c in range(2):
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    conn.execute("insert into t values ('inherited', 0)")
+                    code = 3
+                except forksafe.ForkSafetyError:
+                    pass
+                conn.close()  # detaches: SQLite's close does not run in the child
+                own = sqlite3.connect("shared.db", timeout=20)
+                for n in range(100):
+                    with own:
+                        own.execute("insert into t values (?, ?)", ("child%d" % c, n))
+                own.close()
+                os._exit(code)
+            children.append(pid)
+        for n in range(100):
+            with conn:
+                conn.execute("insert into t values ('parent', ?)", (n,))
+        codes = [os.waitstatus_to_exitcode(os.waitpid(p, 0)[1])
+                 if hasattr(os, "waitstatus_to_exitcode") else os.waitpid(p, 0)[1] >> 8
+                 for p in children]
+        counts = dict(conn.execute("select who, count(*) from t group by who"))
+        emit(codes=codes, counts=counts,
+             ok=conn.execute("pragma integrity_check").fetchone()[0])
+    """, tmp_path, timeout=60)
+    assert s.result["codes"] == [0, 0]
+    assert s.result["counts"] == {"parent": 101, "child0": 100, "child1": 100}
+    assert s.result["ok"] == "ok"
+
+
+def test_detached_connection_is_not_reported_again_in_the_child(
+    tmp_path: pathlib.Path,
+) -> None:
+    """After close() in the child, check() there no longer sees an open connection."""
+    s = run_scenario("""
+        import os, sqlite3, json, forksafe
+        forksafe.protect_sqlite()
+        conn = sqlite3.connect(":memory:")
+        before = len(forksafe.check().at_least(forksafe.Severity.WARNING))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            conn.close()
+            kinds = [h.kind for h in forksafe.check().hazards]
+            os.write(w, json.dumps(kinds).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            kinds = json.loads(f.read())
+        os.waitpid(pid, 0)
+        emit(before=before, child_kinds=kinds)
+    """, tmp_path, timeout=30)
+    assert s.result["before"] == 1
+    assert "sqlite-connection" not in s.result["child_kinds"]
+
+
+def test_authorizer_refuses_statements_when_no_fork_hook_ran(tmp_path: pathlib.Path) -> None:
+    """A child whose fork ran no Python hooks is still stopped at prepare time by SQLite."""
+    s = run_scenario("""
+        import os, sqlite3, json
+        import forksafe
+        from forksafe._remedies import sqlite as protection
+        forksafe.protect_sqlite()
+        conn = sqlite3.connect("raw.db")
+        seen = []
+        conn.set_authorizer(lambda *a: seen.append(a[0]) or sqlite3.SQLITE_OK)
+        conn.execute("create table t(x)")
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            protection._current[0] = os.getppid()  # as after a C-level fork()
+            try:
+                conn.execute("insert into t values (1)")
+                result = "allowed"
+            except sqlite3.DatabaseError as exc:
+                result = str(exc)
+            os.write(w, result.encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            child = f.read()
+        os.waitpid(pid, 0)
+        conn.execute("insert into t values (2)")
+        emit(child=child, user_authorizer_ran=bool(seen),
+             rows=conn.execute("select x from t").fetchall())
+    """, tmp_path, timeout=30)
+    assert s.result["child"] == "not authorized"
+    assert s.result["user_authorizer_ran"] is True
+    assert s.result["rows"] == [[2]]
+
+
+def test_factories_are_kept_and_protected(tmp_path: pathlib.Path) -> None:
+    """A program's own Connection and Cursor subclasses still come back, protected."""
+    s = run_scenario("""
+        import os, sqlite3, forksafe
+        class MyConnection(sqlite3.Connection):
+            mine = True
+        class MyCursor(sqlite3.Cursor):
+            mine = True
+        forksafe.protect_sqlite()
+        conn = sqlite3.connect(":memory:", factory=MyConnection)
+        positional = sqlite3.connect(":memory:", 5.0, 0, "", True, MyConnection)
+        cur = conn.cursor(factory=MyCursor)
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            for use in (lambda: cur.execute("select 1"), lambda: positional.execute("select 1")):
+                try:
+                    use()
+                    code = 1
+                except forksafe.ForkSafetyError:
+                    pass
+            os._exit(code)
+        status = os.waitpid(pid, 0)[1]
+        emit(conn=isinstance(conn, MyConnection), positional=isinstance(positional, MyConnection),
+             cur=isinstance(cur, MyCursor), status=status,
+             works=cur.execute("select 3").fetchone()[0])
+    """, tmp_path, timeout=30)
+    assert s.result == {**s.result, "conn": True, "positional": True, "cur": True,
+                        "status": 0, "works": 3}
+
+
+def test_protect_and_observe_compose_in_either_order(tmp_path: pathlib.Path) -> None:
+    """Both wrappers stack in any order and unwrap to the original connect by identity."""
+    s = run_scenario("""
+        import sys, forksafe
+        from forksafe import _ledger
+        forksafe.protect_sqlite()
+        imported_early = "sqlite3" in sys.modules
+        import sqlite3
+        original = sqlite3.connect.__wrapped__
+        def state():
+            conn = sqlite3.connect(":memory:")
+            return [hasattr(type(conn), "_forksafe_protected"),
+                    _ledger.connection_origin(conn) is not None]
+        steps = [state()]
+        forksafe.observe();      steps.append(state())
+        forksafe.unprotect_sqlite(); steps.append(state())
+        forksafe.protect_sqlite();   steps.append(state())
+        forksafe.unobserve();    steps.append(state())
+        forksafe.unprotect_sqlite()
+        emit(imported_early=imported_early, steps=steps,
+             restored=sqlite3.connect is original and sqlite3.dbapi2.connect is original)
+    """, tmp_path, timeout=30)
+    assert s.result["imported_early"] is False
+    assert s.result["steps"] == [[True, False], [True, True], [False, True], [True, True],
+                                 [True, False]]
+    assert s.result["restored"] is True
