@@ -27,6 +27,7 @@ import os
 import re
 import signal
 import sys
+import sysconfig
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -54,6 +55,10 @@ HUNG_THEN = "{diagnosis} (then ended by {signal})"
 
 #: The most of a crash file that is read: a traceback of every thread, bounded.
 MAX_CRASH_BYTES = 64 * 1024
+
+_STDLIB = tuple(sorted({os.path.join(p, "") for p in (
+    sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"])}, key=len,
+    reverse=True))
 
 _FILE_LINE = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<function>.*)$')
 
@@ -218,6 +223,9 @@ def short_file(path: str) -> str:
     at = path.rfind(marker)
     if at != -1:
         return path[at + len(marker):]
+    for prefix in _STDLIB:
+        if path.startswith(prefix):
+            return path[len(prefix):]
     from forksafe._frames import short_path
 
     return short_path(path)

@@ -7,11 +7,12 @@ folded together.
 
 from __future__ import annotations
 
+import re
 import textwrap
 from typing import TYPE_CHECKING, Any
 
 from forksafe._frames import short_path
-from forksafe._report import ForkEvent, Hazard, Severity
+from forksafe._report import ForkEvent, Hazard, Outcome, Severity
 
 if TYPE_CHECKING:
     from forksafe._report import Report
@@ -115,26 +116,110 @@ def _group_key(hazard: Hazard) -> tuple[Any, ...]:
 
 
 def render_events(command: object, exit_code: object, events: list[ForkEvent]) -> str:
-    """Text for a run's fork events: identical forks (same site, same hazards) fold into one."""
-    shown = " ".join(command) if isinstance(command, list) else "?"
-    lines = [f"forksafe: {len(events)} fork{'s' if len(events) != 1 else ''} seen in `{shown}`"
-             + (f" (exit code {exit_code})" if isinstance(exit_code, int) else "")]
+    """Text for a run's fork events, grouped so that a pool of 1,000 reads as one finding.
+
+    Forks with the same mechanism, site, action and hazards (numbers such as
+    thread ids aside) fold into one entry with a count; within it, children
+    with the same fate (same status, signal and diagnosis, pids aside) fold
+    too. Clean forks whose children all exited are one line per site.
+    """
+    shown = " ".join(str(c) for c in command) if isinstance(command, list) else "?"
+    crashed = sum(1 for e in events if e.outcome is not None and e.outcome.status == "signaled"
+                  and e.outcome.signal in _CRASH_SIGNALS)
+    hung = sum(1 for e in events if e.outcome is not None and e.outcome.status == "hung")
+    head = f"forksafe: {len(events)} fork{'s' if len(events) != 1 else ''} seen in `{shown}`"
+    if isinstance(exit_code, int):
+        head += f" (exit code {exit_code})"
+    fates = []
+    if crashed:
+        fates.append(f"{crashed} child{'ren' if crashed != 1 else ''} crashed")
+    if hung:
+        fates.append(f"{hung} child{'ren' if hung != 1 else ''} hung")
+    lines = [head + (": " + ", ".join(fates) if fates else "")]
     groups: dict[tuple[Any, ...], list[ForkEvent]] = {}
     for event in events:
         key = (event.mechanism, event.site, event.action,
-               tuple((h.kind, h.severity, h.summary) for h in event.report.sorted_hazards()))
+               tuple((h.kind, h.severity, _digits(h.summary))
+                     for h in event.report.sorted_hazards()))
         groups.setdefault(key, []).append(event)
+    quiet: list[str] = []
     for group in groups.values():
         first = group[0]
-        where = f" at {first.site}" if first.site else ""
+        where = f" at {_site_text(first.site.to_dict())}" if first.site else ""
         count = f" x{len(group)}" if len(group) > 1 else ""
+        troubled = [e for e in group if e.outcome is not None and e.outcome.status != "exited"]
+        if not first.report.hazards and not troubled:
+            quiet.append(f"{first.mechanism}{where}{count}")
+            continue
         lines.append("")
         lines.append(f"fork via {first.mechanism}{where}{count}: {first.action}")
         lines.extend(render_hazards(first.report.sorted_hazards(), indent="  "))
-        for event in group:
-            if event.outcome is not None and event.outcome.status != "exited":
-                lines.append(f"  child {event.child_pid}: {event.outcome.status}"
-                             + (f" by {event.outcome.signal}" if event.outcome.signal else ""))
-                if event.outcome.diagnosis:
-                    lines.extend(_wrap(event.outcome.diagnosis, "    "))
+        if not first.report.hazards:
+            lines.append("  no hazards at fork time")
+        lines.extend(_render_outcomes(group))
+    if quiet:
+        lines.append("")
+        lines.append("clean forks (no hazards; children exited or still running): "
+                     + "; ".join(quiet))
     return "\n".join(lines).rstrip()
+
+
+_CRASH_SIGNALS = frozenset({"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGTRAP",
+                            "SIGSYS"})
+
+#: How many lines of a child's traceback the summary shows (the report has all of it).
+TRACEBACK_LINES = 12
+
+
+def _render_outcomes(group: list[ForkEvent]) -> list[str]:
+    counts: dict[str, int] = {}
+    fates: dict[tuple[Any, ...], list[ForkEvent]] = {}
+    for event in group:
+        outcome = event.outcome
+        if outcome is None:
+            counts["no outcome seen"] = counts.get("no outcome seen", 0) + 1
+            continue
+        label = _fate(outcome)
+        counts[label] = counts.get(label, 0) + 1
+        if outcome.status != "exited" or outcome.diagnosis:
+            key = (outcome.status, outcome.signal, _digits(outcome.diagnosis or ""))
+            fates.setdefault(key, []).append(event)
+    lines = ["  children: " + ", ".join(f"{n} {label}" for label, n in counts.items())]
+    for events in fates.values():
+        first = events[0]
+        assert first.outcome is not None
+        more = f" (and {len(events) - 1} more like it)" if len(events) > 1 else ""
+        lines.append(f"  child {first.child_pid} {_fate(first.outcome)}{more}:")
+        if first.outcome.diagnosis:
+            lines.extend(_wrap(first.outcome.diagnosis, "    "))
+        if first.outcome.traceback:
+            tb = first.outcome.traceback.splitlines()
+            lines.append("    child's stacks:")
+            lines.extend("      " + ln for ln in tb[:TRACEBACK_LINES])
+            if len(tb) > TRACEBACK_LINES:
+                lines.append(f"      ... ({len(tb) - TRACEBACK_LINES} more lines in the report)")
+    return lines
+
+
+def _fate(outcome: Outcome) -> str:
+    if outcome.status == "exited":
+        return f"exited {outcome.exit_code}" if outcome.exit_code is not None else "exited"
+    if outcome.status == "signaled":
+        return f"killed by {outcome.signal or 'a signal'}"
+    return outcome.status
+
+
+def _digits(text: str) -> str:
+    return re.sub(r"\d+", "#", text)
+
+
+def render_run(report: dict[str, Any]) -> str:
+    """Text for a whole ``forksafe run`` report (DESIGN.md §3 JSON)."""
+    forks = report.get("forks", [])
+    events = []
+    for data in forks if isinstance(forks, list) else []:
+        try:
+            events.append(ForkEvent.from_dict(data))
+        except (ValueError, TypeError, KeyError):
+            continue
+    return render_events(report.get("command"), report.get("exit_code"), events)
