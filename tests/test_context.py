@@ -72,7 +72,7 @@ def test_unknown_method_is_one_clear_error(method: object) -> None:
 def test_real_check_chooses_by_live_threads(tmp_path: pathlib.Path) -> None:
     """In a real process: fork while clean, forkserver while a thread is alive."""
     s = run_scenario("""
-        import logging, threading, forksafe
+        import logging, os, threading, time, forksafe
         logging.basicConfig(level=logging.DEBUG, format="%(name)s:%(message)s")
         clean = forksafe.get_context().get_start_method()
         stop = threading.Event()
@@ -80,6 +80,9 @@ def test_real_check_chooses_by_live_threads(tmp_path: pathlib.Path) -> None:
         t.start()
         busy = forksafe.get_context().get_start_method()
         stop.set(); t.join()
+        deadline = time.monotonic() + 5  # the OS thread may outlive join() for a moment
+        while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         again = forksafe.get_context().get_start_method()
         emit(clean=clean, busy=busy, again=again)
     """, tmp_path, timeout=30)
