@@ -101,7 +101,7 @@ def on_reaped(
     outcome = outcome_for(event, status, traceback, hung)
     _set_outcome(pid, outcome)
     if outcome.status == "hung" or outcome.signal in CRASH_SIGNALS:
-        warn(outcome.diagnosis or f"child {pid} {outcome.status}")
+        warn(outcome.diagnosis or f"child {pid} {outcome.status}", event)
 
 
 def outcome_for(event: ForkEvent, status: int, traceback: str | None,
@@ -188,16 +188,16 @@ def hazard_text(hazard: Hazard) -> str:
     details = []
     libraries = ev.get("libraries")
     if isinstance(libraries, list) and libraries:
-        details.append(f"library {libraries[0]}")
+        details.append(f"library {short_file(str(libraries[0]))}")
     owner = ev.get("owner")
     if isinstance(owner, str) and owner:
-        details.append(f"library {owner}")
-    threads = ev.get("threads")
-    if isinstance(threads, list):
-        names = sorted({str(t.get("name")) for t in threads if isinstance(t, dict)
-                        and t.get("named", True)})
-        if names:
-            details.append("threads " + ", ".join(repr(n) for n in names[:6]))
+        details.append(f"library {short_file(owner)}")
+    threads = [t for t in ev.get("threads", ()) if isinstance(t, dict)]
+    if threads:
+        # A thread that never named itself is shown by its tid: still a thread, with an owner.
+        shown = sorted({repr(str(t.get("name"))) if t.get("named", True) else
+                        f"unnamed tid {t.get('tid')}" for t in threads})
+        details.append("its thread" + ("s " if len(shown) > 1 else " ") + ", ".join(shown[:6]))
     if hazard.kind == "native-thread" and isinstance(ev.get("name"), str):
         details.append(f"thread {ev['name']!r}")
     return hazard.summary + (f" ({'; '.join(details)})" if details else "")
@@ -298,9 +298,21 @@ def take_hung_marker(pid: int, *, directory: str | None = None) -> Outcome | Non
     return Outcome.from_dict(data) if isinstance(data, dict) else None
 
 
-def warn(message: str) -> None:
-    """A ForkSafetyWarning attributed to the user's line, not to forksafe or the stdlib."""
-    warnings.warn(ForkSafetyWarning(message), stacklevel=user_stacklevel(sys._getframe(1)) + 1)
+def warn(message: str, event: ForkEvent | None = None) -> None:
+    """A ForkSafetyWarning attributed to the user's line, not to forksafe or the stdlib.
+
+    Children are often reaped on a thread with no user code on its stack at all
+    (``ProcessPoolExecutor``'s manager thread). The warning then points at the
+    line that forked the child - for a pool, the user's ``submit`` or ``map``.
+    """
+    level, found = user_stacklevel(sys._getframe(1))
+    if not found and event is not None and event.site is not None:
+        site = event.site
+        module = os.path.splitext(os.path.basename(site.file))[0] or "forksafe"
+        warnings.warn_explicit(ForkSafetyWarning(message), ForkSafetyWarning, site.file,
+                               site.line, module=module)
+        return
+    warnings.warn(ForkSafetyWarning(message), stacklevel=level + 1)
 
 
 _INTERNAL = (
@@ -309,17 +321,19 @@ _INTERNAL = (
 )
 
 
-def user_stacklevel(frame: Any) -> int:
-    """How many frames above ``frame`` the first one outside forksafe and the stdlib's
-    process machinery is (1 = ``frame`` itself); the outermost frame when all are internal."""
+def user_stacklevel(frame: Any) -> tuple[int, bool]:
+    """How many frames up from ``frame`` (1 = ``frame`` itself) the first one outside
+    forksafe and the stdlib's process machinery is, and whether there is one at all."""
     level = 1
-    while frame is not None and frame.f_back is not None and (
+    while frame is not None and (
         frame.f_code.co_filename.startswith("<frozen") or
         any(part in frame.f_code.co_filename for part in _INTERNAL)
     ):
+        if frame.f_back is None:
+            return level, False
         frame = frame.f_back
         level += 1
-    return level
+    return level, frame is not None
 
 
 def _supervised() -> bool:

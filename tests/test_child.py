@@ -1,0 +1,132 @@
+"""The child side of following a fork: the crash file that survives the child's death.
+
+Each scenario forks a real child in a fresh interpreter, arms it exactly as the
+guard does (``forksafe._child.arm``), kills it with a real signal and reads what
+it left behind.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from conftest import run_scenario
+
+CHILD = """
+import json, os, signal, ctypes, sys
+from forksafe import _child
+os.environ["FORKSAFE_STATE_DIR"] = {state!r}
+
+def fork_and(action, hang_timeout=None):
+    pid = os.fork()
+    if pid == 0:
+        _child.arm(os.getppid(), hang_timeout)
+        action()
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    path = _child.crash_path(pid)
+    text = open(path).read() if os.path.exists(path) else None
+    return {{"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+             "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+             "crash": text, "mode": oct(os.stat(path).st_mode & 0o777) if text is not None else None}}
+"""
+
+
+def scenario(body: str, tmp_path: pathlib.Path, **kwargs: object):  # type: ignore[no-untyped-def]
+    code = CHILD.format(state=str(tmp_path / "state")) + body
+    return run_scenario(code, tmp_path, timeout=60, **kwargs)  # type: ignore[arg-type]
+
+
+def test_segfault_leaves_the_python_traceback_and_the_true_signal(tmp_path: pathlib.Path) -> None:
+    """A child killed by SIGSEGV still dies by SIGSEGV and leaves its Python traceback."""
+    s = scenario("""
+def crash_here():
+    ctypes.string_at(0)  # crash-line
+r = fork_and(crash_here)
+print("FORKSAFE-RESULT:" + json.dumps(r))
+""", tmp_path)
+    assert s.result["signal"] == 11
+    assert "Segmentation fault" in s.result["crash"]
+    assert f'line {s.line_of("crash-line")} in crash_here' in s.result["crash"]
+    assert s.result["mode"] == "0o600", "the crash file is private to the user"
+
+
+def test_sigtrap_is_captured_and_the_child_still_dies_by_it(tmp_path: pathlib.Path) -> None:
+    """SIGTRAP (libdispatch on arm64), which faulthandler.enable skips, is captured; no loop."""
+    s = scenario("""
+def trap_here():
+    os.kill(os.getpid(), signal.SIGTRAP)  # trap-line
+    os._exit(7)  # reached only if the handler returned instead of re-raising
+r = fork_and(trap_here)
+print("FORKSAFE-RESULT:" + json.dumps(r))
+""", tmp_path)
+    assert s.result["signal"] == 5, s.result
+    assert f'line {s.line_of("trap-line")} in trap_here' in s.result["crash"]
+
+
+def test_fake_dispatch_trap_instructions_are_captured(tmp_path: pathlib.Path,
+                                                      native_dir: pathlib.Path) -> None:
+    """The libdispatch imitation's SIGILL (x86-64 trap) and SIGTRAP (arm64 brk) both leave a traceback."""
+    s = scenario(f"""
+import time
+lib = ctypes.CDLL({str(native_dir / "libdispatch.so")!r})
+lib.fake_dispatch_start()
+ill = fork_and(lambda: lib.fake_dispatch_use())
+trap = fork_and(lambda: lib.fake_dispatch_use_trap())
+print("FORKSAFE-RESULT:" + json.dumps({{"ill": ill, "trap": trap}}))
+""", tmp_path)
+    assert s.result["ill"]["signal"] == 4
+    assert "Illegal instruction" in s.result["ill"]["crash"]
+    assert s.result["trap"]["signal"] == 5, "raise(SIGTRAP) kills before the fixture's abort()"
+    assert "<lambda>" in s.result["trap"]["crash"]
+
+
+def test_clean_child_leaves_an_empty_crash_file(tmp_path: pathlib.Path) -> None:
+    """Safe twin: a child that exits normally writes nothing (the parent removes the file)."""
+    s = scenario("""
+r = fork_and(lambda: None)
+print("FORKSAFE-RESULT:" + json.dumps(r))
+""", tmp_path)
+    assert s.result["exit"] == 0
+    assert s.result["crash"] == ""
+
+
+def test_dump_signal_is_caught_only_with_a_hang_timeout(tmp_path: pathlib.Path) -> None:
+    """The hang monitor's dump signal is handled only when hang watching is on."""
+    s = scenario("""
+import time
+from forksafe._platform._procinfo import catches
+def probe(hang):
+    pid = os.fork()
+    if pid == 0:
+        _child.arm(os.getppid(), hang)
+        time.sleep(5)
+        os._exit(0)
+    for _ in range(200):
+        if catches(pid, signal.SIGTRAP):
+            break
+        time.sleep(0.01)
+    caught = catches(pid, _child.DUMP_SIGNAL)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return caught
+print("FORKSAFE-RESULT:" + json.dumps({"with": probe(2.0), "without": probe(None)}))
+""", tmp_path)
+    assert s.result == {"with": True, "without": False}
+
+
+def test_unwritable_state_dir_does_not_harm_the_child(tmp_path: pathlib.Path) -> None:
+    """A child that cannot create its crash file runs on exactly as it would unarmed."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a directory should be")
+    s = run_scenario(f"""
+import json, os
+from forksafe import _child
+os.environ["FORKSAFE_STATE_DIR"] = {str(blocker / "state")!r}
+pid = os.fork()
+if pid == 0:
+    _child.arm(os.getppid(), 1.0)
+    os._exit(3)
+_, status = os.waitpid(pid, 0)
+print("FORKSAFE-RESULT:" + json.dumps({{"exit": os.WEXITSTATUS(status)}}))
+""", tmp_path)
+    assert s.result == {"exit": 3}
