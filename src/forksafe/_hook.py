@@ -53,6 +53,22 @@ ACTIVATION_FAILED = (
 )
 
 
+_ran = False
+
+
+def from_pth() -> None:
+    """The ``.pth`` entry point: ``activate()`` once per process.
+
+    ``site`` may process the same site-packages directory twice (seen on a
+    pyenv-built 3.11 venv: once from ``venv()``, once from ``main()``), which
+    would otherwise print every complaint twice.
+    """
+    global _ran
+    if not _ran:
+        _ran = True
+        activate()
+
+
 def _shown(value: str) -> str:
     """A bad value, shortened: it is echoed to stderr, never into a report."""
     return value if len(value) <= 40 else value[:37] + "..."
