@@ -27,7 +27,8 @@ def fork_and(action, hang_timeout=None):
     text = open(path).read() if os.path.exists(path) else None
     return {{"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
              "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-             "crash": text, "mode": oct(os.stat(path).st_mode & 0o777) if text is not None else None}}
+             "crash": text,
+             "mode": oct(os.stat(path).st_mode & 0o777) if text is not None else None}}
 """
 
 
@@ -65,7 +66,7 @@ print("FORKSAFE-RESULT:" + json.dumps(r))
 
 def test_fake_dispatch_trap_instructions_are_captured(tmp_path: pathlib.Path,
                                                       native_dir: pathlib.Path) -> None:
-    """The libdispatch imitation's SIGILL (x86-64 trap) and SIGTRAP (arm64 brk) both leave a traceback."""
+    """The libdispatch imitation's SIGILL (x86-64) and SIGTRAP (arm64) both leave a traceback."""
     s = scenario(f"""
 import time
 lib = ctypes.CDLL({str(native_dir / "libdispatch.so")!r})

@@ -51,6 +51,10 @@ CLEAN_FORK = (
     "crash is probably not caused by fork; see the child's traceback"
 )
 FIX = "fix: {remedy}"
+NO_TRACEBACK = (
+    " before running any Python code after the fork (no traceback: it probably died inside "
+    "a native library's at-fork handler, during fork itself)"
+)
 HUNG_THEN = "{diagnosis} (then ended by {signal})"
 
 #: The most of a crash file that is read: a traceback of every thread, bounded.
@@ -123,6 +127,8 @@ def diagnose_death(event: ForkEvent, signame: str, traceback: str | None) -> str
     """One paragraph: who died of what, where, and which fork-time hazard explains it."""
     frames = parse_traceback(traceback or "")
     where = f" in {frame_text(frames[0])}" if frames else ""
+    if traceback is None:
+        where = NO_TRACEBACK
     head = KILLED.format(pid=event.child_pid, forked=describe_fork(event), signal=signame,
                          where=where)
     blamed, typical = blame(event.report.hazards, traceback or "")
