@@ -9,15 +9,20 @@ not verified on macOS; docs/macos.md says so.
 from __future__ import annotations
 
 import gc
+import json
+import pathlib
 import sqlite3
 import struct
+import subprocess
 import sys
 import warnings
 from collections import Counter
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
+import _native
+from conftest import run_scenario
 from forksafe import ForkSafetyWarning, _catalog, _check, _ledger
 from forksafe._platform import LoadedLibrary, OSThread
 from forksafe._platform import _darwin as darwin
@@ -561,3 +566,104 @@ def test_owner_claims_a_thread_whatever_its_name() -> None:
     assert native._belongs(thread, _catalog.find("libdispatch"))
     assert not native._belongs(thread, _catalog.find("apple-frameworks"))
     assert LoadedLibrary(DISPATCH).text == ()
+
+
+# -- the ctypes layer, run for real against a stand-in with macOS's signatures ---------------
+
+
+@pytest.fixture(scope="module")
+def fake_libsystem(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """tests/native/fake_libsystem.c built as a 'libdispatch.dylib' that is also libSystem."""
+    if not _native.gcc_available():
+        pytest.skip(_native.SKIP_REASON)
+    target = tmp_path_factory.mktemp("darwin") / "libdispatch.dylib"
+    proc = subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-o", str(target),
+         str(_native.HERE / "fake_libsystem.c")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return target
+
+
+STAND_IN = """
+import ctypes, json
+from forksafe import _check
+from forksafe._platform import _darwin
+from forksafe._probes import native
+path = {path!r}
+lib = ctypes.CDLL(path)  # loaded first, as libSystem always is: _Mach opens it RTLD_NOLOAD
+lib.fake_setup(path.encode())
+mach = _darwin._Mach(path)
+platform = _darwin.DarwinPlatform(api=mach)
+out = {{}}
+"""
+
+
+def stand_in_result(code: str, lib: pathlib.Path, tmp_path: pathlib.Path) -> dict[str, Any]:
+    s = run_scenario(STAND_IN.format(path=str(lib)) + code
+                     + "\nprint('DARWIN:' + json.dumps(out))\n", tmp_path, timeout=60)
+    lines = [ln for ln in s.stdout.splitlines() if ln.startswith("DARWIN:")]
+    assert s.returncode == 0 and lines, s.stderr
+    result: dict[str, Any] = json.loads(lines[-1][len("DARWIN:"):])
+    return result
+
+
+def test_ctypes_layer_runs_against_macos_signatures(
+    fake_libsystem: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """_Mach's real ctypes calls list images and threads, read labels and return every right."""
+    out = stand_in_result("""
+libs = platform.loaded_libraries()
+out["libs"] = [[lib.path, [list(r) for r in lib.text]] for lib in libs]
+out["cached"] = [platform.in_shared_cache(lib.path) for lib in libs]
+out["threads"] = [[t.tid, t.name, t.state, t.owner, t.named]
+                  for t in platform.threads(frozenset(), libs)]
+out["skipped"] = [t.tid for t in platform.threads(frozenset({0x6001}), libs)]
+out["flag_off"] = platform.call_flag(path, "_dispatch_is_multithreaded")
+out["as_int"] = mach.call(path, "_dispatch_is_multithreaded", boolean=False)
+lib.fake_set_multithreaded(1)
+out["flag_on"] = platform.call_flag(path, "_dispatch_is_multithreaded")
+out["absent"] = platform.call_flag("/usr/lib/libnot-loaded.dylib", "_dispatch_is_multithreaded")
+ctypes.c_uint32.in_dll(lib, "mach_task_self_").value = 0x207  # as after a fork
+out["after_fork"] = len(platform.threads(frozenset(), libs))
+out["outstanding"] = lib.fake_outstanding()
+hazards = _check.check(_platform=platform, _probes=[("native", native.probe)]).hazards
+out["hazards"] = [[h.kind, str(h.severity), h.evidence.get("runtime"),
+                   [t["name"] for t in h.evidence.get("threads", [])]] for h in hazards]
+""", fake_libsystem, tmp_path)
+    me = str(fake_libsystem)
+    assert out["libs"] == [
+        ["/fake/bin/python3", [[0x1_8000_1000, 0x1_8000_5000]]],
+        [me, [[0x1_8010_2000, 0x1_8010_6000]]],
+        ["/usr/lib/libsqlite3.dylib", [[0x1_8020_3000, 0x1_8020_7000]]],
+    ]
+    assert out["cached"] == [False, True, True]
+    # Port 0x1003 ended before thread_info: left out. 0x1002 is a GCD worker.
+    assert out["threads"] == [[0x6001, "worker-1", "running", None, True],
+                              [0x6002, "com.apple.root.default-qos", "sleeping", me, True]]
+    assert out["skipped"] == [0x6002]
+    assert (out["flag_off"], out["flag_on"], out["absent"]) == (0, 1, None)
+    assert out["as_int"] == 0x7700  # why the bool flag must not be read as int
+    assert out["after_fork"] == 2
+    assert out["outstanding"] == 0  # every port right and the thread array given back
+    assert sorted(out["hazards"]) == [
+        ["native-runtime", "error", "libdispatch", ["com.apple.root.default-qos"]],
+        ["native-runtime", "warning", "apple-sqlite", []],
+        ["native-thread", "warning", None, []],
+    ]
+
+
+def test_ctypes_layer_reports_a_failed_thread_list(
+    fake_libsystem: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    """task_threads failing raises the one-line THREADS_FAILED error and leaks nothing."""
+    out = stand_in_result("""
+lib.fake_fail_task_threads(1)
+try:
+    platform.threads(frozenset(), [])
+except OSError as exc:
+    out["error"] = str(exc)
+out["outstanding"] = lib.fake_outstanding()
+""", fake_libsystem, tmp_path)
+    assert out == {"error": darwin.THREADS_FAILED.format(code=5), "outstanding": 0}

@@ -369,12 +369,18 @@ _NOLOAD_LOCAL = _NOLOAD | getattr(os, "RTLD_LOCAL", 0x4)
 
 
 class _Mach:
-    """The real calls, through libSystem (always loaded; opened with RTLD_NOLOAD)."""
+    """The real calls, through libSystem (always loaded; opened with RTLD_NOLOAD).
 
-    def __init__(self) -> None:
-        lib = ctypes.CDLL(_LIBSYSTEM, mode=_NOLOAD_LOCAL)
+    ``libsystem`` is a test seam: the tests point it at a gcc-built stand-in
+    with macOS's signatures (tests/native/fake_libsystem.c).
+    """
+
+    def __init__(self, libsystem: str = _LIBSYSTEM) -> None:
+        lib = ctypes.CDLL(libsystem, mode=_NOLOAD_LOCAL)
         u32, vp, u64 = ctypes.c_uint32, ctypes.c_void_p, ctypes.c_uint64
-        self._task = int(ctypes.c_uint32.in_dll(lib, "mach_task_self_").value)
+        # The variable behind mach_task_self(), read on every use: libSystem
+        # renews it in a forked child, so a cached port name would be the parent's.
+        self._task_self = ctypes.c_uint32.in_dll(lib, "mach_task_self_")
         self._count = _function(lib, "_dyld_image_count", u32, [])
         self._name = _function(lib, "_dyld_get_image_name", ctypes.c_char_p, [u32])
         self._header = _function(lib, "_dyld_get_image_header", vp, [u32])
@@ -394,6 +400,10 @@ class _Mach:
         )
         self._libraries: dict[str, ctypes.CDLL | None] = {}
 
+    @property
+    def _task(self) -> int:
+        return int(self._task_self.value)
+
     def image_count(self) -> int:
         return int(self._count())
 
@@ -410,7 +420,8 @@ class _Mach:
             raise OSError(THREADS_FAILED.format(code=code))
         ports = [int(array[i]) for i in range(count.value)]
         address = ctypes.cast(array, ctypes.c_void_p).value or 0
-        self._vm_deallocate(self._task, address, count.value * ctypes.sizeof(ctypes.c_uint32))
+        if address:  # the array was vm_allocate'd into our task for us: give it back
+            self._vm_deallocate(self._task, address, count.value * ctypes.sizeof(ctypes.c_uint32))
         records = []
         try:
             for port in ports:
