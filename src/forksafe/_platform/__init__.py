@@ -42,7 +42,9 @@ class OSThread:
     empty when the stack cannot be seen; ``owner`` is the library whose start
     routine runs the thread (the outermost one that is not libc/pthread
     plumbing), or ``None`` when unknown. ``named`` is false when the thread
-    never set a name of its own and merely carries the process's name.
+    never set a name of its own and merely carries the process's name (Linux)
+    or has none (macOS, where an unnamed GCD worker is named by the label of
+    the dispatch queue it is serving, with libdispatch as its owner).
     """
 
     tid: int
