@@ -30,6 +30,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+import sys
 
 #: The signal the hang monitor sends for a stack dump. A real-time signal, because
 #: applications use SIGUSR1/SIGUSR2 (gunicorn does) and real-time signals are rarely
@@ -79,7 +80,6 @@ def arm(parent_pid: int, hang_timeout: float | None) -> None:
     Called by the guard in the child, after it reset forksafe's own locks. Never
     raises: a child that cannot be armed runs exactly as it would without us.
     """
-    del parent_pid  # the parent knows its children; the file is named by our pid
     try:
         directory = state_dir()
         path = crash_path(os.getpid(), directory=directory)
@@ -95,3 +95,49 @@ def arm(parent_pid: int, hang_timeout: float | None) -> None:
             faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True, chain=False)
     except (OSError, ValueError, RuntimeError):
         pass
+    if hang_timeout is not None:
+        _announce_from_preexec(parent_pid)
+
+
+def _announce_from_preexec(parent_pid: int) -> None:
+    """Make a ``subprocess`` ``preexec_fn`` child known to the hang monitor from inside it.
+
+    ``subprocess`` returns the child's pid to its parent only once the child
+    has called ``exec`` (the parent blocks reading the error pipe until then),
+    so a child that hangs in its ``preexec_fn`` is never announced by the
+    parent, which hangs with it. The guard's decision for that fork is still on
+    this (copied) stack, in the frame of its ``_execute_child`` wrapper; from it
+    the child writes its own fork record (``"type": "fork-pending"``) to the
+    inherited report file, one ``O_APPEND`` write, and to the parent's hang
+    helper if one runs. Only frames are read; nothing here takes a lock.
+    """
+    try:
+        frame = sys._getframe(2)
+        for _ in range(40):
+            if frame is None:
+                return
+            if frame.f_code.co_name == "_execute_child" and \
+                    frame.f_globals.get("__name__") == "forksafe._guard" and \
+                    "decision" in frame.f_locals:
+                break
+            frame = frame.f_back
+        else:
+            return
+        decision = frame.f_locals["decision"]
+        from forksafe._report import ForkEvent
+
+        event = ForkEvent(parent_pid, os.getpid(), decision.time, decision.mechanism,
+                          decision.site, decision.action, decision.report)
+        record = {"type": "fork-pending", **event.to_dict(), "command": list(sys.argv)}
+        guard = sys.modules.get("forksafe._guard")
+        if guard is not None:
+            guard.emit(record)
+        hang = sys.modules.get("forksafe._hang")
+        client = getattr(hang, "_client", None)
+        stdin = getattr(client, "_stdin", None)
+        if stdin is not None and getattr(client, "owner", None) == parent_pid:
+            import json
+
+            os.write(stdin.fileno(), (json.dumps(record, default=str) + "\n").encode())
+    except Exception:  # never harm the child
+        return

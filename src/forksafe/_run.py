@@ -179,7 +179,7 @@ def _supervise(proc: subprocess.Popen[bytes], tail: EventTail, monitor: Any) -> 
             if status is not None:
                 return status
             for record in tail.read():
-                if monitor is not None and record.get("type") == "fork":
+                if monitor is not None and record.get("type") in ("fork", "fork-pending"):
                     with contextlib.suppress(ValueError, TypeError):
                         monitor.add(ForkEvent.from_dict(record))
             if monitor is not None:
@@ -326,15 +326,23 @@ def merge(command: list[str], code: int, records: list[dict[str, Any]],
     """
     forks: list[dict[str, Any]] = []
     by_child: dict[tuple[Any, Any], dict[str, Any]] = {}
+    announced = {(r.get("parent_pid"), r.get("child_pid")) for r in records
+                 if r.get("type", "fork") == "fork"}
     for record in records:
-        if record.get("type", "fork") != "fork":
+        kind = record.get("type", "fork")
+        key = (record.get("parent_pid"), record.get("child_pid"))
+        # A child's own record (see _child._announce_from_preexec) stands in only for
+        # a fork whose parent never wrote one: it hung with the child.
+        if kind != "fork" and not (kind == "fork-pending" and key not in announced):
             continue
         entry = {k: v for k, v in record.items() if k != "type"}
         if "command" in entry:
             entry["process_command"] = entry.pop("command")
+        if kind == "fork-pending":
+            announced.add(key)
         forks.append(entry)
         if entry.get("child_pid") is not None:
-            by_child[(entry.get("parent_pid"), entry.get("child_pid"))] = entry
+            by_child[key] = entry
     for record in records:
         if record.get("type") != "outcome" or not isinstance(record.get("outcome"), dict):
             continue
