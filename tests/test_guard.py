@@ -12,8 +12,8 @@ import sys
 from typing import Any
 
 import pytest
-from conftest import MARK, run_scenario
 
+from conftest import MARK, run_scenario
 from forksafe import _guard, _hook
 
 # Shared by every scenario: record warnings, and print the guard's view as JSON.

@@ -14,7 +14,6 @@ import site
 import sys
 
 from conftest import MARK, ROOT, run_scenario
-
 from forksafe import _hook
 
 UNSET = {"FORKSAFE_POLICY": "", "FORKSAFE_REPORT": "", "FORKSAFE_HANG_TIMEOUT": ""}

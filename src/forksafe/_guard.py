@@ -158,6 +158,7 @@ _failures: set[str] = set()
 _lock = threading.RLock()
 _history: collections.deque[ForkEvent] = collections.deque(maxlen=HISTORY_SIZE)
 _children: dict[int, ForkEvent] = {}
+_inherited: Any = None  # in a child: the parent's history, kept unfreed (see below)
 _local = threading.local()  # .busy: inside a wrapper's real fork; .pending: hook state
 
 _child_module: types.ModuleType | None = None
@@ -680,13 +681,17 @@ def _after_fork_parent() -> None:
 
 def _after_fork_child() -> None:
     """In every child of a guarded fork: reset our state, then arm the child once."""
-    global _lock
+    global _lock, _history, _children, _inherited
     config = _config
     if config is None:
         return
     _lock = threading.RLock()
-    _history.clear()
-    _children.clear()
+    # The parent's events are not this process's. They are set aside, not freed:
+    # freeing a thousand events would write to every page they live on, and each
+    # such write copies a page (copy-on-write) — milliseconds in every child.
+    _inherited = (_history, _children)
+    _history = collections.deque(maxlen=HISTORY_SIZE)
+    _children = {}
     _local.pending = None
     child = _child_module
     if child is not None:
