@@ -1,0 +1,202 @@
+"""Hang diagnosis: a child stuck in a wait its fork explains is reported; a busy one is not.
+
+Real hangs, each in a child interpreter with a hard timeout: a Python lock held by
+another thread at fork time, a GNU OpenMP pool, a C mutex taken while holding the
+GIL, a subprocess preexec_fn. Each has a safe twin: the same program where the
+child computes, waits on something unrelated, or finds the lock free.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+from conftest import run_scenario
+from forksafe._hang import LOCK_LINK, HangMonitor, sample
+from forksafe._report import ForkEvent, Report
+
+LOCKED = """
+import json, os, threading, time
+import forksafe
+from forksafe._guard import event_for_child
+forksafe.install("log", hang_timeout=0.5)
+cache_lock = threading.Lock()
+def refresh():
+    while True:
+        with cache_lock:  # taken-line
+            time.sleep(30)
+threading.Thread(target=refresh, name="cache-refresher", daemon=True).start()  # start-line
+time.sleep(0.1)
+pid = os.fork()
+if pid == 0:
+    {child}
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+e = event_for_child(pid)
+print("FORKSAFE-RESULT:" + json.dumps({{"outcome": e.outcome.to_dict(), "status": status}}))
+"""
+
+
+def test_child_blocked_on_a_lock_held_at_fork_is_reported(tmp_path: pathlib.Path) -> None:
+    """The diagnosis names the thread that held the lock, where it took it, and the child's line."""
+    s = run_scenario(LOCKED.format(child="with cache_lock:  # child-line\n        pass"),
+                     tmp_path, timeout=30)
+    o = s.result["outcome"]
+    assert o["status"] == "hung" and o["signal"] == "SIGKILL", o
+    assert LOCK_LINK.format(
+        lock="cache_lock", where=f"scenario.py:{s.line_of('child-line')} (<module>)",
+        holder="cache-refresher", started=f" (started at scenario.py:{s.line_of('start-line')})",
+        taken=f"scenario.py:{s.line_of('taken-line')}") in o["diagnosis"]
+    assert f'line {s.line_of("child-line")} in <module>' in o["traceback"]
+    assert "futex" in o["traceback"], "the native state of the stuck thread is shown"
+    assert "ForkSafetyWarning: child" in s.stderr
+
+
+def test_busy_child_is_not_reported(tmp_path: pathlib.Path) -> None:
+    """Safe twin: a child that computes for 4 hang timeouts is left alone and exits 0."""
+    s = run_scenario(LOCKED.format(
+        child="end = time.monotonic() + 2.0\n    while time.monotonic() < end:\n"
+              "        sum(range(1000))"), tmp_path, timeout=30)
+    assert s.result["outcome"]["status"] == "exited", s.result
+    assert s.result["status"] == 0
+
+
+def test_child_idle_in_an_unrelated_wait_is_not_reported(tmp_path: pathlib.Path) -> None:
+    """Safe twin: a child parked in one sleep (no progress at all) that fork does not explain."""
+    s = run_scenario(LOCKED.format(child="time.sleep(2.0)"), tmp_path, timeout=30)
+    assert s.result["outcome"]["status"] == "exited", s.result
+    assert "ForkSafetyWarning: child" not in s.stderr
+
+
+GIL_MUTEX = """
+import ctypes, json, os, time
+import forksafe
+from forksafe._guard import event_for_child
+forksafe.install("log", hang_timeout=0.5)
+lib = ctypes.PyDLL({path!r})  # PyDLL: calls keep holding the GIL
+lib.native_mutex_hold.argtypes = [ctypes.c_double]
+lib.native_mutex_wait_held.argtypes = [ctypes.c_double]
+lib.native_mutex_hold({hold})
+lib.native_mutex_wait_held(5.0)
+time.sleep({settle})
+pid = os.fork()
+if pid == 0:
+    lib.native_mutex_take()  # take-line
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+e = event_for_child(pid)
+print("FORKSAFE-RESULT:" + json.dumps({{"outcome": e.outcome.to_dict()}}))
+"""
+
+
+def test_child_stuck_in_c_holding_the_gil_is_reported(tmp_path: pathlib.Path,
+                                                      native_dir: pathlib.Path) -> None:
+    """Blocked in a C mutex with the GIL held: stacks read from outside name the library."""
+    s = run_scenario(GIL_MUTEX.format(path=str(native_dir / "libnative_mutex.so"), hold=30.0,
+                                      settle=0.0), tmp_path, timeout=30)
+    o = s.result["outcome"]
+    assert o["status"] == "hung", o
+    assert "inside libnative_mutex.so" in o["diagnosis"]
+    assert "'mutex-holder'" in o["diagnosis"]
+    assert f'line {s.line_of("take-line")} in <module>' in o["traceback"], \
+        "faulthandler's C handler dumps the Python stack although the GIL is held"
+
+
+def test_mutex_released_before_fork_is_not_a_hang(tmp_path: pathlib.Path,
+                                                  native_dir: pathlib.Path) -> None:
+    """Safe twin: the holder let go before the fork; the child takes the mutex and exits."""
+    s = run_scenario(GIL_MUTEX.format(path=str(native_dir / "libnative_mutex.so"), hold=0.05,
+                                      settle=0.3), tmp_path, timeout=30)
+    assert s.result["outcome"]["status"] == "exited", s.result
+
+
+def forksafe_run(tmp_path: pathlib.Path, script: str, *args: str, timeout: float = 60,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "app.py").write_text(script)
+    full = dict(os.environ, OMP_NUM_THREADS="2", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "forksafe", "run", *args, "--",
+                           sys.executable, "app.py"], cwd=tmp_path, env=full,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+OMP = """
+import ctypes, os
+lib = ctypes.CDLL({path!r})
+{before}
+pid = os.fork()
+if pid == 0:
+    lib.omp_pool_run(100000)
+    os._exit(0)
+os.waitpid(pid, 0)
+"""
+
+
+def test_openmp_hang_is_reported_by_forksafe_run(tmp_path: pathlib.Path,
+                                                 native_dir: pathlib.Path) -> None:
+    """An active GNU OpenMP pool, fork, a parallel region in the child: hang naming OpenMP."""
+    proc = forksafe_run(tmp_path, OMP.format(path=str(native_dir / "libomp_pool.so"),
+                                             before="lib.omp_pool_run(100000)"),
+                        "--policy", "log", "--hang-timeout", "0.5",
+                        "--report", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    [fork] = json.loads((tmp_path / "r.json").read_text())["forks"]
+    assert fork["outcome"]["status"] == "hung"
+    assert "GNU OpenMP (libgomp)" in fork["outcome"]["diagnosis"]
+    assert "inside libgomp" in fork["outcome"]["diagnosis"]
+    assert "1 child hung" in proc.stderr
+
+
+def test_openmp_before_the_pool_starts_is_fine(tmp_path: pathlib.Path,
+                                               native_dir: pathlib.Path) -> None:
+    """Safe twin: forked before the first parallel region, the child's region completes."""
+    proc = forksafe_run(tmp_path, OMP.format(path=str(native_dir / "libomp_pool.so"),
+                                             before=""),
+                        "--policy", "log", "--hang-timeout", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    assert "hung" not in proc.stderr
+
+
+PREEXEC = """
+import os, subprocess, threading, time
+env_lock = threading.Lock()
+def hold():
+    with env_lock:
+        time.sleep({hold})
+threading.Thread(target=hold, name="env-writer", daemon=True).start()
+time.sleep(0.2)
+def prepare():
+    with env_lock:  # preexec-line
+        pass
+subprocess.run(["true"], preexec_fn=prepare)
+"""
+
+
+def test_preexec_fn_blocked_on_a_lock_is_reported(tmp_path: pathlib.Path) -> None:
+    """subprocess's preexec_fn waits for a lock another thread holds: reported as a hang."""
+    forksafe_run(tmp_path, PREEXEC.format(hold=30), "--policy", "log",
+                        "--hang-timeout", "0.5", "--report", str(tmp_path / "r.json"))
+    [fork] = json.loads((tmp_path / "r.json").read_text())["forks"]
+    assert fork["mechanism"] == "subprocess-preexec_fn"
+    assert fork["outcome"]["status"] == "hung", fork
+    assert "blocked taking `env_lock` at app.py:10 (prepare)" in fork["outcome"]["diagnosis"]
+    assert "'env-writer'" in fork["outcome"]["diagnosis"]
+
+
+def test_preexec_fn_with_a_free_lock_is_fine(tmp_path: pathlib.Path) -> None:
+    """Safe twin: the lock is free by the time of the fork; no hang, exit 0."""
+    proc = forksafe_run(tmp_path, PREEXEC.format(hold=0.01), "--policy", "log",
+                        "--hang-timeout", "0.5")
+    assert proc.returncode == 0
+    assert "hung" not in proc.stderr
+
+
+def test_monitor_drops_children_that_are_gone() -> None:
+    """A pid that does not exist is never watched, and sampling it says so."""
+    monitor = HangMonitor(1.0, on_hung=lambda e, o: None, directory="/nonexistent")
+    gone = ForkEvent(1, 2**22 + 12345, 0.0, "os.fork", None, "logged", Report())
+    monitor.add(gone)
+    assert len(monitor) == 0
+    assert sample(2**22 + 12345, None) is None
