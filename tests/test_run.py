@@ -1,0 +1,233 @@
+"""`forksafe run`: the whole tree guarded, one report, COMMAND's exit code, nothing left behind.
+
+Every test runs the real command line in a child process with a hard timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from forksafe._run import (
+    CANNOT_RUN,
+    NO_COMMAND,
+    REPORT_UNWRITABLE,
+    EventTail,
+    exit_code,
+    merge,
+)
+
+
+def run(tmp_path: pathlib.Path, script: str, *options: str, timeout: float = 60,
+        command: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "app.py").write_text(script)
+    argv = command or [sys.executable, "app.py"]
+    return subprocess.run([sys.executable, "-m", "forksafe", "run", *options, "--", *argv],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+# -- exit codes and signals ---------------------------------------------------------------
+
+
+def test_exit_code_is_the_commands_own(tmp_path: pathlib.Path) -> None:
+    """COMMAND's exit status comes back unchanged, and its stdout is untouched."""
+    proc = run(tmp_path, "print('hello from app'); raise SystemExit(3)\n")
+    assert proc.returncode == 3
+    assert proc.stdout == "hello from app\n", "the summary goes to stderr, not stdout"
+    assert "0 forks seen" in proc.stderr
+
+
+def test_death_by_signal_follows_the_shell_convention(tmp_path: pathlib.Path) -> None:
+    """A COMMAND killed by signal N makes forksafe run exit 128+N."""
+    proc = run(tmp_path, "import os, signal\nos.kill(os.getpid(), signal.SIGUSR1)\n")
+    assert proc.returncode == 128 + signal.SIGUSR1
+    assert exit_code(signal.SIGKILL) == 137 and exit_code(5 << 8) == 5
+
+
+@pytest.mark.parametrize(("sig", "expected"), [(signal.SIGTERM, 7), (signal.SIGINT, 130)])
+def test_signals_are_passed_to_the_command(tmp_path: pathlib.Path, sig: int,
+                                           expected: int) -> None:
+    """SIGTERM and Ctrl-C sent to forksafe run reach COMMAND, whose own exit code results."""
+    (tmp_path / "app.py").write_text(
+        "import signal, sys, time, pathlib\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+        "pathlib.Path('ready').write_text('1')\n"
+        "time.sleep(30)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "forksafe", "run", "--", sys.executable,
+                             "app.py"], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == expected, err
+
+
+def test_no_process_is_left_behind(tmp_path: pathlib.Path) -> None:
+    """A forked child and a daemon in its own session are both gone when run returns."""
+    proc = run(tmp_path, """
+import os, subprocess, time
+daemon = subprocess.Popen(["sleep", "60"], start_new_session=True)
+pid = os.fork()
+if pid == 0:
+    time.sleep(60)
+    os._exit(0)
+print(daemon.pid, pid)
+""")
+    assert proc.returncode == 0, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    time.sleep(0.1)
+    assert not any(alive(p) for p in pids), "forksafe run ended what COMMAND left running"
+
+
+# -- the report --------------------------------------------------------------------------
+
+
+CRASH = """
+import ctypes, os, threading, time
+lock = threading.Lock()
+def hold():
+    with lock:
+        time.sleep(30)
+threading.Thread(target=hold, name="holder", daemon=True).start()
+time.sleep(0.1)
+for i in range(3):
+    pid = os.fork()  # fork-line
+    if pid == 0:
+        if i == 1:
+            ctypes.string_at(0)
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+
+def test_report_merges_outcomes_into_forks(tmp_path: pathlib.Path) -> None:
+    """The JSON report has the §3 keys, one fork per child, and each child's outcome merged in."""
+    proc = run(tmp_path, CRASH, "--policy", "log", "--report", "r.json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["schema"] == "forksafe-report/1"
+    assert report["command"] == [sys.executable, "app.py"]
+    assert report["exit_code"] == 0
+    forks = report["forks"]
+    assert len(forks) == 3
+    for fork in forks:
+        assert {"parent_pid", "child_pid", "time", "mechanism", "site", "action", "hazards",
+                "outcome"} <= set(fork)
+        assert fork["site"]["file"].endswith("app.py") and fork["site"]["line"] == 10
+    statuses = sorted((f["outcome"]["status"], f["outcome"]["signal"]) for f in forks)
+    assert statuses == [("exited", None), ("exited", None), ("signaled", "SIGSEGV")]
+    assert "forksafe: report written to r.json" in proc.stderr
+
+
+def test_summary_groups_identical_forks_and_fates(tmp_path: pathlib.Path) -> None:
+    """Three identical forks are one finding x3; the crashed child is shown with its diagnosis."""
+    proc = run(tmp_path, CRASH, "--policy", "log")
+    err = proc.stderr
+    assert "forksafe: 3 forks seen in" in err and "1 child crashed" in err
+    assert err.count("fork via os.fork at app.py:10 in <module> x3: logged") == 1
+    assert "children: 2 exited 0, 1 killed by SIGSEGV" in err
+    assert "killed by SIGSEGV in" in err and "'holder'" in err
+
+
+POOL = """
+import os, subprocess, sys, threading, time
+if len(sys.argv) == 1:
+    procs = [subprocess.Popen([sys.executable, __file__, "worker"]) for _ in range(4)]
+    sys.exit(max(p.wait() for p in procs))
+stop = threading.Event()
+threading.Thread(target=stop.wait, name="idler", daemon=True).start()
+children = []
+for _ in range(250):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+"""
+
+
+def test_many_concurrent_writers_lose_nothing(tmp_path: pathlib.Path) -> None:
+    """Four processes forking 250 children each: 1,000 intact forks, outcomes, one finding."""
+    proc = run(tmp_path, POOL, "--policy", "log", "--report", "r.json", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    forks = json.loads((tmp_path / "r.json").read_text())["forks"]
+    assert len(forks) == 1000
+    assert len({(f["parent_pid"], f["child_pid"]) for f in forks}) == 1000
+    assert len({f["parent_pid"] for f in forks}) == 4, "grandchildren are guarded too"
+    assert all(f["outcome"]["status"] == "exited" for f in forks)
+    assert "x1000: logged" in proc.stderr, proc.stderr[-2000:]
+    assert "children: 1000 exited 0" in proc.stderr
+
+
+def test_event_tail_skips_a_torn_last_line_and_garbage(tmp_path: pathlib.Path) -> None:
+    """A writer that died mid-line loses only that line; a foreign line is skipped too."""
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"type": "fork", "child_pid": 1}\nnot json\n{"type": "fork", "chi')
+    tail = EventTail(str(path))
+    assert [r["child_pid"] for r in tail.read()] == [1]
+    with open(path, "a") as f:
+        f.write('ld_pid": 2}\n{"type": "fork", "child_pid": 3')  # completes; a new one tears
+    records = tail.read(final=True)
+    assert [r["child_pid"] for r in records] == [1, 2]
+    assert tail.skipped == 2
+
+
+def test_merge_prefers_hung_and_uses_a_childs_own_record_only_as_a_fallback() -> None:
+    """'hung' is not overwritten by the SIGKILL that ended it; fork-pending fills gaps only."""
+    fork = {"type": "fork", "parent_pid": 1, "child_pid": 2, "mechanism": "os.fork"}
+    pending = {"type": "fork-pending", "parent_pid": 1, "child_pid": 2, "mechanism": "x"}
+    lone = {"type": "fork-pending", "parent_pid": 1, "child_pid": 3, "mechanism": "preexec"}
+    hung = {"type": "outcome", "parent_pid": 1, "child_pid": 2, "outcome": {"status": "hung"}}
+    killed = {"type": "outcome", "parent_pid": 1, "child_pid": 2,
+              "outcome": {"status": "signaled", "signal": "SIGKILL"}}
+    report = merge(["x"], 0, [pending, fork, lone, hung, killed])
+    assert [(f["child_pid"], f["mechanism"]) for f in report["forks"]] == [(2, "os.fork"),
+                                                                          (3, "preexec")]
+    assert report["forks"][0]["outcome"]["status"] == "hung"
+
+
+# -- usage errors -------------------------------------------------------------------------
+
+
+def test_usage_errors_are_one_line_exit_2(tmp_path: pathlib.Path) -> None:
+    """No command, a missing program, an unwritable report: one line each, exit 2."""
+    def forksafe(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "forksafe", "run", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    none = forksafe("--")
+    assert (none.returncode, none.stderr.strip()) == (2, NO_COMMAND)
+    missing = forksafe("--", "no-such-program-forksafe")
+    assert missing.returncode == 2
+    assert missing.stderr.strip().startswith(
+        CANNOT_RUN.format(command="no-such-program-forksafe", error="").rstrip(": "))
+    assert len(missing.stderr.strip().splitlines()) == 1
+    bad = forksafe("--report", str(tmp_path / "nope" / "r.json"), "--", "touch", "ran")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith(REPORT_UNWRITABLE.split("{")[0])
+    assert not (tmp_path / "ran").exists(), "the command does not run when its report cannot"
