@@ -200,3 +200,26 @@ def test_monitor_drops_children_that_are_gone() -> None:
     monitor.add(gone)
     assert len(monitor) == 0
     assert sample(2**22 + 12345, None) is None
+
+
+def test_hang_helper_is_not_a_child_of_the_program(tmp_path: pathlib.Path) -> None:
+    """A program reaping all its children with os.wait() finds only its own, then stops."""
+    s = run_scenario("""
+import json, os, threading, time, forksafe
+forksafe.install("log", hang_timeout=0.5)
+lock = threading.Lock()
+threading.Thread(target=lambda: lock.acquire() or time.sleep(30), daemon=True).start()
+time.sleep(0.1)
+pid = os.fork()
+if pid == 0:
+    time.sleep(0.2)
+    os._exit(0)
+reaped = []
+while True:
+    try:
+        reaped.append(os.wait()[0])
+    except ChildProcessError:
+        break
+print("FORKSAFE-RESULT:" + json.dumps({"ok": reaped == [pid]}))
+""", tmp_path, timeout=30)
+    assert s.result == {"ok": True}

@@ -31,6 +31,7 @@ import faulthandler
 import os
 import signal
 import sys
+import types
 
 #: The signal the hang monitor sends for a stack dump. A real-time signal, because
 #: applications use SIGUSR1/SIGUSR2 (gunicorn does) and real-time signals are rarely
@@ -112,7 +113,7 @@ def _announce_from_preexec(parent_pid: int) -> None:
     helper if one runs. Only frames are read; nothing here takes a lock.
     """
     try:
-        frame = sys._getframe(2)
+        frame: types.FrameType | None = sys._getframe(2)
         for _ in range(40):
             if frame is None:
                 return
@@ -122,6 +123,8 @@ def _announce_from_preexec(parent_pid: int) -> None:
                 break
             frame = frame.f_back
         else:
+            return
+        if frame is None:
             return
         decision = frame.f_locals["decision"]
         from forksafe._report import ForkEvent

@@ -345,7 +345,6 @@ class Client:
         self.report = report
         self._lock = threading.Lock()  # only ever used in the process that made it
         self._stdin: IO[bytes] | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
         self.broken = False
 
     def watch(self, event: ForkEvent) -> None:
@@ -371,9 +370,15 @@ class Client:
                 "--dir", state_dir(), "--parent", str(os.getpid())]
         if self.report:
             argv += ["--report", self.report]
-        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                      env=env, close_fds=True)
-        self._stdin = self._proc.stdin
+        env["FORKSAFE_HELPER_DETACH"] = "1"
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                env=env, close_fds=True)
+        # The helper forks once and its first process exits at once: reaped here, so
+        # the program never finds a child it did not start (a loop of os.wait()
+        # until ChildProcessError would otherwise wait for our helper forever).
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        self._stdin = proc.stdin
 
 
 _client: Client | None = None
@@ -403,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--report")
     args = parser.parse_args(argv)
+    if os.environ.pop("FORKSAFE_HELPER_DETACH", None) and os.fork() > 0:
+        os._exit(0)  # see Client._start: the watcher is not a child of the program
     sink = None
     if args.report:
         from forksafe._sink import Sink

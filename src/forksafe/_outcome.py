@@ -75,11 +75,46 @@ def on_forked(event: ForkEvent, hang_timeout: float | None) -> None:
     use (a process, not a thread, so that forksafe adds no thread - itself a
     fork hazard - to the program it watches).
     """
+    global _forks
+    _forks += 1
+    if _forks % SWEEP_EVERY == 0:
+        sweep()
     if hang_timeout is None or event.child_pid is None or _supervised():
         return
     from forksafe import _hang
 
     _hang.client(hang_timeout).watch(event)
+
+
+#: Every this many forks, crash files of children that are gone and left nothing are removed.
+SWEEP_EVERY = 256
+_forks = 0
+
+
+def sweep(directory: str | None = None) -> int:
+    """Remove empty crash files of processes that no longer exist; how many were removed.
+
+    A child reaped through the guard's wait wrappers has its file removed at
+    once; this catches the others (children that exec'd, or that were reaped by
+    code the guard does not wrap). Files with a traceback are kept: they are
+    evidence, and ``forksafe run`` reports them.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(directory or state_dir()))
+    except OSError:
+        return 0
+    for entry in entries:
+        name, _, ext = entry.name.partition(".")
+        if ext != "crash" or not name.isdigit() or os.path.exists(f"/proc/{name}"):
+            continue
+        try:
+            if entry.stat().st_size == 0:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def on_reaped(

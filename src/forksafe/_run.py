@@ -177,6 +177,7 @@ def _supervise(proc: subprocess.Popen[bytes], tail: EventTail, monitor: Any) -> 
         while True:
             status = _reap(proc.pid)
             if status is not None:
+                proc.returncode = exit_code(status)  # reaped here, not by Popen
                 return status
             for record in tail.read():
                 if monitor is not None and record.get("type") in ("fork", "fork-pending"):
