@@ -180,6 +180,11 @@ for attempt in range(12):
 result(outcome=seen[-1], seen=[o["signal"] for o in seen])
 """, tmp_path, timeout=120, env={"GRPC_ENABLE_FORK_SUPPORT": ""})
     o = s.result["outcome"]
+    if o["status"] == "exited" and not any(s.result["seen"]):
+        import grpc
+
+        pytest.skip(f"grpcio {grpc.__version__} let 12 forked children survive their RPC "
+                    "(the crash reproduces with grpcio 1.85 on this machine)")
     assert (o["status"], o["signal"]) == ("signaled", "SIGSEGV"), (s.result, s.stderr[-2000:])
     assert "gRPC" in o["diagnosis"] and "fork support is off" in o["diagnosis"]
     assert f"forked at scenario.py:{s.line_of('fork-line')}" in o["diagnosis"]
