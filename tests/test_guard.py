@@ -717,3 +717,35 @@ def test_env_messages_name_the_variable() -> None:
 
 def _lines(path: pathlib.Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_modules_imported_after_install_are_still_guarded(tmp_path: pathlib.Path) -> None:
+    """threading and subprocess imported after install(): origins known, preexec_fn refused."""
+    code = f"""
+import json, os, sys
+import forksafe
+from forksafe import _guard
+forksafe.install("warn")
+early = sorted(m for m in ("threading", "subprocess") if m in sys.modules)
+forksafe.install("raise", fail_on="warning")
+import threading
+stop = threading.Event()
+worker = threading.Thread(target=stop.wait, name="late-thread")
+worker.start()  # STARTED
+import subprocess
+try:
+    subprocess.run(["true"], preexec_fn=os.getpid)  # FORK
+    refused = None
+except forksafe.ForkSafetyError as exc:
+    refused = [h.to_dict() for h in exc.report.hazards]
+stop.set()
+worker.join()
+print({MARK!r} + json.dumps({{"early": early, "refused": refused,
+      "events": [e.mechanism for e in _guard.history()]}}))
+"""
+    s = run_scenario(code, tmp_path)
+    assert s.result["early"] == []
+    assert s.result["events"] == ["subprocess-preexec_fn"]
+    thread = [h for h in s.result["refused"] if h["kind"] == "thread"]
+    assert f"started at scenario.py:{s.line_of('STARTED')}" in thread[0]["summary"]
+    assert any(h["kind"] == "preexec-fn" for h in s.result["refused"])

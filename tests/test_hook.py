@@ -152,3 +152,15 @@ def test_activate_names_a_bad_policy_in_one_line() -> None:
         name="FORKSAFE_POLICY", value="sometimes") + "\n"
     assert "forksafe._guard" not in sys.modules or \
         sys.modules["forksafe._guard"].installed() is None  # type: ignore[attr-defined]
+
+
+def test_the_hook_imports_nothing_the_program_did_not(tmp_path: pathlib.Path) -> None:
+    """A guarded interpreter starts without threading, subprocess, warnings or typing."""
+    code = f"""
+import sys
+heavy = [m for m in ("threading", "subprocess", "warnings", "typing") if m in sys.modules]
+guard = sys.modules["forksafe._guard"]
+print({MARK!r} + '{{"heavy": %s, "policy": "%s"}}' % (heavy, guard.installed().policy))
+"""
+    s = run_scenario(code, tmp_path, env={**UNSET, "FORKSAFE_POLICY": "warn"})
+    assert s.result == {"heavy": [], "policy": "warn"}

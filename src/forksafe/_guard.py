@@ -34,21 +34,31 @@ configured, appended as one JSON line (``_sink``).
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import dataclasses
 import os
 import sys
-import threading
-import time
-import types
-import warnings
-from typing import Any, Callable, Iterator, Tuple
+from _thread import RLock, get_native_id
+from _thread import _local as thread_local
 
-from forksafe import _frames, _quiet
+from forksafe import _quiet
 from forksafe._errors import ForkSafetyError, ForkSafetyWarning
-from forksafe._report import ForkEvent, Hazard, Outcome, Report, Severity, Site
-from forksafe._sink import SINK_UNWRITABLE, Sink
+
+# Nothing else is imported at module level: the environment hook imports this
+# module at the start of every Python process of a `forksafe run` tree, so its
+# imports are paid by every one of them and show in their `sys.modules`
+# (CPython's own tests check that `threading` is not imported behind their back).
+# The check, the report model and the follower are imported at the first fork.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import types
+    from collections import deque
+    from typing import Any, Callable, Tuple
+
+    from forksafe._report import ForkEvent, Hazard, Outcome, Report, Site
+    from forksafe._sink import Sink
+
+    WaitResult = Tuple[Any, ...]
+else:
+    from _collections import deque  # the C deque, without importing `collections`
 
 POLICIES = ("log", "warn", "raise")
 FAIL_ON = ("warning", "error")
@@ -93,17 +103,18 @@ _MECHANISMS = (
 
 _WAIT_FUNCTIONS = ("waitpid", "wait", "wait3", "wait4")
 
-WaitResult = Tuple[Any, ...]
 
-
-@dataclasses.dataclass(frozen=True)
 class Config:
-    """What ``install()`` was asked for, validated."""
+    """What ``install()`` was asked for, validated. ``fail_on`` is a severity value."""
 
-    policy: str = "warn"
-    fail_on: Severity = Severity.ERROR
-    hang_timeout: float | None = None
-    report: str | None = None
+    __slots__ = ("fail_on", "hang_timeout", "policy", "report")
+
+    def __init__(self, policy: str = "warn", fail_on: int = 30,
+                 hang_timeout: float | None = None, report: str | None = None) -> None:
+        self.policy = policy
+        self.fail_on = fail_on  # Severity.ERROR; an int so that no enum is imported here
+        self.hang_timeout = hang_timeout
+        self.report = report
 
     @classmethod
     def make(
@@ -126,19 +137,29 @@ class Config:
             if not ok or not 0 < hang_timeout < float("inf"):
                 raise ValueError(BAD_HANG_TIMEOUT.format(value=hang_timeout, source=where))
             hang_timeout = float(hang_timeout)
-        return cls(policy, Severity.parse(fail_on), hang_timeout, report)
+        return cls(policy, _LEVELS[fail_on], hang_timeout, report)
 
 
-@dataclasses.dataclass
+_LEVELS = {"warning": 20, "error": 30}  # forksafe._report.Severity values
+
+
 class _Decision:
-    """The guard's verdict on one fork, taken before the fork."""
+    """The guard's verdict on one fork, taken before the fork.
 
-    mechanism: str
-    site: Site | None
-    frame: types.FrameType | None  # the user's frame, for the warning's attribution
-    report: Report
-    action: str
-    time: float
+    ``forksafe._child`` reads one from the ``decision`` local of the
+    ``_execute_child`` wrapper in a ``preexec_fn`` child: keep the names.
+    """
+
+    __slots__ = ("action", "frame", "mechanism", "report", "site", "time")
+
+    def __init__(self, *, mechanism: str, site: Site | None, frame: types.FrameType | None,
+                 report: Report, action: str, time: float) -> None:
+        self.mechanism = mechanism
+        self.site = site
+        self.frame = frame  # the user's frame, for the warning's attribution
+        self.report = report
+        self.action = action
+        self.time = time
 
 
 # --- state -----------------------------------------------------------------------
@@ -155,14 +176,16 @@ _failures: set[str] = set()
 # History and the child map are changed under ``_lock``, an RLock (a signal
 # handler that forks may interrupt its own thread inside it). The child gets a
 # fresh one: whatever thread held the parent's is gone.
-_lock = threading.RLock()
-_history: collections.deque[ForkEvent] = collections.deque(maxlen=HISTORY_SIZE)
+_lock = RLock()
+_history: deque[ForkEvent] = deque(maxlen=HISTORY_SIZE)
 _children: dict[int, ForkEvent] = {}
 _inherited: Any = None  # in a child: the parent's history, kept unfreed (see below)
-_local = threading.local()  # .busy: inside a wrapper's real fork; .pending: hook state
+_local = thread_local()  # .busy: inside a wrapper's real fork; .pending: hook state
 
 _child_module: types.ModuleType | None = None
 _outcome_module: types.ModuleType | None = None
+_followers_loaded = False
+_watcher: _ImportWatcher | None = None
 
 
 # --- public API --------------------------------------------------------------------
@@ -189,7 +212,7 @@ def install(
 
 def uninstall() -> None:
     """Undo ``install()``: every patched function is restored by identity. Idempotent."""
-    global _config, _sink, _quiet_filter
+    global _config, _sink, _quiet_filter, _watcher
     if _config is None:
         return
     _config = None
@@ -200,11 +223,17 @@ def uninstall() -> None:
         # else someone wrapped our wrapper: leave theirs, ours now passes through
     _originals.clear()
     _wrappers.clear()
+    if _watcher is not None and _watcher in sys.meta_path:
+        sys.meta_path.remove(_watcher)
     if _quiet_filter is not None:
-        with contextlib.suppress(ValueError):
-            filters: list[Any] = warnings.filters  # type: ignore[assignment]
+        import warnings
+
+        filters: list[Any] = warnings.filters  # type: ignore[assignment]
+        try:
             filters.remove(_quiet_filter)
             warnings._filters_mutated()  # type: ignore[attr-defined]
+        except ValueError:  # the program reset the filters itself
+            pass
         _quiet_filter = None
     if _owned.pop("sqlite", False):
         _unprotect_sqlite()
@@ -212,30 +241,35 @@ def uninstall() -> None:
         from forksafe._ledger import unobserve
 
         unobserve()
+    _watcher = None
     if _sink is not None:
         _sink.close()
         _sink = None
 
 
-@contextlib.contextmanager
-def guard(
-    policy: str = "warn",
-    *,
-    fail_on: str = "error",
-    hang_timeout: float | None = None,
-    report: str | None = None,
-) -> Iterator[None]:
+class guard:  # a class, not contextlib.contextmanager: contextlib stays unimported
     """``install()`` for the ``with`` block; afterwards the previous state is back."""
-    config = Config.make(policy, fail_on, hang_timeout, report)
-    previous = _config
-    _install(config)
-    try:
-        yield
-    finally:
-        if previous is None:
+
+    def __init__(
+        self,
+        policy: str = "warn",
+        *,
+        fail_on: str = "error",
+        hang_timeout: float | None = None,
+        report: str | None = None,
+    ) -> None:
+        self._config = Config.make(policy, fail_on, hang_timeout, report)
+        self._previous: Config | None = None
+
+    def __enter__(self) -> None:
+        self._previous = _config
+        _install(self._config)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is None:
             uninstall()
         else:
-            _install(previous)
+            _install(self._previous)
 
 
 def installed() -> Config | None:
@@ -256,6 +290,8 @@ def event_for_child(pid: int) -> ForkEvent | None:
 
 def set_outcome(pid: int, outcome: Outcome) -> None:
     """Attach ``outcome`` to child ``pid``'s event and append it to the report file."""
+    import dataclasses
+
     with _lock:
         event = _children.get(pid)
         if event is not None:
@@ -282,21 +318,21 @@ _wrappers: dict[str, Any] = {}
 
 
 def _install(config: Config) -> None:
-    global _config, _sink, _quiet_filter, _child_module, _outcome_module
-    from forksafe._ledger import observe, observing
-
+    global _config, _sink, _watcher
     if _config is None:
-        _child_module = _optional("forksafe._child")
-        _outcome_module = _optional("forksafe._outcome")
-        if not observing():
-            observe()
-            _owned["observe"] = True
         _register_hooks()
         _patch()
-        if sys.version_info >= (3, 12) and _quiet_filter is None:
-            warnings.filterwarnings("ignore", message=_quiet.MESSAGE,
-                                    category=DeprecationWarning, module=_quiet.MODULE)
-            _quiet_filter = warnings.filters[0]
+        # Two wrappers wait for their module: the observation layer needs
+        # `threading` (no thread can start before it is imported, so nothing is
+        # missed), and `subprocess.Popen` must exist to be wrapped. Neither is
+        # imported here for a program that does not import it itself.
+        _watcher = _ImportWatcher({"threading": _start_observing,
+                                   "subprocess": _patch_subprocess})
+        for name in list(_watcher.callbacks):
+            if name in sys.modules:
+                _watcher.callbacks.pop(name)(sys.modules[name])
+        if _watcher.callbacks:
+            sys.meta_path.insert(0, _watcher)
     # The report file: reopened only when the path changes.
     wanted = os.path.abspath(config.report) if config.report else None
     if _sink is None or _sink.path != wanted:
@@ -304,6 +340,8 @@ def _install(config: Config) -> None:
         if old is not None:
             old.close()
         if wanted is not None:
+            from forksafe._sink import Sink
+
             _sink = Sink(wanted)  # OSError propagates: install(report=...) was asked for it
     # SQLite protection comes with "raise" and goes with it, if we turned it on.
     if config.policy == "raise" and not _owned.get("sqlite"):
@@ -313,8 +351,87 @@ def _install(config: Config) -> None:
     _config = config
 
 
+def _start_observing(threading: types.ModuleType) -> None:
+    from forksafe._ledger import observe, observing
+
+    if _config is not None and not observing():
+        observe()
+        _owned["observe"] = True
+
+
+def _load_followers() -> None:
+    """Import the follower and the check before the first fork (never in a child)."""
+    global _child_module, _outcome_module, _followers_loaded
+    _followers_loaded = True
+    _child_module = _optional("forksafe._child")
+    _outcome_module = _optional("forksafe._outcome")
+    _optional("forksafe._check")
+    if sys.version_info >= (3, 12):
+        _silence_cpython_duplicate()
+
+
+def _silence_cpython_duplicate() -> None:
+    """Install the one filter that drops CPython's warning for forks we reported."""
+    global _quiet_filter
+    if _quiet_filter is not None:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore", message=_quiet.MESSAGE, category=DeprecationWarning,
+                            module=_quiet.MODULE)
+    _quiet_filter = warnings.filters[0]
+
+
+class _ImportWatcher:
+    """Runs a callback right after the program imports one of the watched modules.
+
+    A meta path finder that answers only for those names, by asking the other
+    finders and wrapping the loader they return; every other import costs one
+    dictionary lookup.
+    """
+
+    def __init__(self, callbacks: dict[str, Callable[[types.ModuleType], None]]) -> None:
+        self.callbacks = callbacks
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        callback = self.callbacks.get(fullname)
+        if callback is None:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None:
+                spec.loader = _CallbackLoader(spec.loader, self, fullname)  # type: ignore[assignment]
+                return spec
+        return None
+
+
+class _CallbackLoader:
+    def __init__(self, loader: Any, watcher: _ImportWatcher, name: str) -> None:
+        self._loader = loader
+        self._watcher = watcher
+        self._name = name
+
+    def create_module(self, spec: Any) -> Any:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        self._loader.exec_module(module)
+        callback = self._watcher.callbacks.pop(self._name, None)
+        if not self._watcher.callbacks and self._watcher in sys.meta_path:
+            sys.meta_path.remove(self._watcher)
+        if callback is not None:
+            try:
+                callback(module)
+            except Exception as exc:  # the program's import must succeed regardless
+                _report_failure(f"wrapping {self._name}", exc)
+
+
 def open_sink_or_warn(path: str, source: str) -> bool:
     """For the environment hook: try the report file, one line on stderr if unusable."""
+    from forksafe._sink import SINK_UNWRITABLE, Sink
+
     try:
         Sink(path).close()
     except OSError as exc:
@@ -368,25 +485,29 @@ def _patch() -> None:
     if hasattr(os, "forkpty"):
         targets.append(("os.forkpty", _wrap_forkpty))
     targets.extend((f"os.{name}", _wrap_wait) for name in _WAIT_FUNCTIONS if hasattr(os, name))
-    # subprocess is imported here (not at `import forksafe`): a Popen made later
-    # must find the wrapper on the class.
-    import subprocess
-
-    if hasattr(subprocess.Popen, "_execute_child"):
-        targets.append(("subprocess.Popen._execute_child", _wrap_execute_child))
     for name, make in targets:
-        owner, attr = _owner(name)
-        original = getattr(owner, attr)
-        wrapper = make(original)
-        _originals[name] = original
-        _wrappers[name] = wrapper
-        setattr(owner, attr, wrapper)
+        _replace(name, make)
+
+
+def _patch_subprocess(subprocess: types.ModuleType) -> None:
+    if _config is not None and hasattr(subprocess.Popen, "_execute_child"):
+        _replace("subprocess.Popen._execute_child", _wrap_execute_child)
+
+
+def _replace(name: str, make: Callable[[Any], Any]) -> None:
+    owner, attr = _owner(name)
+    original = getattr(owner, attr)
+    wrapper = make(original)
+    _originals[name] = original
+    _wrappers[name] = wrapper
+    setattr(owner, attr, wrapper)
 
 
 def _copy_identity(wrapper: Any, original: Any) -> Any:
     for attr in ("__name__", "__qualname__", "__doc__"):
-        with contextlib.suppress(AttributeError, TypeError):
-            setattr(wrapper, attr, getattr(original, attr))
+        value = getattr(original, attr, None)
+        if isinstance(value, str):
+            setattr(wrapper, attr, value)
     wrapper.__wrapped__ = original
     return wrapper
 
@@ -459,6 +580,8 @@ def _run(fork: Callable[[], Any], decision: _Decision) -> Any:
 
 
 def _preexec_hazards(report: Report, preexec_fn: Any) -> tuple[Hazard, ...]:
+    from forksafe._report import Hazard, Severity
+
     threads = [h for h in report.hazards if h.kind in ("thread", "native-thread")]
     if not threads:
         return ()
@@ -493,6 +616,12 @@ def _judge(
     refusable: bool = True,
     extra: Callable[[Report], tuple[Hazard, ...]] | None = None,
 ) -> _Decision:
+    if not _followers_loaded:
+        _load_followers()
+    import time
+
+    from forksafe._report import Report, Site
+
     config = _config or Config()
     mechanism, user = _locate(caller, mechanism)
     stamp = time.time()
@@ -503,8 +632,12 @@ def _judge(
         if extra is not None:
             more = extra(report)
             if more:
+                import dataclasses
+
                 report = dataclasses.replace(report, hazards=report.hazards + more)
     except Exception as exc:  # the check must never stop a fork it was not asked to stop
+        from forksafe._report import Hazard, Severity
+
         _report_failure("the fork-time check", exc)
         error = f"{type(exc).__name__}: {exc}"
         report = Report(hazards=(Hazard(
@@ -513,7 +646,7 @@ def _judge(
         ),))
     worst = report.max_severity
     action = "allowed"
-    if worst is not None and worst >= Severity.WARNING:
+    if worst is not None and worst >= _LEVELS["warning"]:
         if config.policy == "raise" and refusable and worst >= config.fail_on:
             action = "refused"
         elif config.policy in ("warn", "raise"):
@@ -521,29 +654,34 @@ def _judge(
         else:
             action = "logged"
     site = Site(user.f_code.co_filename, user.f_lineno, user.f_code.co_name)
-    return _Decision(mechanism, site, user, report, action, stamp)
+    return _Decision(mechanism=mechanism, site=site, frame=user, report=report, action=action,
+                     time=stamp)
 
 
 def _announce(decision: _Decision, *, refusable: bool) -> None:
+    config = _config or Config()
     if decision.action == "refused":
+        from forksafe._report import Severity
+
         event = _event(decision, None)
         _record(event)
-        config = _config or Config()
-        count = len(decision.report.at_least(config.fail_on))
+        count = len(decision.report.at_least(Severity(config.fail_on)))
         raise ForkSafetyError(FORK_REFUSED.format(
             mechanism=decision.mechanism, where=_where(decision.site), count=count,
-            level=str(config.fail_on), report=decision.report,
+            level=str(Severity(config.fail_on)), report=decision.report,
         ), decision.report)
     if decision.action == "warned":
         message = FORK_WARNING.format(mechanism=decision.mechanism, where=_where(decision.site),
                                       report=decision.report)
-        if not refusable and (_config or Config()).policy == "raise":
+        if not refusable and config.policy == "raise":
             message += UNREFUSABLE_NOTE
         _warn_at(message, decision.frame)
 
 
 def _warn_at(message: str, target: types.FrameType | None) -> None:
     """``warnings.warn`` with the ``stacklevel`` that lands on ``target``."""
+    import warnings
+
     level = 1
     frame: types.FrameType | None = sys._getframe(0)
     while frame is not None and frame is not target:
@@ -554,10 +692,12 @@ def _warn_at(message: str, target: types.FrameType | None) -> None:
 
 def _locate(caller: types.FrameType, mechanism: str) -> tuple[str, types.FrameType]:
     """The mechanism, named by the library frames above ``caller``, and the user's frame."""
+    from forksafe._frames import is_library_file
+
     frame: types.FrameType | None = caller
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not _frames.is_library_file(filename):
+        if not is_library_file(filename):
             return mechanism, frame
         for suffix, function, name in _MECHANISMS:
             if filename.endswith(suffix) and function in (None, frame.f_code.co_name):
@@ -568,13 +708,17 @@ def _locate(caller: types.FrameType, mechanism: str) -> tuple[str, types.FrameTy
 
 
 def _where(site: Site | None) -> str:
-    return "an unknown place" if site is None else _frames.where(site)
+    from forksafe._frames import where
+
+    return "an unknown place" if site is None else where(site)
 
 
 # --- recording ---------------------------------------------------------------------------
 
 
 def _event(decision: _Decision, child_pid: int | None) -> ForkEvent:
+    from forksafe._report import ForkEvent
+
     return ForkEvent(
         parent_pid=os.getpid(), child_pid=child_pid, time=decision.time,
         mechanism=decision.mechanism, site=decision.site, action=decision.action,
@@ -624,10 +768,18 @@ def _report_failure(what: str, exc: BaseException) -> None:
     _failures.add(what)
     message = HOOK_FAILED.format(what=what, error=f"{type(exc).__name__}: {exc}")
     try:
+        import warnings
+
         warnings.warn(message, ForkSafetyWarning, stacklevel=3)
     except Exception:  # warnings turned into errors: the program must still go on
-        with contextlib.suppress(Exception):
-            sys.stderr.write(message + "\n")
+        _stderr(message)
+
+
+def _stderr(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+    except Exception:  # no usable stderr: nothing else to tell it to
+        return
 
 
 # --- the at-fork hooks --------------------------------------------------------------------
@@ -645,7 +797,7 @@ def _register_hooks() -> None:
 
 def _children_of_this_thread() -> set[int] | None:
     try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/children", "rb") as f:
+        with open(f"/proc/self/task/{get_native_id()}/children", "rb") as f:
             return {int(p) for p in f.read().split()}
     except (OSError, ValueError):
         return None
@@ -685,12 +837,12 @@ def _after_fork_child() -> None:
     config = _config
     if config is None:
         return
-    _lock = threading.RLock()
+    _lock = RLock()
     # The parent's events are not this process's. They are set aside, not freed:
     # freeing a thousand events would write to every page they live on, and each
     # such write copies a page (copy-on-write) — milliseconds in every child.
     _inherited = (_history, _children)
-    _history = collections.deque(maxlen=HISTORY_SIZE)
+    _history = deque(maxlen=HISTORY_SIZE)
     _children = {}
     _local.pending = None
     child = _child_module
@@ -698,6 +850,12 @@ def _after_fork_child() -> None:
         try:
             child.arm(os.getppid(), config.hang_timeout)
         except Exception as exc:
-            with contextlib.suppress(Exception):
-                os.write(2, (HOOK_FAILED.format(what="forksafe._child.arm", error=exc)
-                             + "\n").encode())
+            _write_fd2(HOOK_FAILED.format(what="forksafe._child.arm", error=exc))
+
+
+def _write_fd2(line: str) -> None:
+    """One line on file descriptor 2, without Python's stderr object (in a child)."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        return

@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Mapping, TextIO
+
+TYPE_CHECKING = False  # typing is not imported at every interpreter start for this
+if TYPE_CHECKING:
+    from typing import Mapping, TextIO
 
 ENV_POLICY = "FORKSAFE_POLICY"
 ENV_REPORT = "FORKSAFE_REPORT"

@@ -17,9 +17,11 @@ Every other fork, and every other warning, is untouched.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+TYPE_CHECKING = False  # typing is not imported at every interpreter start for this
+if TYPE_CHECKING:
+    from typing import Callable, TypeVar
 
-T = TypeVar("T")
+    T = TypeVar("T")
 
 #: The regular expressions of the filter the guard installs (see module docstring).
 MESSAGE = r"This process \(pid=\d+\) is multi-threaded, use of \w+\(\) may lead to deadlocks"
