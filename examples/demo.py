@@ -4,6 +4,10 @@
    looks like at the moment it would fork its workers.
 2. Fork anyway, twice, and watch the children: one handles a request that needs
    the cache lock, one calls the OpenMP kernel. Both were predicted by step 1.
+3. ``forksafe run --hang-timeout 1 -- python webapp.py`` — the same two workers,
+   forked by the app's own ``serve()``, followed from outside: each hang is
+   diagnosed (which thread held which lock at fork time, which runtime's pool
+   was active), the stuck workers are ended, and the run prints one summary.
 
 Run from a clean clone: ``python examples/demo.py`` (gcc is used, when present,
 to build the small OpenMP kernel; without it the OpenMP part is skipped).
@@ -71,7 +75,20 @@ def main() -> int:
         fork_and_watch("serves a request (takes _cache_lock)", "webapp.rates()", env)
         if kernel:
             fork_and_watch("runs the OpenMP kernel", "webapp.kernel.blur(256)", env)
+        print("\n$ forksafe run --hang-timeout 1 -- python webapp.py\n")
+        run = subprocess.run([sys.executable, "-m", "forksafe", "run", "--policy", "log",
+                              "--hang-timeout", "1", "--", "python", "webapp.py"],
+                             cwd=HERE, env=_with_python_on_path(env), timeout=120,
+                             stderr=subprocess.PIPE, text=True)
+        print(run.stderr.rstrip())
+        print(f"\n(exit code {run.returncode}: the app's own, now that its workers were ended)")
     return 0
+
+
+def _with_python_on_path(env: dict[str, str]) -> dict[str, str]:
+    """`python` in the command above is this interpreter, wherever it lives."""
+    bindir = os.path.dirname(sys.executable)
+    return dict(env, PATH=bindir + os.pathsep + env.get("PATH", ""))
 
 
 if __name__ == "__main__":

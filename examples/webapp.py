@@ -49,3 +49,28 @@ if os.environ.get("WEBAPP_KERNEL"):
     kernel.blur(256)  # warm-up: starts GNU OpenMP's worker pool
 
 time.sleep(0.1)  # let the refresher take its lock, as it does most of the time
+
+
+def serve() -> None:
+    """A pre-forking server in miniature: fork one worker per job, then wait for them.
+
+    One worker serves a request (it needs ``_cache_lock``), one runs the OpenMP
+    kernel. Run bare, this waits forever; under ``forksafe run --hang-timeout 1``
+    both hangs are diagnosed and the stuck workers ended, so it returns.
+    """
+    jobs = [rates]
+    if kernel is not None:
+        jobs.append(lambda: kernel.blur(256))
+    workers = []
+    for job in jobs:
+        pid = os.fork()
+        if pid == 0:
+            job()
+            os._exit(0)
+        workers.append(pid)
+    for pid in workers:
+        os.waitpid(pid, 0)
+
+
+if __name__ == "__main__":
+    serve()

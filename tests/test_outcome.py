@@ -131,17 +131,18 @@ def test_unknown_child_is_ignored(tmp_path: pathlib.Path) -> None:
 
 # -- real reproductions ------------------------------------------------------------
 
-HEAD = """
+HEAD_TEMPLATE = """
 import json, os, sys, time, warnings
 import forksafe
 from forksafe._guard import event_for_child, history
-forksafe.install("log")
+forksafe.install({policy!r})
 def result(**kw):
     print("FORKSAFE-RESULT:" + json.dumps(kw), flush=True)
 def outcome(pid):
     e = event_for_child(pid)
     return e.outcome.to_dict() if e is not None and e.outcome is not None else None
 """
+HEAD = HEAD_TEMPLATE.replace("{policy!r}", repr("warn"))
 
 GRPC_SERVER = """
 import grpc
@@ -257,6 +258,23 @@ os.waitpid(pid, 0)
 result(outcome=outcome(pid))
 """, tmp_path)
     assert s.result["outcome"]["status"] == "exited"
+    assert "ForkSafetyWarning: child" not in s.stderr
+
+
+def test_log_policy_records_the_crash_without_a_warning(tmp_path: pathlib.Path,
+                                                        native_dir: pathlib.Path) -> None:
+    """Under "log" the outcome is recorded with its diagnosis, and nothing is printed."""
+    head = HEAD_TEMPLATE.replace("{policy!r}", repr("log"))
+    s = run_scenario(head + DISPATCH.format(path=str(native_dir / "libdispatch.so")) + """
+pid = os.fork()
+if pid == 0:
+    lib.fake_dispatch_use()
+    os._exit(0)
+os.waitpid(pid, 0)
+result(outcome=outcome(pid))
+""", tmp_path)
+    assert s.result["outcome"]["signal"] == "SIGILL"
+    assert "libdispatch" in s.result["outcome"]["diagnosis"]
     assert "ForkSafetyWarning" not in s.stderr
 
 

@@ -22,7 +22,7 @@ LOCKED = """
 import json, os, threading, time
 import forksafe
 from forksafe._guard import event_for_child
-forksafe.install("log", hang_timeout=0.5)
+forksafe.install("warn", hang_timeout=0.5)
 cache_lock = threading.Lock()
 def refresh():
     while True:

@@ -61,13 +61,12 @@ LOCK_LINK = (
     "is never released"
 )
 RUNTIME_LINK = (
-    "its thread {tid} ({name}) is blocked in {call} inside {library}: {runtime} was active "
-    "at fork time ({summary}), and its worker threads do not exist in the child"
+    "{who} is blocked ({call}) inside {library}: {runtime} was active at fork time "
+    "({signals}), and its threads do not exist in the child"
 )
 THREAD_LINK = (
-    "its thread {tid} ({name}) is blocked in {call} inside {library}, whose own thread "
-    "{holder!r} was alive at fork time and does not exist in the child (a lock it held stays "
-    "held)"
+    "{who} is blocked ({call}) inside {library}, whose own thread {holder!r} was alive at "
+    "fork time and does not exist in the child (a lock it held stays held)"
 )
 FIX = "fix: {remedy}"
 ENDED = "forksafe: {diagnosis} [ended with SIGKILL]"
@@ -203,7 +202,9 @@ def native_findings(natives: Sequence[tuple[_procinfo.Task, tuple[str, ...]]],
 
     found: list[Finding] = []
     seen: set[int] = set()
+    several = len(natives) > 1
     for task, libs in natives:
+        who = f"its thread {task.tid} ({task.name})" if several else "it"
         names = {os.path.basename(p) for p in libs} | {os.path.realpath(p) for p in libs}
         for hazard in hazards:
             if id(hazard) in seen:
@@ -219,15 +220,14 @@ def native_findings(natives: Sequence[tuple[_procinfo.Task, tuple[str, ...]]],
                     runtime = _catalog.find(str(ev.get("runtime"))).name
                 except KeyError:
                     runtime = str(ev.get("runtime"))
-                text = RUNTIME_LINK.format(tid=task.tid, name=task.name, call=call,
-                                           library=os.path.basename(hit), runtime=runtime,
-                                           summary=hazard.summary)
+                signals = ", ".join(str(x) for x in ev.get("signals", ())) or "active"
+                text = RUNTIME_LINK.format(who=who, call=call, library=os.path.basename(hit),
+                                           runtime=runtime, signals=signals)
             elif hazard.kind == "native-thread" and isinstance(ev.get("owner"), str):
                 owner = str(ev["owner"])
                 if not _same(owner, names):
                     continue
-                text = THREAD_LINK.format(tid=task.tid, name=task.name, call=call,
-                                          library=os.path.basename(owner),
+                text = THREAD_LINK.format(who=who, call=call, library=os.path.basename(owner),
                                           holder=str(ev.get("name", "?")))
             else:
                 continue

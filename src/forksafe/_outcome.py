@@ -139,7 +139,7 @@ def on_reaped(
     hung = take_hung_marker(pid, directory=directory)
     outcome = outcome_for(event, status, traceback, hung)
     _set_outcome(pid, outcome)
-    if outcome.status == "hung" or outcome.signal in CRASH_SIGNALS:
+    if (outcome.status == "hung" or outcome.signal in CRASH_SIGNALS) and _warns():
         warn(outcome.diagnosis or f"child {pid} {outcome.status}", event)
 
 
@@ -375,6 +375,17 @@ def user_stacklevel(frame: Any) -> tuple[int, bool]:
         frame = frame.f_back
         level += 1
     return level, frame is not None
+
+
+def _warns() -> bool:
+    """False under the guard's "log" policy, which records and says nothing."""
+    try:
+        from forksafe import _guard
+
+        config = _guard.installed()
+    except Exception:
+        return True
+    return config is None or getattr(config, "policy", "warn") != "log"
 
 
 def _supervised() -> bool:

@@ -191,7 +191,7 @@ def _render_outcomes(group: list[ForkEvent]) -> list[str]:
         more = f" (and {len(events) - 1} more like it)" if len(events) > 1 else ""
         lines.append(f"  child {first.child_pid} {_fate(first.outcome)}{more}:")
         if first.outcome.diagnosis:
-            lines.extend(_wrap(first.outcome.diagnosis, "    "))
+            lines.extend(_wrap(_without_known_fix(first.outcome.diagnosis, first), "    "))
         if first.outcome.traceback:
             tb = first.outcome.traceback.splitlines()
             lines.append("    child's stacks:")
@@ -199,6 +199,14 @@ def _render_outcomes(group: list[ForkEvent]) -> list[str]:
             if len(tb) > TRACEBACK_LINES:
                 lines.append(f"      ... ({len(tb) - TRACEBACK_LINES} more lines in the report)")
     return lines
+
+
+def _without_known_fix(diagnosis: str, event: ForkEvent) -> str:
+    """The diagnosis without its "fix:" when that fix is printed with the hazards above it."""
+    head, sep, fix = diagnosis.partition(". fix: ")
+    if sep and any(fix.startswith(h.remedy) for h in event.report.hazards if h.remedy):
+        return head + " (fix: see above)"
+    return diagnosis
 
 
 def _fate(outcome: Outcome) -> str:
