@@ -749,3 +749,25 @@ print({MARK!r} + json.dumps({{"early": early, "refused": refused,
     thread = [h for h in s.result["refused"] if h["kind"] == "thread"]
     assert f"started at scenario.py:{s.line_of('STARTED')}" in thread[0]["summary"]
     assert any(h["kind"] == "preexec-fn" for h in s.result["refused"])
+
+
+def test_an_unusable_report_file_fails_install_cleanly(tmp_path: pathlib.Path) -> None:
+    """install(report=<bad path>) raises OSError and leaves nothing patched."""
+    code = f"""
+import json, os
+import forksafe
+from forksafe import _guard
+fork = os.fork
+try:
+    forksafe.install("warn", report="/nonexistent/dir/events.jsonl")
+except OSError as exc:
+    error = type(exc).__name__
+forksafe.install("warn")
+once = os.fork.__wrapped__ is fork
+forksafe.uninstall()
+print({MARK!r} + json.dumps({{"error": error, "once": once, "same": os.fork is fork,
+                             "installed": _guard.installed() is not None}}))
+"""
+    s = run_scenario(code, tmp_path)
+    assert s.result == {"error": "FileNotFoundError", "once": True, "same": True,
+                        "installed": False}

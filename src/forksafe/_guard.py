@@ -319,6 +319,15 @@ _wrappers: dict[str, Any] = {}
 
 def _install(config: Config) -> None:
     global _config, _sink, _watcher
+    # The report file first: if it cannot be opened, install() fails having
+    # changed nothing (OSError: install(report=...) asked for it explicitly).
+    wanted = os.path.abspath(config.report) if config.report else None
+    if wanted is None:
+        _sink = None
+    elif _sink is None or _sink.path != wanted:
+        from forksafe._sink import Sink
+
+        _sink = Sink(wanted)
     if _config is None:
         _register_hooks()
         _patch()
@@ -333,16 +342,6 @@ def _install(config: Config) -> None:
                 _watcher.callbacks.pop(name)(sys.modules[name])
         if _watcher.callbacks:
             sys.meta_path.insert(0, _watcher)
-    # The report file: reopened only when the path changes.
-    wanted = os.path.abspath(config.report) if config.report else None
-    if _sink is None or _sink.path != wanted:
-        old, _sink = _sink, None
-        if old is not None:
-            old.close()
-        if wanted is not None:
-            from forksafe._sink import Sink
-
-            _sink = Sink(wanted)  # OSError propagates: install(report=...) was asked for it
     # SQLite protection comes with "raise" and goes with it, if we turned it on.
     if config.policy == "raise" and not _owned.get("sqlite"):
         _owned["sqlite"] = _protect_sqlite()
