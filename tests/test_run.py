@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from forksafe._outcome import CLEAN_FORK
 from forksafe._run import (
     CANNOT_RUN,
     NO_COMMAND,
@@ -231,3 +232,20 @@ def test_usage_errors_are_one_line_exit_2(tmp_path: pathlib.Path) -> None:
     assert bad.returncode == 2
     assert bad.stderr.startswith(REPORT_UNWRITABLE.split("{")[0])
     assert not (tmp_path / "ran").exists(), "the command does not run when its report cannot"
+
+
+def test_crash_of_a_child_nobody_reaped_is_still_reported(tmp_path: pathlib.Path) -> None:
+    """A child left to die unreaped by its parent: its crash file becomes its outcome."""
+    proc = run(tmp_path, """
+import ctypes, os, time
+pid = os.fork()
+if pid == 0:
+    ctypes.string_at(0)  # crash-line
+time.sleep(0.5)  # the parent exits without waiting for it
+""", "--policy", "log", "--report", "r.json")
+    assert proc.returncode == 0, proc.stderr
+    [fork] = json.loads((tmp_path / "r.json").read_text())["forks"]
+    assert fork["outcome"]["status"] == "signaled"
+    assert fork["outcome"]["signal"] == "SIGSEGV"
+    assert "app.py\", line 5" in fork["outcome"]["traceback"]
+    assert CLEAN_FORK in fork["outcome"]["diagnosis"], "nothing was wrong at that fork"
