@@ -194,7 +194,9 @@ result(outcome=seen[-1], seen=[o["signal"] for o in seen])
     if o["traceback"] is None:
         assert NO_TRACEBACK in o["diagnosis"]
     else:
-        assert "grpc/" in o["traceback"], "the child's Python traceback shows where in gRPC"
+        # Usually the main thread's stack is inside grpc/; when a thread gRPC restarted in
+        # the child crashes instead, faulthandler still lists gRPC's extension module.
+        assert "grpc" in o["traceback"], "the child's traceback shows gRPC"
     assert "GRPC_ENABLE_FORK_SUPPORT=1" in o["diagnosis"]
     assert f"scenario.py:{s.line_of('reap-line')}: ForkSafetyWarning: child" in s.stderr
 
