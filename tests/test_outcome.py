@@ -17,7 +17,15 @@ import pytest
 from conftest import run_scenario
 from forksafe import _outcome
 from forksafe._errors import ForkSafetyWarning
-from forksafe._outcome import CLEAN_FORK, KILLED, NO_TRACEBACK, blame, diagnose_death, outcome_for
+from forksafe._outcome import (
+    CLEAN_FORK,
+    KILLED,
+    NATIVE_THREAD,
+    NO_TRACEBACK,
+    blame,
+    diagnose_death,
+    outcome_for,
+)
 from forksafe._report import ForkEvent, Hazard, Outcome, Report, Severity, Site
 
 # -- units: the diagnosis from an event and a wait status ----------------------------
@@ -61,6 +69,15 @@ def test_crash_names_the_signal_the_frame_and_the_runtime() -> None:
     assert "fix: set GRPC_ENABLE_FORK_SUPPORT=1" in text
     assert "refresher" not in text, "a thread is not blamed when a runtime explains the crash"
     assert outcome.traceback == TRACE
+
+
+def test_crash_in_a_native_thread_says_so() -> None:
+    """No "Current thread" in the dump: the signal hit a thread that runs no Python code."""
+    trace = TRACE.replace("Current thread 0x00007f0000000002", "Thread 0x00007f0000000002")
+    trace = trace.replace("Thread 0x00007f0000000001 (most recent call first):\n"
+                          '  File "/app/other.py", line 3 in idle\n\n', "")
+    text = diagnose_death(event(GRPC), "SIGSEGV", trace)
+    assert NATIVE_THREAD.format(frame="grpc/_channel.py:1152 (_blocking)") in text
 
 
 def test_runtime_mentioned_in_the_traceback_ranks_first() -> None:

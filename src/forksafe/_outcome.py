@@ -51,6 +51,7 @@ CLEAN_FORK = (
     "crash is probably not caused by fork; see the child's traceback"
 )
 FIX = "fix: {remedy}"
+NATIVE_THREAD = " in a thread running no Python code (the Python thread was at {frame})"
 NO_TRACEBACK = (
     " before running any Python code after the fork (no traceback: it probably died inside "
     "a native library's at-fork handler, during fork itself)"
@@ -160,10 +161,17 @@ def outcome_for(event: ForkEvent, status: int, traceback: str | None,
 
 def diagnose_death(event: ForkEvent, signame: str, traceback: str | None) -> str:
     """One paragraph: who died of what, where, and which fork-time hazard explains it."""
-    frames = parse_traceback(traceback or "")
-    where = f" in {frame_text(frames[0])}" if frames else ""
+    sections = _sections(traceback or "")
+    current = [frames for is_current, frames in sections if is_current and frames]
+    where = ""
     if traceback is None:
         where = NO_TRACEBACK
+    elif current:
+        where = f" in {frame_text(_outside_forksafe(current[0]))}"
+    elif sections and sections[0][1]:
+        # faulthandler marks no thread as current: the signal hit a thread that runs
+        # no Python code (a native runtime's own thread).
+        where = NATIVE_THREAD.format(frame=frame_text(_outside_forksafe(sections[0][1])))
     head = KILLED.format(pid=event.child_pid, forked=describe_fork(event), signal=signame,
                          where=where)
     blamed, typical = blame(event.report.hazards, traceback or "")
@@ -270,6 +278,12 @@ def short_file(path: str) -> str:
     from forksafe._frames import short_path
 
     return short_path(path)
+
+
+def _outside_forksafe(frames: list[Site]) -> Site:
+    """The innermost frame that is not forksafe's own (the guard's fork wrapper)."""
+    own = os.sep + "forksafe" + os.sep
+    return next((f for f in frames if own not in f.file), frames[0])
 
 
 def parse_traceback(text: str) -> list[Site]:
