@@ -297,6 +297,23 @@ result(outcome=outcome(pid))
     assert "ForkSafetyWarning" not in s.stderr
 
 
+def test_multiprocessing_exitcode_comes_with_a_diagnosis(tmp_path: pathlib.Path,
+                                                         native_dir: pathlib.Path) -> None:
+    """A fork-context Process that dies: exitcode -4, and the outcome says why."""
+    s = run_scenario(HEAD + DISPATCH.format(path=str(native_dir / "libdispatch.so")) + """
+import multiprocessing
+if __name__ == "__main__":
+    p = multiprocessing.get_context("fork").Process(target=lib.fake_dispatch_use)
+    p.start()  # start-line
+    p.join()
+    result(exitcode=p.exitcode, outcome=outcome(p.pid))
+""", tmp_path)
+    assert s.result["exitcode"] == -4
+    o = s.result["outcome"]
+    assert o["signal"] == "SIGILL" and "via multiprocessing" in o["diagnosis"]
+    assert "libdispatch" in o["diagnosis"]
+
+
 def test_clean_fork_crash_is_reported_without_blaming_fork(tmp_path: pathlib.Path) -> None:
     """Safe twin: a child that segfaults after a clean fork is reported as such."""
     s = run_scenario(HEAD + """

@@ -249,3 +249,25 @@ time.sleep(0.5)  # the parent exits without waiting for it
     assert fork["outcome"]["signal"] == "SIGSEGV"
     assert "app.py\", line 5" in fork["outcome"]["traceback"]
     assert CLEAN_FORK in fork["outcome"]["diagnosis"], "nothing was wrong at that fork"
+
+
+def test_spawn_children_are_guarded_too(tmp_path: pathlib.Path) -> None:
+    """A 'spawn' child (a fresh interpreter) forks and its child crashes: in the report."""
+    proc = run(tmp_path, """
+import ctypes, multiprocessing, os
+def work():
+    pid = os.fork()
+    if pid == 0:
+        ctypes.string_at(0)
+    os.waitpid(pid, 0)
+if __name__ == "__main__":
+    p = multiprocessing.get_context("spawn").Process(target=work)
+    p.start()
+    p.join()
+    print(p.pid)
+""", "--policy", "log", "--report", "r.json")
+    assert proc.returncode == 0, proc.stderr
+    spawned = int(proc.stdout.split()[-1])
+    forks = json.loads((tmp_path / "r.json").read_text())["forks"]
+    [crash] = [f for f in forks if f["parent_pid"] == spawned]
+    assert crash["outcome"]["signal"] == "SIGSEGV"

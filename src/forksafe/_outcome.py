@@ -53,8 +53,9 @@ CLEAN_FORK = (
 FIX = "fix: {remedy}"
 NATIVE_THREAD = " in a thread running no Python code (the Python thread was at {frame})"
 NO_TRACEBACK = (
-    " before running any Python code after the fork (no traceback: it probably died inside "
-    "a native library's at-fork handler, during fork itself)"
+    " before it wrote any traceback (it probably died inside fork itself, in a native "
+    "library's at-fork handler, before Python code ran; or the program pointed "
+    "faulthandler elsewhere)"
 )
 HUNG_THEN = "{diagnosis} (then ended by {signal})"
 
