@@ -22,6 +22,7 @@ LOCKED = """
 import json, os, threading, time
 import forksafe
 from forksafe._guard import event_for_child
+forksafe.observe()  # install() does this too; explicit, so origins never depend on order
 forksafe.install("warn", hang_timeout=0.5)
 cache_lock = threading.Lock()
 def refresh():

@@ -62,7 +62,23 @@ def state_dir(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
     explicit = env.get(STATE_DIR_VARIABLE)
     if explicit:
         return explicit
-    return os.path.join(env.get("TMPDIR") or "/tmp", f"forksafe-{os.getuid()}")
+    return os.path.join(fast_temp_root(env), f"forksafe-{os.getuid()}")
+
+
+def fast_temp_root(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
+    """``/dev/shm`` when it is usable, else ``$TMPDIR`` or ``/tmp``.
+
+    Every guarded child creates its crash file, so creating it must be cheap:
+    on a tmpfs it costs a few microseconds, on a journaling disk file system
+    (ext4 here) about 0.4 ms - as much as the fork itself.
+    """
+    if os.path.isdir(SHM) and os.access(SHM, os.W_OK | os.X_OK):
+        return SHM
+    env = os.environ if environ is None else environ
+    return env.get("TMPDIR") or "/tmp"
+
+
+SHM = "/dev/shm"
 
 
 def crash_path(child_pid: int, *, directory: str | None = None) -> str:

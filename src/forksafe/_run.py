@@ -108,10 +108,14 @@ def run(
 
     out = sys.stderr if stderr is None else stderr
     workdir = tempfile.mkdtemp(prefix="forksafe-run-")
+    from forksafe._child import fast_temp_root
+
+    try:
+        state = tempfile.mkdtemp(prefix="forksafe-run-state-", dir=fast_temp_root())
+    except OSError:
+        state = tempfile.mkdtemp(prefix="forksafe-run-state-")
     try:
         events = os.path.join(workdir, "events.jsonl")
-        state = os.path.join(workdir, "state")
-        os.mkdir(state, 0o700)
         child_env = dict(os.environ if env is None else env)
         child_env.update({
             "FORKSAFE_POLICY": policy,
@@ -148,6 +152,7 @@ def run(
                          monitor.hung if monitor else [])
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def exit_code(status: int) -> int:
