@@ -294,7 +294,7 @@ result(outcome=outcome(pid))
 """, tmp_path)
     assert s.result["outcome"]["signal"] == "SIGILL"
     assert "libdispatch" in s.result["outcome"]["diagnosis"]
-    assert "ForkSafetyWarning" not in s.stderr
+    assert "ForkSafetyWarning: child" not in s.stderr
 
 
 def test_multiprocessing_exitcode_comes_with_a_diagnosis(tmp_path: pathlib.Path,
