@@ -771,3 +771,25 @@ print({MARK!r} + json.dumps({{"error": error, "once": once, "same": os.fork is f
     s = run_scenario(code, tmp_path)
     assert s.result == {"error": "FileNotFoundError", "once": True, "same": True,
                         "installed": False}
+
+
+def test_a_guarded_fork_leaves_no_garbage_cycle(tmp_path: pathlib.Path) -> None:
+    """The fork-time check leaves no reference cycle (it kept thread objects alive)."""
+    code = PRELUDE + """
+import gc
+stop = hold_lock()
+forksafe.install("log")
+def fork():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+fork()
+gc.collect()
+gc.disable()
+fork()
+out(garbage=gc.collect())
+stop.set()
+"""
+    s = run_scenario(code, tmp_path)
+    assert s.result["garbage"] == 0

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 import sys
-from _thread import RLock, get_native_id
+from _thread import RLock, get_ident, get_native_id
 from _thread import _local as thread_local
 
 from forksafe import _quiet
@@ -627,7 +627,7 @@ def _judge(
     try:
         from forksafe._check import check
 
-        report = check()
+        report = check(_current_frames=_other_threads_frames)
         if extra is not None:
             more = extra(report)
             if more:
@@ -655,6 +655,21 @@ def _judge(
     site = Site(user.f_code.co_filename, user.f_lineno, user.f_code.co_name)
     return _Decision(mechanism=mechanism, site=site, frame=user, report=report, action=action,
                      time=stamp)
+
+
+def _other_threads_frames() -> dict[int, types.FrameType]:
+    """``sys._current_frames()`` without the calling thread's own frame.
+
+    With it, the snapshot's frame table refers to the frame that is building
+    it, which refers to the snapshot: a reference cycle that keeps every
+    thread object the check looked at alive until the next garbage collection
+    — also in the child, where CPython's test_threading sees the parent's
+    main thread still in ``threading._dangling``. No probe looks at the
+    caller's own frames through this table.
+    """
+    frames = sys._current_frames()
+    frames.pop(get_ident(), None)
+    return frames
 
 
 def _announce(decision: _Decision, *, refusable: bool) -> None:
