@@ -131,3 +131,22 @@ _, status = os.waitpid(pid, 0)
 print("FORKSAFE-RESULT:" + json.dumps({{"exit": os.WEXITSTATUS(status)}}))
 """, tmp_path)
     assert s.result == {"exit": 3}
+
+
+def test_a_state_dir_others_can_write_is_not_used(tmp_path: pathlib.Path) -> None:
+    """Safe twin: a world-writable state directory (planted by someone else) gets no files."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    s = run_scenario(f"""
+import json, os
+from forksafe import _child
+os.environ["FORKSAFE_STATE_DIR"] = {str(shared)!r}
+pid = os.fork()
+if pid == 0:
+    _child.arm(os.getppid(), None)
+    os._exit(0)
+os.waitpid(pid, 0)
+print("FORKSAFE-RESULT:" + json.dumps({{"files": os.listdir({str(shared)!r})}}))
+""", tmp_path)
+    assert s.result == {"files": []}

@@ -82,3 +82,24 @@ def test_corrupt_and_foreign_files_are_one_line_exit_2(tmp_path: pathlib.Path) -
         assert proc.returncode == 2, (name, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith(start.rstrip(")").rstrip()), (name, proc.stderr)
+
+
+def test_identical_fates_fold_into_one_diagnosis() -> None:
+    """Five workers killed the same way, pids aside, read as one diagnosis and a count."""
+    forks = []
+    for i in range(5):
+        forks.append({
+            "parent_pid": 1, "child_pid": 100 + i, "time": 0, "mechanism": "multiprocessing",
+            "site": {"file": "app.py", "line": 7, "function": "main"}, "action": "warned",
+            "hazards": [{"kind": "native-runtime", "severity": "error",
+                         "summary": "gRPC core is active", "remedy": "use spawn",
+                         "evidence": {}}],
+            "outcome": {"status": "signaled", "signal": "SIGSEGV",
+                        "diagnosis": f"child {100 + i} was killed by SIGSEGV. fix: use spawn"}})
+    text = render_run({"schema": "forksafe-report/1", "command": ["app"], "exit_code": 1,
+                       "forks": forks})
+    assert "fork via multiprocessing at app.py:7 in main x5: warned" in text
+    assert "children: 5 killed by SIGSEGV" in text
+    assert "child 100 killed by SIGSEGV (and 4 more like it):" in text
+    assert text.count("was killed by SIGSEGV") == 1
+    assert "child 100 was killed by SIGSEGV (fix: see above)" in text

@@ -30,6 +30,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+import stat
 import sys
 import types
 
@@ -99,12 +100,18 @@ def arm(parent_pid: int, hang_timeout: float | None) -> None:
     """
     try:
         directory = state_dir()
-        path = crash_path(os.getpid(), directory=directory)
         try:
-            fd = os.open(path, _FLAGS, 0o600)
+            info = os.lstat(directory)
         except FileNotFoundError:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd = os.open(path, _FLAGS, 0o600)
+            info = os.lstat(directory)
+        # Only a directory of our own that no one else may write to: in a shared
+        # temporary directory another user could otherwise plant it and read our
+        # tracebacks, or swap files under us.
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or \
+                info.st_mode & 0o022:
+            return
+        fd = os.open(crash_path(os.getpid(), directory=directory), _FLAGS, 0o600)
         faulthandler.enable(file=fd, all_threads=True)
         if hasattr(signal, "SIGTRAP"):
             faulthandler.register(signal.SIGTRAP, file=fd, all_threads=True, chain=True)
