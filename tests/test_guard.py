@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
 import sys
 from typing import Any
 
@@ -793,3 +794,34 @@ stop.set()
 """
     s = run_scenario(code, tmp_path)
     assert s.result["garbage"] == 0
+
+
+@pytest.mark.parametrize("mechanism", ["os.fork()", "subprocess.Popen(['true'], preexec_fn=int)"])
+def test_fork_at_interpreter_shutdown_behaves_as_without_the_guard(
+    mechanism: str, tmp_path: pathlib.Path
+) -> None:
+    """At finalization the guard stands aside: the program gets CPython's own answer."""
+    results = []
+    for install in ("", "forksafe.install('warn')"):
+        code = f"""
+import os, subprocess, sys
+import forksafe
+{install}
+class AtFinalization:
+    def __del__(self):
+        try:
+            pid = {mechanism}
+            outcome = "forked"
+            if pid == 0:
+                os._exit(0)
+        except BaseException as exc:
+            outcome = type(exc).__name__ + ": " + str(exc)
+        sys.stdout.write("OUTCOME " + outcome + "\\n")
+keep = AtFinalization()
+"""
+        path = tmp_path / f"shutdown{len(results)}.py"
+        path.write_text(code)
+        proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                              timeout=60)
+        results.append((proc.stdout, proc.stderr))
+    assert results[0] == results[1]

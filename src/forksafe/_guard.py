@@ -516,9 +516,9 @@ def _copy_identity(wrapper: Any, original: Any) -> Any:
 
 def _wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
     def fork() -> int:
-        if _config is None:
+        decision = _guarded("os.fork", sys._getframe(1))
+        if decision is None:
             return original()
-        decision = _decide("os.fork", sys._getframe(1))
         pid: int = _run(original, decision)
         if pid:
             _forked(decision, pid)
@@ -529,9 +529,9 @@ def _wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
 
 def _wrap_forkpty(original: Callable[[], tuple[int, int]]) -> Callable[[], tuple[int, int]]:
     def forkpty() -> tuple[int, int]:
-        if _config is None:
+        decision = _guarded("os.forkpty", sys._getframe(1))
+        if decision is None:
             return original()
-        decision = _decide("os.forkpty", sys._getframe(1))
         result: tuple[int, int] = _run(original, decision)
         if result[0]:
             _forked(decision, result[0])
@@ -543,10 +543,12 @@ def _wrap_forkpty(original: Callable[[], tuple[int, int]]) -> Callable[[], tuple
 def _wrap_execute_child(original: Callable[..., None]) -> Callable[..., None]:
     def _execute_child(self: Any, args: Any, executable: Any, preexec_fn: Any,
                        *rest: Any, **kwargs: Any) -> None:
-        if _config is None or preexec_fn is None:
+        decision = None
+        if preexec_fn is not None:
+            decision = _guarded("subprocess-preexec_fn", sys._getframe(1),
+                                extra=lambda report: _preexec_hazards(report, preexec_fn))
+        if decision is None:
             return original(self, args, executable, preexec_fn, *rest, **kwargs)
-        decision = _decide("subprocess-preexec_fn", sys._getframe(1),
-                           extra=lambda report: _preexec_hazards(report, preexec_fn))
         _run(lambda: original(self, args, executable, preexec_fn, *rest, **kwargs), decision)
         pid = getattr(self, "pid", None)
         if isinstance(pid, int):
@@ -554,6 +556,31 @@ def _wrap_execute_child(original: Callable[..., None]) -> Callable[..., None]:
         return None
 
     return _copy_identity(_execute_child, original)  # type: ignore[no-any-return]
+
+
+def _guarded(
+    mechanism: str,
+    caller: types.FrameType,
+    *,
+    extra: Callable[[Report], tuple[Hazard, ...]] | None = None,
+) -> _Decision | None:
+    """The decision for a wrapped fork, or None to fork as if forksafe were not there.
+
+    None when the guard is off, at interpreter shutdown (where CPython itself
+    refuses ``fork`` with its own error, and imports no longer work), and when
+    forksafe itself fails: a bug of ours must never cost the program its fork.
+    Only a refusal (``ForkSafetyError``) or the program's own choice to turn
+    ``ForkSafetyWarning`` into an error stops it.
+    """
+    if _config is None or sys.is_finalizing():
+        return None
+    try:
+        return _decide(mechanism, caller, extra=extra)
+    except (ForkSafetyError, ForkSafetyWarning):
+        raise
+    except Exception as exc:
+        _report_failure("the fork guard", exc)
+        return None
 
 
 def _wrap_wait(original: Callable[..., WaitResult]) -> Callable[..., WaitResult]:
@@ -819,7 +846,7 @@ def _children_of_this_thread() -> set[int] | None:
 
 def _before_fork() -> None:
     """A fork that no wrapper saw is about to happen in this thread."""
-    if _config is None or getattr(_local, "busy", False):
+    if _config is None or getattr(_local, "busy", False) or sys.is_finalizing():
         return
     try:
         caller = sys._getframe(1)
