@@ -371,3 +371,15 @@ def test_crash_signals_cover_the_issue_list() -> None:
     """The signals that count as crashes include SIGTRAP, which faulthandler does not handle."""
     assert {"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGTRAP"} <= _outcome.CRASH_SIGNALS
     assert os.WIFSIGNALED(segv())
+
+
+def test_sweep_removes_only_empty_files_of_vanished_processes(tmp_path: pathlib.Path) -> None:
+    """Empty crash files of dead pids go; a live pid's file and any traceback stay."""
+    dead = 2**22 + 4321  # above the default pid_max: never a live process
+    (tmp_path / f"{dead}.crash").write_text("")
+    (tmp_path / f"{dead + 1}.crash").write_text(TRACE)
+    (tmp_path / f"{os.getpid()}.crash").write_text("")
+    (tmp_path / "notes.txt").write_text("")
+    assert _outcome.sweep(str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"{dead + 1}.crash", f"{os.getpid()}.crash", "notes.txt"])

@@ -79,7 +79,7 @@ def on_forked(event: ForkEvent, hang_timeout: float | None) -> None:
     """
     global _forks
     _forks += 1
-    if _forks % SWEEP_EVERY == 0:
+    if _forks % SWEEP_EVERY == 1:  # the first fork of each process, then every 256th
         sweep()
     if hang_timeout is None or event.child_pid is None or _supervised():
         return
