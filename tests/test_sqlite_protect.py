@@ -20,6 +20,7 @@ def test_inherited_connection_refuses_every_use_in_the_child(tmp_path: pathlib.P
         conn.commit()
         cur = conn.cursor()
         cur.execute("select 1 union all select 2")
+        shortcut = conn.execute("select 3")  # a cursor made by the execute() shortcut
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -35,6 +36,8 @@ def test_inherited_connection_refuses_every_use_in_the_child(tmp_path: pathlib.P
                 "cursor.execute": lambda: cur.execute("select 1 union all select 2"),
                 "cursor.fetchone": lambda: cur.fetchone(),
                 "cursor.iter": lambda: next(iter(cur)),
+                "shortcut.execute": lambda: shortcut.execute("select 3"),
+                "shortcut.loop": lambda: [row for row in shortcut],
                 "call": lambda: conn("select 5"),
             }
             for name, use in uses.items():
@@ -65,7 +68,7 @@ def test_inherited_connection_refuses_every_use_in_the_child(tmp_path: pathlib.P
     child = s.result["child"]
     assert child.pop("own") == [[42]]
     assert child == dict.fromkeys(child, expected)
-    assert len(child) == 11
+    assert len(child) == 13
     # The parent's own use goes on undisturbed, its cursor included.
     assert s.result["fetched"] == [[1], [2]]
     assert s.result["rows"] == [[7], [42]]
