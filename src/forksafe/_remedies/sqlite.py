@@ -414,7 +414,7 @@ def _make_cursor_class(base: type) -> type:
         guarded.__name__ = guarded.__qualname__ = name
         guarded.__doc__ = method.__doc__
         namespace[name] = guarded
-    iter_ = base.__iter__
+    iter_ = base.__iter__  # type: ignore[attr-defined]
 
     def __iter__(self: Any) -> Any:
         # Checked once per loop, not once per row (a Python __next__ would cost
