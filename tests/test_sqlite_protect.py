@@ -270,8 +270,10 @@ def test_protect_and_observe_compose_in_either_order(tmp_path: pathlib.Path) -> 
         imported_early = "sqlite3" in sys.modules
         import sqlite3
         original = sqlite3.connect.__wrapped__
+        alive = []  # the ledger keys origins by id(): keep ids from being reused
         def state():
             conn = sqlite3.connect(":memory:")
+            alive.append(conn)
             return [hasattr(type(conn), "_forksafe_protected"),
                     _ledger.connection_origin(conn) is not None]
         steps = [state()]
