@@ -139,10 +139,15 @@ def analyse(event: ForkEvent, seconds: float, *, directory: str,
     tasks = _procinfo.tasks(pid, proc=proc)
     reader = _procinfo.StackReader(pid, proc=proc)
     natives = [(t, reader.libraries(t)) for t in tasks if t.blocked_in is not None]
-    dump = request_dump(pid, directory=directory)
+    found_native = native_findings(natives, hazards)
+    # The dump signal interrupts the child's wait (restarted, or EINTR that Python
+    # retries); it is sent only when its answer matters: to find a lock, or to show
+    # the Python stacks of a child that is about to be reported anyway.
+    dump = ""
+    if found_native or any(_held_locks(h) for h in hazards):
+        dump = request_dump(pid, directory=directory)
     base = _procinfo.cwd(pid, proc=proc)
-    findings = lock_findings(parse_sections(dump), hazards, base=base)
-    findings += native_findings(natives, hazards)
+    findings = lock_findings(parse_sections(dump), hazards, base=base) + found_native
     if not findings:
         return None
     head = HUNG.format(pid=pid, forked=describe_fork(event), seconds=round(seconds, 1))
@@ -165,14 +170,10 @@ def lock_findings(sections: list[list[Site]], hazards: Sequence[Hazard], *,
 
     held = []
     for hazard in hazards:
-        if hazard.kind != "thread":
-            continue
-        locks = hazard.evidence.get("locks")
-        for lock in locks if isinstance(locks, list) else []:
-            if isinstance(lock, dict) and lock.get("locked") is not False and lock.get("lock"):
-                expr = str(lock["lock"])
-                token = re.split(r"[.\s]", expr.rstrip("()"))[-1]
-                held.append((hazard, expr, token, str(lock.get("at", "?"))))
+        for lock in _held_locks(hazard):
+            expr = str(lock["lock"])
+            token = re.split(r"[.\s]", expr.rstrip("()"))[-1]
+            held.append((hazard, expr, token, str(lock.get("at", "?"))))
     found: list[Finding] = []
     seen: set[int] = set()
     for frames in sections:
@@ -193,6 +194,15 @@ def lock_findings(sections: list[list[Site]], hazards: Sequence[Hazard], *,
                         started=_started(hazard), taken=_short_at(taken))
                     found.append(Finding(hazard, text))
     return found
+
+
+def _held_locks(hazard: Hazard) -> list[dict[str, Any]]:
+    """The ``with`` blocks a fork-time thread was inside whose lock may have been held."""
+    if hazard.kind != "thread":
+        return []
+    locks = hazard.evidence.get("locks")
+    return [lock for lock in (locks if isinstance(locks, list) else [])
+            if isinstance(lock, dict) and lock.get("locked") is not False and lock.get("lock")]
 
 
 def native_findings(natives: Sequence[tuple[_procinfo.Task, tuple[str, ...]]],
