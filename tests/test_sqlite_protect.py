@@ -47,6 +47,11 @@ def test_inherited_connection_refuses_every_use_in_the_child(tmp_path: pathlib.P
                 except forksafe.ForkSafetyError as exc:
                     results[name] = str(exc)
             own = sqlite3.connect("app.db")
+            try:
+                own.backup(conn)  # the inherited one as the target of a child's backup
+                results["backup-target"] = "allowed"
+            except forksafe.ForkSafetyError as exc:
+                results["backup-target"] = str(exc)
             own.execute("insert into t values (42)")
             own.commit()
             results["own"] = own.execute("select x from t").fetchall()
@@ -68,7 +73,7 @@ def test_inherited_connection_refuses_every_use_in_the_child(tmp_path: pathlib.P
     child = s.result["child"]
     assert child.pop("own") == [[42]]
     assert child == dict.fromkeys(child, expected)
-    assert len(child) == 13
+    assert len(child) == 14
     # The parent's own use goes on undisturbed, its cursor included.
     assert s.result["fetched"] == [[1], [2]]
     assert s.result["rows"] == [[7], [42]]

@@ -227,6 +227,8 @@ def _make_connection_class(base: type, module: types.ModuleType) -> type:
     for name in ("execute", "executemany", "executescript"):
         namespace[name] = _connection_shortcut(name, base, module)
     namespace["set_authorizer"] = _connection_set_authorizer(base)
+    if hasattr(base, "backup"):
+        namespace["backup"] = _connection_backup(base)
     namespace["__del__"] = _finalizer(getattr(base, "__del__", None), pin)
     return type(base.__name__, (base,), namespace)
 
@@ -338,6 +340,22 @@ def _connection_shortcut(name: str, base: type, module: types.ModuleType) -> Cal
     shortcut.__name__ = shortcut.__qualname__ = name
     shortcut.__doc__ = getattr(base, name).__doc__
     return shortcut
+
+
+def _connection_backup(base: type) -> Callable[..., Any]:
+    backup = base.backup  # type: ignore[attr-defined]
+    current = _current
+
+    def backup_(self: Any, target: Any, *args: Any, **kwargs: Any) -> Any:
+        """Back up into ``target``; both ends must belong to this process."""
+        for end in (self, target):
+            pid = getattr(end, "_forksafe_pid", None)
+            if pid is not None and pid != current[0]:
+                raise _refuse(end)  # backup writes pages into the target directly
+        return backup(self, target, *args, **kwargs)
+
+    backup_.__name__ = backup_.__qualname__ = "backup"
+    return backup_
 
 
 def _connection_set_authorizer(base: type) -> Callable[..., Any]:
