@@ -82,7 +82,7 @@ lib.native_mutex_hold.argtypes = [ctypes.c_double]
 lib.native_mutex_wait_held.argtypes = [ctypes.c_double]
 lib.native_mutex_hold({hold})
 lib.native_mutex_wait_held(5.0)
-time.sleep({settle})
+{settle}
 pid = os.fork()
 if pid == 0:
     lib.native_mutex_take()  # take-line
@@ -97,7 +97,7 @@ def test_child_stuck_in_c_holding_the_gil_is_reported(tmp_path: pathlib.Path,
                                                       native_dir: pathlib.Path) -> None:
     """Blocked in a C mutex with the GIL held: stacks read from outside name the library."""
     s = run_scenario(GIL_MUTEX.format(path=str(native_dir / "libnative_mutex.so"), hold=30.0,
-                                      settle=0.0), tmp_path, timeout=30)
+                                      settle=""), tmp_path, timeout=30)
     o = s.result["outcome"]
     assert o["status"] == "hung", o
     assert "inside libnative_mutex.so" in o["diagnosis"]
@@ -110,7 +110,8 @@ def test_mutex_released_before_fork_is_not_a_hang(tmp_path: pathlib.Path,
                                                   native_dir: pathlib.Path) -> None:
     """Safe twin: the holder let go before the fork; the child takes the mutex and exits."""
     s = run_scenario(GIL_MUTEX.format(path=str(native_dir / "libnative_mutex.so"), hold=0.05,
-                                      settle=0.3), tmp_path, timeout=30)
+                                      settle="lib.native_mutex_take()  # until released"),
+                     tmp_path, timeout=30)
     assert s.result["outcome"]["status"] == "exited", s.result
 
 
