@@ -186,9 +186,9 @@ seen = []
 for attempt in range(12):
     pid = os.fork()  # fork-line
     if pid == 0:
-        signal.alarm(10)
+        signal.alarm(5)
         try:
-            channel.unary_unary("/x.Y/Z")(b"", timeout=5)
+            channel.unary_unary("/x.Y/Z")(b"", timeout=3)
         finally:
             os._exit(0)
     os.waitpid(pid, 0)  # reap-line
