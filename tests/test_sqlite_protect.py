@@ -294,3 +294,18 @@ def test_protect_and_observe_compose_in_either_order(tmp_path: pathlib.Path) -> 
     assert s.result["steps"] == [[True, False], [True, True], [False, True], [True, True],
                                  [True, False]]
     assert s.result["restored"] is True
+
+
+def test_protect_imports_neither_sqlite3_nor_threading(tmp_path: pathlib.Path) -> None:
+    """Turning protection on loads nothing the program did not import (the guard relies on it)."""
+    s = run_scenario("""
+        import sys, forksafe
+        before = {"sqlite3", "threading"} & set(sys.modules)
+        forksafe.protect_sqlite()
+        after = {"sqlite3", "threading"} & set(sys.modules)
+        forksafe.unprotect_sqlite()
+        print("FORKSAFE-RESULT:" + __import__("json").dumps(
+            {"before": sorted(before), "after": sorted(after), "meta_path_restored":
+             not any("forksafe" in type(f).__module__ for f in sys.meta_path)}))
+    """, tmp_path, timeout=30)
+    assert s.result == {"before": [], "after": [], "meta_path_restored": True}

@@ -28,12 +28,18 @@ import importlib.abc
 import importlib.machinery
 import itertools
 import sys
-import threading
 import types
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from forksafe._frames import is_library_file
 from forksafe._report import Site
+
+if TYPE_CHECKING:
+    import threading
+
+# ``threading`` is imported only by observe()/unobserve(), never by importing
+# this module: SQLite protection imports it for ``set_connect_layer``, and the
+# guard starts observing on the program's own first ``import threading``.
 
 #: Frames kept per start site: enough to see past a thread pool to the user's call.
 DEPTH = 8
@@ -56,6 +62,8 @@ def observe() -> None:
     """Start recording thread start sites and SQLite connection sites. Idempotent."""
     if _state:
         return
+    import threading
+
     original_start = threading.Thread.start
     _state["thread_start"] = original_start
 
@@ -73,6 +81,8 @@ def unobserve() -> None:
     """Undo ``observe()`` exactly: the original functions are restored by identity."""
     if not _state:
         return
+    import threading
+
     threading.Thread.start = _state.pop("thread_start")  # type: ignore[method-assign]
     _state.clear()
     set_connect_layer("observe", None)
