@@ -337,3 +337,21 @@ def test_doctor_warns_about_nothing(recwarn: pytest.WarningsRecorder) -> None:
     warnings.simplefilter("always")
     doctor(**{**FAKES, "_sqlite": None})
     assert [str(w.message) for w in recwarn] == []
+
+
+def test_packages_without_record_are_found_on_disk(tmp_path: pathlib.Path) -> None:
+    """Without a RECORD, find_spec and a bounded walk find the libraries, importing nothing."""
+    s = run_scenario("""
+        import sys
+        from forksafe import _doctor
+        files = _doctor._files_on_disk(["grpc", "numpy", "no_such_package_here"])
+        found = _doctor.runtime_lines([_doctor.Distribution("grpcio", ("grpc",), files)])
+        emit(ids=[line.id for line in found],
+             imported=[m for m in ("grpc", "numpy") if m in sys.modules],
+             cygrpc=[f for f in files if "cygrpc" in f],
+             openblas=[f for f in files if "openblas" in f])
+    """, tmp_path, timeout=60)
+    assert s.result["imported"] == []
+    assert s.result["cygrpc"][0].startswith("grpc/_cython/cygrpc.")
+    assert s.result["openblas"][0].startswith("numpy.libs/")
+    assert "runtime:grpcio:grpc" in s.result["ids"]

@@ -464,15 +464,49 @@ def installed_distributions() -> list[Distribution]:
     for dist in importlib.metadata.distributions():
         try:
             name = dist.metadata["Name"] or "?"
-            files = tuple(str(f) for f in (dist.files or ())[:MAX_FILES])
+            recorded = dist.files
+            files = tuple(str(f) for f in (recorded or ())[:MAX_FILES])
             top = dist.read_text("top_level.txt")
         except Exception:  # a broken installation must not break the doctor
             continue
         if name.lower() in found:  # the first on sys.path wins, as for imports
             continue
         imports = tuple(t for t in (top or "").split() if t) or _top_level(files)
+        if recorded is None:  # no RECORD (some distro and conda packages): look on disk
+            files = _files_on_disk(imports)
         found[name.lower()] = Distribution(name, imports, files)
     return list(found.values())
+
+
+def _files_on_disk(imports: Iterable[str], *, max_depth: int = 3) -> tuple[str, ...]:
+    """Shared libraries under the packages ``imports`` name, found without importing them.
+
+    ``importlib.util.find_spec`` of a top-level name only searches the path;
+    the package directory and an auditwheel-style ``<name>.libs`` next to it
+    are then listed, a few levels deep, up to ``MAX_FILES`` entries.
+    """
+    import importlib.util
+
+    out: list[str] = []
+    for name in imports:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for location in spec.submodule_search_locations:
+            root = os.path.dirname(location)
+            for top in (location, location + ".libs"):
+                for directory, dirs, names in os.walk(top):
+                    depth = directory[len(top):].count(os.sep)
+                    if depth >= max_depth:
+                        dirs[:] = []
+                    out.extend(os.path.relpath(os.path.join(directory, n), root)
+                               for n in names if ".so" in n or n.endswith(".dylib"))
+                    if len(out) >= MAX_FILES:
+                        return tuple(out)
+    return tuple(out)
 
 
 def _top_level(files: Iterable[str]) -> tuple[str, ...]:
