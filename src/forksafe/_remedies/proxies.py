@@ -57,7 +57,8 @@ NOT_STARTED = "the helper process could not be started: {error}"
 _SYSTEM_PLATFORMS = ("darwin", "win32")
 
 _cache: dict[tuple[str, ...], dict[str, Any]] = {}
-_patched: list[tuple[Any, str, Any]] = []
+#: (module, name, urllib's function, forksafe's function) for each rebinding made.
+_patched: list[tuple[Any, str, Any, Any]] = []
 
 
 def getproxies(
@@ -141,15 +142,14 @@ def patch_urllib(
         for name, original in originals.items():
             if namespace.get(name) is original:  # a plain dict read: no module __getattr__
                 setattr(module, name, ours[name])
-                _patched.append((module, name, original))
+                _patched.append((module, name, original, ours[name]))
 
 
 def unpatch_urllib() -> None:
     """Undo ``patch_urllib()``: urllib's functions are put back by identity."""
     while _patched:
-        module, name, original = _patched.pop()
-        current = module.__dict__.get(name)
-        if getattr(current, "__qualname__", "").startswith("patch_urllib."):
+        module, name, original, ours = _patched.pop()
+        if module.__dict__.get(name) is ours:  # not rebound by someone else since
             setattr(module, name, original)
 
 
