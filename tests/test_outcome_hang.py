@@ -225,3 +225,22 @@ while True:
 print("FORKSAFE-RESULT:" + json.dumps({"ok": reaped == [pid]}))
 """, tmp_path, timeout=30)
     assert s.result == {"ok": True}
+
+
+def test_hang_watching_adds_no_thread_to_the_program(tmp_path: pathlib.Path) -> None:
+    """install(hang_timeout=...) watches from another process: no thread is added here."""
+    s = run_scenario("""
+import json, os, time, forksafe
+forksafe.install("log", hang_timeout=0.5)
+before = sorted(os.listdir("/proc/self/task"))
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+time.sleep(0.2)
+after = sorted(os.listdir("/proc/self/task"))
+again = forksafe.check()
+print("FORKSAFE-RESULT:" + json.dumps({"same": before == after,
+                                       "hazards": [h.kind for h in again.hazards]}))
+""", tmp_path, timeout=30)
+    assert s.result == {"same": True, "hazards": []}
