@@ -210,6 +210,7 @@ def test_merge_prefers_hung_and_uses_a_childs_own_record_only_as_a_fallback() ->
     assert [(f["child_pid"], f["mechanism"]) for f in report["forks"]] == [(2, "os.fork"),
                                                                           (3, "preexec")]
     assert report["forks"][0]["outcome"]["status"] == "hung"
+    assert report["forks"][1]["outcome"]["status"] == "unknown", "never reaped where we saw it"
 
 
 # -- usage errors -------------------------------------------------------------------------

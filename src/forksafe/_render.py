@@ -147,7 +147,8 @@ def render_events(command: object, exit_code: object, events: list[ForkEvent]) -
         first = group[0]
         where = f" at {_site_text(first.site.to_dict())}" if first.site else ""
         count = f" x{len(group)}" if len(group) > 1 else ""
-        troubled = [e for e in group if e.outcome is not None and e.outcome.status != "exited"]
+        troubled = [e for e in group if e.outcome is not None
+                    and e.outcome.status not in ("exited", "unknown")]
         if not first.report.hazards and not troubled:
             quiet.append(f"{first.mechanism}{where}{count}")
             continue
@@ -181,7 +182,7 @@ def _render_outcomes(group: list[ForkEvent]) -> list[str]:
             continue
         label = _fate(outcome)
         counts[label] = counts.get(label, 0) + 1
-        if outcome.status != "exited" or outcome.diagnosis:
+        if outcome.status not in ("exited", "unknown") or outcome.diagnosis:
             key = (outcome.status, outcome.signal, _digits(outcome.diagnosis or ""))
             fates.setdefault(key, []).append(event)
     lines = ["  children: " + ", ".join(f"{n} {label}" for label, n in counts.items())]

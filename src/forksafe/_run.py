@@ -362,6 +362,10 @@ def merge(command: list[str], code: int, records: list[dict[str, Any]],
         target["outcome"] = record["outcome"]
     if state is not None:
         _orphan_crashes(by_child.values(), state)
+    for entry in by_child.values():
+        # Reaped by code the guard does not wrap (subprocess), or still running when
+        # COMMAND ended: what became of it is not known.
+        entry.setdefault("outcome", Outcome("unknown").to_dict())
     return {"schema": SCHEMA, "command": command, "exit_code": code, "forks": forks}
 
 
