@@ -358,13 +358,40 @@ def _start_observing(threading: types.ModuleType) -> None:
         _owned["observe"] = True
 
 
+class _Lazy:
+    """What the fork path needs, imported once at the first fork and then bound here.
+
+    An ``import`` statement on every fork is a lookup in ``sys.modules`` plus a
+    look at the module's spec: small, but after a fork every page written costs a
+    copy-on-write fault, so the hot path touches as few objects as it can.
+    """
+
+    check: Callable[..., Report]
+    is_library_file: Callable[[str], bool]
+    time: Callable[[], float]
+    ForkEvent: type[ForkEvent]
+    Report: type[Report]
+    Site: type[Site]
+
+
 def _load_followers() -> None:
     """Import the follower and the check before the first fork (never in a child)."""
     global _child_module, _outcome_module, _followers_loaded
+    import time
+
+    from forksafe._check import check
+    from forksafe._frames import is_library_file
+    from forksafe._report import ForkEvent, Report, Site
+
+    _Lazy.check = check
+    _Lazy.is_library_file = is_library_file
+    _Lazy.time = time.time
+    _Lazy.ForkEvent = ForkEvent
+    _Lazy.Report = Report
+    _Lazy.Site = Site
     _followers_loaded = True
     _child_module = _optional("forksafe._child")
     _outcome_module = _optional("forksafe._outcome")
-    _optional("forksafe._check")
     if sys.version_info >= (3, 12):
         _silence_cpython_duplicate()
 
@@ -644,17 +671,12 @@ def _judge(
 ) -> _Decision:
     if not _followers_loaded:
         _load_followers()
-    import time
-
-    from forksafe._report import Report, Site
-
+    lazy = _Lazy
     config = _config or Config()
     mechanism, user = _locate(caller, mechanism)
-    stamp = time.time()
+    stamp = lazy.time()
     try:
-        from forksafe._check import check
-
-        report = check(_current_frames=_other_threads_frames)
+        report = lazy.check(_current_frames=_other_threads_frames)
         if extra is not None:
             more = extra(report)
             if more:
@@ -666,7 +688,7 @@ def _judge(
 
         _report_failure("the fork-time check", exc)
         error = f"{type(exc).__name__}: {exc}"
-        report = Report(hazards=(Hazard(
+        report = lazy.Report(hazards=(Hazard(
             "probe-error", Severity.INFO, f"the fork-time check failed: {error}",
             "the fork went on unchecked; please report the error", {"error": error},
         ),))
@@ -679,7 +701,7 @@ def _judge(
             action = "warned"
         else:
             action = "logged"
-    site = Site(user.f_code.co_filename, user.f_lineno, user.f_code.co_name)
+    site = lazy.Site(user.f_code.co_filename, user.f_lineno, user.f_code.co_name)
     return _Decision(mechanism=mechanism, site=site, frame=user, report=report, action=action,
                      time=stamp)
 
@@ -733,8 +755,7 @@ def _warn_at(message: str, target: types.FrameType | None) -> None:
 
 def _locate(caller: types.FrameType, mechanism: str) -> tuple[str, types.FrameType]:
     """The mechanism, named by the library frames above ``caller``, and the user's frame."""
-    from forksafe._frames import is_library_file
-
+    is_library_file = _Lazy.is_library_file
     frame: types.FrameType | None = caller
     while frame is not None:
         filename = frame.f_code.co_filename
@@ -758,9 +779,7 @@ def _where(site: Site | None) -> str:
 
 
 def _event(decision: _Decision, child_pid: int | None) -> ForkEvent:
-    from forksafe._report import ForkEvent
-
-    return ForkEvent(
+    return _Lazy.ForkEvent(
         parent_pid=os.getpid(), child_pid=child_pid, time=decision.time,
         mechanism=decision.mechanism, site=decision.site, action=decision.action,
         report=decision.report,
