@@ -31,15 +31,44 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from forksafe._frames import is_library_file
 from forksafe._report import Site
 
 if TYPE_CHECKING:
     import threading
 
-# ``threading`` is imported only by observe()/unobserve(), never by importing
-# this module: SQLite protection imports it for ``set_connect_layer``, and the
-# guard starts observing on the program's own first ``import threading``.
+# ``threading`` is imported only by observe()/unobserve(), and ``_frames``
+# (which imports ``sysconfig``, which imports ``threading`` on 3.13) only when
+# a wrapper is installed, never by importing this module: SQLite protection
+# imports it for ``set_connect_layer``, and the guard starts observing on the
+# program's first ``import threading`` — which must not happen while this
+# module is only half imported.
+
+
+def _bind_library_test(filename: str) -> bool:
+    """Stands in for ``_frames.is_library_file`` until the real one can be bound."""
+    _bind()
+    if _is_library is _bind_library_test:
+        return False  # _frames is still being imported further up this stack
+    return _is_library(filename)
+
+
+_is_library: Callable[[str], bool] = _bind_library_test
+
+
+def _bind() -> None:
+    """Bind ``_frames.is_library_file``, unless ``_frames`` is only half imported.
+
+    That happens when importing ``_frames`` itself imports ``threading``
+    (through ``sysconfig`` on 3.13) and the guard's import hook starts
+    observing right then; the stand-in binds on a later call instead.
+    """
+    global _is_library
+    if _is_library is _bind_library_test:
+        try:
+            from forksafe._frames import is_library_file
+        except ImportError:
+            return
+        _is_library = is_library_file
 
 #: Frames kept per start site: enough to see past a thread pool to the user's call.
 DEPTH = 8
@@ -62,8 +91,11 @@ def observe() -> None:
     """Start recording thread start sites and SQLite connection sites. Idempotent."""
     if _state:
         return
+    _bind()
     import threading
 
+    if _state:  # observe() ran meanwhile, from the import of threading above
+        return
     original_start = threading.Thread.start
     _state["thread_start"] = original_start
 
@@ -120,7 +152,7 @@ def _raw_frames(frame: types.FrameType | None) -> RawFrames:
     while frame is not None and len(out) < DEPTH:
         code = frame.f_code
         out.append((code, frame.f_lineno))
-        if not is_library_file(code.co_filename):
+        if not _is_library(code.co_filename):
             break
         frame = frame.f_back
     return tuple(out)
@@ -157,6 +189,9 @@ def set_connect_layer(name: str, make: ConnectLayer | None) -> None:
     """
     if name not in LAYER_ORDER:
         raise ValueError(f"unknown connect layer {name!r}")
+    _bind()  # first: it may import threading, and so run observe() right here
+    if make is not None and _layers.get(name) is make:
+        return
     if make is None:
         _layers.pop(name, None)
     else:
@@ -204,7 +239,7 @@ def _rebuild(sqlite3: types.ModuleType) -> None:
 def _origin_layer(original: Callable[..., Any]) -> Callable[..., Any]:
     origins = _connection_origins
     getframe = sys._getframe
-    library = is_library_file
+    library = _is_library
 
     def connect(*args: Any, **kwargs: Any) -> Any:
         # The hot path of a program that connects per request: kept to a frame

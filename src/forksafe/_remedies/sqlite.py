@@ -53,7 +53,7 @@ import types
 import weakref
 from typing import Any, Callable
 
-from forksafe import _frames, _ledger
+from forksafe import _ledger
 from forksafe._errors import ForkSafetyError
 
 CONNECTION_INHERITED = (
@@ -153,6 +153,8 @@ def _arm(connection: Any, module: types.ModuleType, frames: _ledger.RawFrames) -
 
 def message(connection: Any) -> str:
     """The text of the error raised when ``connection`` is used in another process."""
+    from forksafe import _frames
+
     frames = getattr(connection, "_forksafe_frames", None)
     site = _frames.user_site(_ledger.sites(frames)) if frames else None
     where = _frames.where(site) if site is not None else UNKNOWN_SITE
