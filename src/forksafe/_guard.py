@@ -66,10 +66,13 @@ FAIL_ON = ("warning", "error")
 HISTORY_SIZE = 1000
 CHILDREN_SIZE = 1000
 
-FORK_WARNING = "forksafe: {mechanism} at {where} forked while it was unsafe.\n{report}"
+FORK_WARNING = (
+    "forksafe: {mechanism} at {where} forked (pid {pid}, thread {thread!r}) while that was "
+    "unsafe: {counts}. Details and fixes below; docs/guard.md explains the policies.\n\n{hazards}"
+)
 FORK_REFUSED = (
     "forksafe refused {mechanism} at {where}: {count} hazard(s) at or above {level!r} would "
-    "break the child (policy 'raise'); no child was created.\n{report}"
+    "break the child (policy 'raise'); no child was created.\n\n{hazards}"
 )
 UNREFUSABLE_NOTE = (
     "\n(This fork bypassed forksafe's wrappers: C code calling fork(), or `fork` bound "
@@ -731,14 +734,34 @@ def _announce(decision: _Decision, *, refusable: bool) -> None:
         count = len(decision.report.at_least(Severity(config.fail_on)))
         raise ForkSafetyError(FORK_REFUSED.format(
             mechanism=decision.mechanism, where=_where(decision.site), count=count,
-            level=str(Severity(config.fail_on)), report=decision.report,
+            level=str(Severity(config.fail_on)), hazards=_hazards_text(decision.report),
         ), decision.report)
     if decision.action == "warned":
-        message = FORK_WARNING.format(mechanism=decision.mechanism, where=_where(decision.site),
-                                      report=decision.report)
+        report = decision.report
+        message = FORK_WARNING.format(
+            mechanism=decision.mechanism, where=_where(decision.site), pid=report.pid,
+            thread=report.thread, counts=_counts(report), hazards=_hazards_text(report))
         if not refusable and config.policy == "raise":
             message += UNREFUSABLE_NOTE
         _warn_at(message, decision.frame)
+
+
+def _hazards_text(report: Report) -> str:
+    from forksafe._render import render_hazards
+
+    return "\n".join(render_hazards(report.sorted_hazards())).rstrip()
+
+
+def _counts(report: Report) -> str:
+    """``"1 error, 2 warnings"``: the hazards at warning level and above."""
+    from forksafe._report import Severity
+
+    parts = []
+    for severity in (Severity.ERROR, Severity.WARNING):
+        n = sum(1 for h in report.hazards if h.severity == severity)
+        if n:
+            parts.append(f"{n} {severity}{'s' if n != 1 else ''}")
+    return ", ".join(parts)
 
 
 def _warn_at(message: str, target: types.FrameType | None) -> None:
