@@ -24,11 +24,12 @@ How use is intercepted, given that ``sqlite3.Connection`` is a C type:
 * ``cursor()`` returns a subclass of ``sqlite3.Cursor`` with the same check on
   ``execute``/``fetch*``/iteration, so a cursor made before the fork and used
   (executed again, or read further) in the child is refused as well.
-* As a second line for the paths that never reach Python code — a
-  ``sqlite3.Cursor(conn)`` made directly and run with cached SQL — an authorizer makes
+* As a second line, for a child whose ``fork()`` ran no Python fork hooks
+  (a C extension calling ``fork()`` directly, see below), an authorizer makes
   every statement *prepared* in another process fail with SQLite's "not
-  authorized" before it runs. A progress handler was considered and rejected:
-  SQLite answers an interrupted write statement by rolling the whole
+  authorized" before it runs (statements already prepared and cached are not
+  seen by it). A progress handler was considered and rejected: SQLite answers
+  an interrupted write statement by rolling the whole
   transaction back, which in the child is exactly the corruption to avoid.
 
 The current pid is read from a one-element list that an
