@@ -18,7 +18,7 @@ static int poisoned = 0;
 
 static void *worker(void *arg) {
     (void)arg;
-    pthread_setname_np(pthread_self(), "fake-dispatch-worker");
+    pthread_setname_np(pthread_self(), "fakedispatch-wk");
     for (;;)
         pause();
     return NULL;
