@@ -149,3 +149,16 @@ def test_public_name_is_this_function() -> None:
     import forksafe
 
     assert forksafe.get_context is context.get_context
+
+
+def test_active_gnu_openmp_pool_rules_out_fork(tmp_path: pathlib.Path,
+                                               native_dir: pathlib.Path) -> None:
+    """A GNU OpenMP pool that ran (native threads, no Python thread) means not fork."""
+    s = run_scenario(f"""
+        import ctypes, forksafe
+        lib = ctypes.CDLL({str(native_dir / "libomp_pool.so")!r})
+        loaded_only = forksafe.get_context().get_start_method()
+        lib.omp_pool_run(100000)
+        emit(loaded_only=loaded_only, active=forksafe.get_context().get_start_method())
+    """, tmp_path, timeout=30, env={"OMP_NUM_THREADS": "2"})
+    assert (s.result["loaded_only"], s.result["active"]) == ("fork", "forkserver")
