@@ -10,7 +10,9 @@ from forksafe._report import Severity
 MATCHES = {
     "gnu-openmp": ["/usr/lib/x86_64-linux-gnu/libgomp.so.1",
                    "/venv/site-packages/scikit_learn.libs/libgomp-a34b3233.so.1.0.0"],
-    "llvm-openmp": ["/usr/lib/llvm-14/lib/libomp.so.5", "/opt/homebrew/opt/libomp/lib/libomp.dylib"],
+    "llvm-openmp": [
+        "/usr/lib/llvm-14/lib/libomp.so.5", "/opt/homebrew/opt/libomp/lib/libomp.dylib",
+    ],
     "intel-openmp": ["/opt/intel/lib/libiomp5.so"],
     "openblas": ["/venv/numpy.libs/libscipy_openblas64_-32a4b2a6.so",
                  "/venv/numpy.libs/libopenblas64_p-r0-0cf96a72.3.23.dev.so"],

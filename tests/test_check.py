@@ -11,6 +11,7 @@ import pathlib
 import textwrap
 
 import pytest
+
 from conftest import run_scenario
 
 SEVERITY = {"info": 1, "warning": 2, "error": 3}
@@ -23,7 +24,9 @@ def at_most_info(hazards: list[dict[str, object]]) -> bool:
 # -- GNU OpenMP --------------------------------------------------------------------
 
 
-def test_active_gnu_openmp_pool_is_an_error(tmp_path: pathlib.Path, native_dir: pathlib.Path) -> None:
+def test_active_gnu_openmp_pool_is_an_error(
+    tmp_path: pathlib.Path, native_dir: pathlib.Path
+) -> None:
     """A libgomp pool that ran a parallel region is reported as an error naming OpenMP."""
     s = run_scenario(f"""
         import ctypes
@@ -270,7 +273,9 @@ def test_numpy_with_openblas_threads_is_at_most_info(tmp_path: pathlib.Path) -> 
 # -- native threads, CUDA, libdispatch fakes -------------------------------------------
 
 
-def test_unknown_native_thread_is_a_warning(tmp_path: pathlib.Path, native_dir: pathlib.Path) -> None:
+def test_unknown_native_thread_is_a_warning(
+    tmp_path: pathlib.Path, native_dir: pathlib.Path
+) -> None:
     """A C thread no runtime accounts for is reported with its name and owner library."""
     s = run_scenario(f"""
         import ctypes

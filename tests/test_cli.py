@@ -124,7 +124,7 @@ def test_explain_corrupt_or_foreign_file_is_one_line(
     proc = forksafe("explain", "r.json", cwd=project)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert proc.stderr.startswith(message.split("(")[0].rstrip(": ")), proc.stderr
+    assert proc.stderr.startswith(message.split("(", maxsplit=1)[0].rstrip(": ")), proc.stderr
 
 
 def test_explain_missing_file(project: pathlib.Path) -> None:

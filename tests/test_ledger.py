@@ -6,7 +6,6 @@ import pathlib
 import threading
 
 from conftest import run_scenario
-
 from forksafe import _ledger
 
 

@@ -8,8 +8,8 @@ import pathlib
 import sys
 
 import pytest
-from conftest import run_scenario
 
+from conftest import run_scenario
 from forksafe._platform import LoadedLibrary
 from forksafe._platform import _linux as linux
 

@@ -9,7 +9,9 @@ import pytest
 from forksafe import ForkEvent, Hazard, Outcome, Report, Severity, Site
 
 
-def hazard(kind: str = "thread", severity: Severity = Severity.WARNING, **evidence: object) -> Hazard:
+def hazard(
+    kind: str = "thread", severity: Severity = Severity.WARNING, **evidence: object
+) -> Hazard:
     return Hazard(kind, severity, f"{kind} summary", f"{kind} remedy", dict(evidence))
 
 
@@ -40,8 +42,10 @@ def test_info_only_report_is_safe_but_warning_is_not() -> None:
 
 def test_sorted_hazards_put_the_worst_first() -> None:
     """Errors before warnings before info; kinds keep probe order within a level."""
-    hazards = (hazard("thread", Severity.WARNING), hazard("native-runtime", Severity.ERROR),
-               hazard("sqlite-connection", Severity.WARNING), hazard("native-runtime", Severity.INFO))
+    hazards = (
+        hazard("thread", Severity.WARNING), hazard("native-runtime", Severity.ERROR),
+        hazard("sqlite-connection", Severity.WARNING), hazard("native-runtime", Severity.INFO),
+    )
     kinds = [(h.kind, h.severity) for h in Report(hazards).sorted_hazards()]
     assert kinds == [("native-runtime", Severity.ERROR), ("thread", Severity.WARNING),
                      ("sqlite-connection", Severity.WARNING), ("native-runtime", Severity.INFO)]
@@ -65,7 +69,8 @@ def test_to_dict_is_json_and_round_trips() -> None:
     assert data["schema"] == "forksafe-report/1"
     assert data["parent_pid"] == 42
     assert data["max_severity"] == "error"
-    assert data["hazards"][0] == {"kind": "thread", "severity": "error", "summary": "thread summary",
+    assert data["hazards"][0] == {"kind": "thread", "severity": "error",
+                                  "summary": "thread summary",
                                   "remedy": "thread remedy", "evidence": {"path": "/lib/x.so"}}
     again = Report.from_dict(data)
     assert again.hazards == report.hazards

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Check which SQLite library sqlite3 uses, the default start method, CPython's "
             "fork warning, fork-related environment variables and installed fork-unsafe "
-            "runtimes; each line gets a verdict (ok / note / problem) and a fix."
+            "runtimes; each line gets a verdict (ok / note / problem) and a fix. Exit 0 "
+            "when there is no problem, 1 when there is one, 2 on usage errors."
         ),
     )
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -117,6 +118,18 @@ def _seconds(text: str) -> float:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except BrokenPipeError:
+        # `forksafe doctor --json | head`: the reader left; say nothing more. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_CLEAN
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "check":
             return _check(args)
