@@ -312,3 +312,128 @@ def test_protect_imports_neither_sqlite3_nor_threading(tmp_path: pathlib.Path) -
     assert s.result["after"] == s.result["before"]
     assert "sqlite3" not in s.result["after"]
     assert s.result["meta_path_restored"] is True
+
+
+TRANSPARENCY = """
+    import sqlite3, sys, threading, forksafe
+    if {protect}:
+        forksafe.protect_sqlite()
+    seen = {{}}
+    log = []
+
+    class Logging(sqlite3.Connection):
+        def execute(self, sql, *args):
+            log.append(sql)
+            return super().execute(sql, *args)
+        def cursor(self):  # takes no factory, as many programs' overrides do
+            return super().cursor(Rows)
+        @staticmethod
+        def double(x):
+            return 2 * x
+        @classmethod
+        def kind(cls):
+            return cls.__name__
+        helper = staticmethod(len)
+
+    class Rows(sqlite3.Cursor):
+        pass
+
+    mine = sqlite3.connect(":memory:", factory=Logging)
+    seen["override"] = [mine.execute("select 1").fetchone()[0], log,
+                        type(mine.cursor()).__name__, mine.double(4), mine.kind(),
+                        mine.helper("abc"), isinstance(mine, Logging)]
+    conn = sqlite3.connect(":memory:")
+    seen["repr"] = [repr(conn).split(" at ")[0], repr(conn.cursor()).split(" at ")[0],
+                    isinstance(conn, sqlite3.Connection), type(conn).__name__]
+    with conn:
+        conn.execute("create table t(a, b)")
+        conn.executemany("insert into t values (?, ?)", [(1, "x"), (2, "y")])
+    try:
+        with conn:
+            conn.execute("insert into t values (3, 'z')")
+            raise KeyError("roll back")
+    except KeyError:
+        pass
+    conn.row_factory = sqlite3.Row
+    row = conn.execute("select a, b from t where a = 2").fetchone()
+    seen["row"] = [row["b"], list(row.keys()), conn.execute("select count(*) from t").fetchone()[0]]
+    conn.row_factory = None
+    seen["dump"] = list(conn.iterdump())
+    target = sqlite3.connect(":memory:")
+    conn.backup(target)
+    seen["backup"] = target.execute("select a from t order by a").fetchall()
+    conn.create_function("twice", 1, lambda v: 2 * v)
+    seen["function"] = conn.execute("select twice(a) from t order by a").fetchall()
+    uri = sqlite3.connect("file:mem1?mode=memory&cache=shared", uri=True,
+                          check_same_thread=False)
+    out = []
+    worker = threading.Thread(target=lambda: out.append(uri.execute("select 7").fetchone()))
+    worker.start(); worker.join()
+    seen["uri-thread"] = out
+    try:
+        sqlite3.connect(":memory:").cursor().execute("select 1").connection.cursor().execute(
+            "no such statement")
+    except sqlite3.OperationalError as exc:
+        seen["error"] = str(exc)
+    if sys.version_info >= (3, 12):
+        auto = sqlite3.connect(":memory:", autocommit=False)
+        seen["autocommit"] = [auto.autocommit, auto.in_transaction]
+        auto.autocommit = True
+        seen["autocommit"].append(auto.in_transaction)
+    conn.close()
+    try:
+        conn.execute("select 1")
+    except sqlite3.ProgrammingError as exc:
+        seen["closed"] = str(exc)
+    emit(seen=seen)
+"""
+
+
+def test_protection_changes_nothing_for_a_program_that_does_not_fork(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Factories with overrides, static methods, rows, dumps, backup, uri: as unprotected."""
+    plain = run_scenario(TRANSPARENCY.format(protect=False), tmp_path, timeout=30)
+    protected = run_scenario(TRANSPARENCY.format(protect=True), tmp_path, timeout=30)
+    assert plain.returncode == 0, plain.stderr
+    assert protected.returncode == 0, protected.stderr
+    assert protected.result["seen"] == plain.result["seen"]
+    assert plain.result["seen"]["override"] == [1, ["select 1"], "Rows", 8, "Logging", 3, True]
+    assert plain.result["seen"]["repr"][0] == "<sqlite3.Connection object"
+
+
+def test_factory_overriding_execute_is_still_refused_in_the_child(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A factory's own execute()/cursor() run in the parent, and are refused in the child."""
+    s = run_scenario("""
+        import os, sqlite3, json, forksafe
+        forksafe.protect_sqlite()
+        class Logging(sqlite3.Connection):
+            def execute(self, sql, *args):
+                return super().execute(sql, *args)
+            def cursor(self):
+                return super().cursor()
+        conn = sqlite3.connect("app.db", factory=Logging)
+        conn.execute("create table t(x)")
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            results = {}
+            for name, use in (("execute", lambda: conn.execute("insert into t values (1)")),
+                              ("cursor", lambda: conn.cursor())):
+                try:
+                    use()
+                    results[name] = "allowed"
+                except forksafe.ForkSafetyError:
+                    results[name] = "refused"
+            os.write(w, json.dumps(results).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            child = json.loads(f.read())
+        os.waitpid(pid, 0)
+        emit(child=child, rows=conn.execute("select count(*) from t").fetchone()[0])
+    """, tmp_path, timeout=30)
+    assert s.result["child"] == {"execute": "refused", "cursor": "refused"}
+    assert s.result["rows"] == 0

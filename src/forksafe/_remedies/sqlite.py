@@ -208,27 +208,51 @@ def _protected_class(base: Any, module: types.ModuleType) -> type | None:
     return cls
 
 
+def _static(cls: type, name: str) -> Any:
+    """``name`` as stored in the class (or a base) dict: no descriptor is invoked."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            return klass.__dict__[name]
+    return None
+
+
+#: What a class may store that ``obj.name(...)`` calls with ``obj`` as first argument.
+_METHOD_TYPES = (types.FunctionType, types.MethodDescriptorType, types.WrapperDescriptorType)
+
+
 def _make_connection_class(base: type, module: types.ModuleType) -> type:
     pin = _pinner()
+    # Same name, module and qualname as ``base``: repr() and logs of a protected
+    # connection read exactly as without protection.
     namespace: dict[str, Any] = {"_forksafe_protected": True, "__doc__": base.__doc__,
+                                 "__module__": base.__module__,
+                                 "__qualname__": base.__qualname__,
                                  "_forksafe_pid": None, "_forksafe_frames": None}
+    plain = module.Connection
     for name in dir(base):
         if name in _HARMLESS or name in _SETTERS or name == "total_changes":
             continue
         if name.startswith("__") and name not in ("__enter__", "__exit__", "__call__"):
             continue
-        value = getattr(base, name)
-        if isinstance(value, type) or not callable(value):
-            continue  # exception classes, properties
-        namespace[name] = _guarded_method(name, value)
+        # Only what is called as a method with the connection first: a program's
+        # factory may also hold static and class methods, nested classes or
+        # other callables, which must reach its code exactly as they would.
+        if not isinstance(_static(base, name), _METHOD_TYPES):
+            continue
+        namespace[name] = _guarded_method(name, getattr(base, name))
     for name in _SETTERS:
         if hasattr(base, name):
             namespace[name] = _guarded_property(name, base)
     namespace["total_changes"] = _total_changes(base, module)
     namespace["close"] = _connection_close(base, pin)
-    namespace["cursor"] = _connection_cursor(base, module)
+    # A factory that overrides cursor() or execute() gets its own method run
+    # (guarded above, at the connection): calling our versions instead would
+    # skip the program's code, and pass a cursor factory its cursor() may not take.
+    if base.cursor is plain.cursor:  # type: ignore[attr-defined]
+        namespace["cursor"] = _connection_cursor(base, module)
     for name in ("execute", "executemany", "executescript"):
-        namespace[name] = _connection_shortcut(name, base, module)
+        if getattr(base, name) is getattr(plain, name):
+            namespace[name] = _connection_shortcut(name, base, module)
     namespace["set_authorizer"] = _connection_set_authorizer(base)
     if hasattr(base, "backup"):
         namespace["backup"] = _connection_backup(base)
@@ -420,6 +444,8 @@ def _make_cursor_class(base: type) -> type:
     # Slots, not a __dict__: one cursor is made per execute(), and a slot is
     # both cheaper to set there and cheaper to read on every fetch.
     namespace: dict[str, Any] = {"_forksafe_protected": True, "__doc__": base.__doc__,
+                                 "__module__": base.__module__,
+                                 "__qualname__": base.__qualname__,
                                  "__slots__": ("_forksafe_pid", "_forksafe_detached")}
     current = _current
     for name in _CURSOR_METHODS:
