@@ -12,8 +12,9 @@ sides see the same machine. Cases, as issue 3 asks:
 No-fork overhead: a workload that never forks (JSON, regular expressions, a
 few thread starts) with and without the guard installed: target <= 1.01x.
 
-The follower's hooks (``_outcome.on_forked``, ``_child.arm``) run as in
-production; no hang timeout is set.
+The follower's hooks (``_outcome.on_forked``/``on_reaped``, ``_child.arm``) run
+as in production (no hang timeout is set); one extra line shows the clean case
+without them, to tell the guard's own cost from the follower's.
 """
 
 from __future__ import annotations
@@ -67,12 +68,25 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * PAGE / MB
 
 
-def fork_case(name: str, policy: str, rounds: int, per_round: int, target: float | None) -> float:
-    base, cand = interleaved(
-        lambda: forks(per_round), lambda: forks(per_round), rounds,
-        setup_candidate=lambda: forksafe.install(policy),
-        teardown_candidate=forksafe.uninstall,
-    )
+def fork_case(name: str, policy: str, rounds: int, per_round: int, target: float | None,
+              *, follower: bool = True) -> float:
+    """Bare forks against guarded forks; ``follower=False`` leaves out the child follower."""
+    from forksafe import _guard
+
+    _guard._load_followers()
+    modules = (_guard._child_module, _guard._outcome_module)
+
+    def setup() -> None:
+        forksafe.install(policy)
+        if not follower:
+            _guard._child_module = _guard._outcome_module = None
+
+    def teardown() -> None:
+        forksafe.uninstall()
+        _guard._child_module, _guard._outcome_module = modules
+
+    base, cand = interleaved(lambda: forks(per_round), lambda: forks(per_round), rounds,
+                             setup_candidate=setup, teardown_candidate=teardown)
     print(line(name, base / per_round, cand / per_round, target), flush=True)
     return (cand - base) / per_round
 
@@ -84,6 +98,8 @@ def main() -> None:
     print(f"resident memory: {rss_mb():.0f} MB; {rounds} rounds x {per_round} forks per side")
     print("(times are per fork: fork + child _exit + parent waitpid)")
     fork_case("clean process, policy warn", "warn", rounds, per_round, 1.05)
+    fork_case("  the same, child follower left out", "warn", rounds, per_round, None,
+              follower=False)
 
     stop = threading.Event()
     threads: list[threading.Thread] = []
