@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import sys
 import textwrap
 import time
@@ -87,10 +88,13 @@ def test_helper_reads_system_settings_out_of_process(tmp_path: pathlib.Path) -> 
         import os, sys, forksafe
         sys.path.insert(0, {str(fake)!r})  # importing _scproxy here would succeed and show
         seams = dict(_platform="darwin", _helper={command!r})
+        python_forks = []  # Python-level fork hooks run for os.fork, not for fork+exec
+        os.register_at_fork(before=lambda: python_forks.append(1))
         found = forksafe.getproxies(**seams)
         bypass = {{h: forksafe.proxy_bypass(h, **seams)
                    for h in ("db.internal", "intranet", "python.org")}}
         again = forksafe.getproxies(**seams)
+        forks_by_lookup = len(python_forks)
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child uses the inherited answer: no helper, no framework
@@ -106,7 +110,8 @@ def test_helper_reads_system_settings_out_of_process(tmp_path: pathlib.Path) -> 
             callers = [int(line) for line in f]
         emit(found=found, bypass=bypass, same=again == found, child=child,
              env_wins=env_wins, callers=callers, parent=os.getpid(),
-             imported="_scproxy" in sys.modules)
+             imported="_scproxy" in sys.modules, forks_by_lookup=forks_by_lookup,
+             forks_in_all=len(python_forks))
     """, tmp_path, timeout=30)
     expected = {"http": "http://proxy.example:3128", "https": "http://proxy.example:3129"}
     assert s.result["found"] == expected
@@ -117,6 +122,7 @@ def test_helper_reads_system_settings_out_of_process(tmp_path: pathlib.Path) -> 
     assert len(s.result["callers"]) == 1  # once, cached, also across the fork
     assert s.result["callers"][0] != s.result["parent"]
     assert s.result["imported"] is False
+    assert (s.result["forks_by_lookup"], s.result["forks_in_all"]) == (0, 1)  # exec'd helper
 
 
 def test_helper_timeout_falls_back_with_one_warning(tmp_path: pathlib.Path) -> None:
@@ -133,6 +139,25 @@ def test_helper_timeout_falls_back_with_one_warning(tmp_path: pathlib.Path) -> N
         reason=TIMED_OUT.format(timeout=0.3), executable="/bin/sh")]
     assert caught[0].filename == __file__
     assert not os.path.exists(f"/proc/{pidfile.read_text().strip()}")  # nothing left behind
+
+
+def test_helper_whose_descendant_keeps_the_pipes_open_still_times_out(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A helper's descendant that left its process group and holds stdout open is no hang."""
+    pidfile = tmp_path / "escaped.pid"
+    command = ["/bin/sh", "-c", f"setsid sleep 30 & echo $! > {pidfile}; exec sleep 30"]
+    start = time.monotonic()
+    try:
+        with pytest.warns(forksafe.ForkSafetyWarning) as caught:
+            assert getproxies(_platform="darwin", _helper=command, _timeout=0.3) == {}
+        assert time.monotonic() - start < 10  # not the 30 seconds the descendant lives
+        assert [str(w.message) for w in caught] == [HELPER_FAILED.format(
+            reason=TIMED_OUT.format(timeout=0.3), executable="/bin/sh")]
+    finally:
+        escaped = pidfile.read_text().strip() if pidfile.exists() else ""
+        if escaped:
+            os.kill(int(escaped), signal.SIGKILL)
 
 
 @pytest.mark.parametrize(("code", "reason"), [

@@ -29,6 +29,7 @@ child could inherit held.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -211,12 +212,28 @@ def _valid(answer: Any) -> bool:
     return isinstance(answer.get("settings", {}), dict)
 
 
+#: Seconds to wait for a killed helper to be reaped (it normally takes microseconds).
+_REAP_TIMEOUT = 1.0
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the helper's process group and reap the helper, never waiting on its pipes.
+
+    Reading the pipes to their end (``communicate()``) would wait for every
+    process holding them open — including a descendant that left the group
+    with ``setsid`` and lives on, which would block the caller for as long.
+    """
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except OSError:
-        proc.kill()
-    proc.communicate()
+        with contextlib.suppress(OSError):
+            proc.kill()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+    # If it is not reaped in time, subprocess does it later (Popen.__del__ keeps it listed).
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=_REAP_TIMEOUT)
 
 
 def _windows_bypass(host: str, override: str) -> bool:
