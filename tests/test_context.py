@@ -10,7 +10,14 @@ import pytest
 from conftest import run_scenario
 from forksafe import Hazard, Report, Severity
 from forksafe._remedies import context
-from forksafe._remedies.context import CHOSE_FORK, CHOSE_NO_FORK, UNKNOWN_METHOD, get_context
+from forksafe._remedies.context import (
+    CHOSE_AFTER_ERROR,
+    CHOSE_FORK,
+    CHOSE_NO_FORK,
+    CHOSE_OTHER,
+    UNKNOWN_METHOD,
+    get_context,
+)
 
 WARNING = Hazard("thread", Severity.WARNING, "a thread 'poller' is alive", "join it", {})
 INFO = Hazard("native-runtime", Severity.INFO, "OpenBLAS is loaded", "nothing", {})
@@ -22,7 +29,7 @@ def test_clean_check_gives_fork_and_logs_why(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.DEBUG, logger="forksafe"):
         ctx = get_context(_check=lambda: Report(hazards=(INFO,)), _methods=lambda: LINUX)
     assert ctx.get_start_method() == "fork"
-    assert [r.getMessage() for r in caplog.records] == [CHOSE_FORK]
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.DEBUG, CHOSE_FORK)]
 
 
 def test_warning_gives_forkserver_and_names_the_hazard(caplog: pytest.LogCaptureFixture) -> None:
@@ -30,7 +37,9 @@ def test_warning_gives_forkserver_and_names_the_hazard(caplog: pytest.LogCapture
     with caplog.at_level(logging.DEBUG, logger="forksafe"):
         ctx = get_context(_check=lambda: Report(hazards=(WARNING,)), _methods=lambda: LINUX)
     assert ctx.get_start_method() == "forkserver"
-    assert "a thread 'poller' is alive" in caplog.records[0].getMessage()
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG]
+    assert caplog.records[0].getMessage() == CHOSE_OTHER.format(
+        method="forkserver", reasons="[warning] a thread 'poller' is alive")
 
 
 def test_without_forkserver_spawn_is_chosen() -> None:
@@ -48,7 +57,21 @@ def test_without_fork_the_check_is_not_even_run(caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.DEBUG, logger="forksafe"):
         ctx = get_context(_check=check, _methods=lambda: ["spawn"])
     assert ctx.get_start_method() == "spawn"
-    assert caplog.records[0].getMessage() == CHOSE_NO_FORK.format(method="spawn")
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, CHOSE_NO_FORK.format(method="spawn"))]
+
+
+def test_a_failing_check_means_the_safe_method(caplog: pytest.LogCaptureFixture) -> None:
+    """If the check itself fails, fork is not risked: forkserver, and the log says why."""
+    def check() -> Report:
+        raise RuntimeError("probe exploded")
+
+    with caplog.at_level(logging.DEBUG, logger="forksafe"):
+        ctx = get_context(_check=check, _methods=lambda: LINUX)
+    assert ctx.get_start_method() == "forkserver"
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.DEBUG, CHOSE_AFTER_ERROR.format(method="forkserver",
+                                                 error="RuntimeError: probe exploded"))]
 
 
 def test_given_method_is_honoured_even_when_unsafe() -> None:

@@ -32,6 +32,9 @@ CHOSE_FORK = "get_context: chose 'fork': forksafe.check() found nothing at warni
 CHOSE_OTHER = "get_context: chose {method!r} instead of 'fork' because: {reasons}"
 CHOSE_GIVEN = "get_context: using {method!r} as asked by the caller"
 CHOSE_NO_FORK = "get_context: chose {method!r}: this platform has no 'fork' start method"
+CHOSE_AFTER_ERROR = (
+    "get_context: chose {method!r} instead of 'fork' because forksafe.check() failed ({error})"
+)
 
 #: Safe alternatives to fork, in order of preference.
 _FALLBACKS = ("forkserver", "spawn")
@@ -69,12 +72,17 @@ def get_context(
     if "fork" not in available:
         log.debug(CHOSE_NO_FORK.format(method=fallback))
         return multiprocessing.get_context(fallback)
-    if _check is None:
-        from forksafe._check import check
+    try:
+        if _check is None:
+            from forksafe._check import check
 
-        report = check()
-    else:
-        report = _check()
+            report = check()
+        else:
+            report = _check()
+    except Exception as exc:  # unsure whether fork is safe: do not risk it
+        log.debug(CHOSE_AFTER_ERROR.format(method=fallback,
+                                           error=f"{type(exc).__name__}: {exc}"))
+        return multiprocessing.get_context(fallback)
     hazards = report.at_least(Severity.WARNING)
     if not hazards:
         log.debug(CHOSE_FORK)
