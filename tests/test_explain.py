@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from forksafe._cli import REPORT_FOREIGN, REPORT_UNREADABLE
-from forksafe._render import render_run
+from forksafe._render import QUIET_FORKS, render_run
 
 CRASH = """
 import ctypes, os, threading, time
@@ -62,8 +62,7 @@ def test_explain_of_a_clean_run_is_short(tmp_path: pathlib.Path) -> None:
     assert proc.returncode == 0
     assert proc.stdout.splitlines() == [
         "forksafe: 5 forks seen in `python app.py` (exit code 0)", "",
-        "clean forks (no hazards; children exited or still running): "
-        "os.fork at app.py:3 in main x5"]
+        f"{QUIET_FORKS}: os.fork at app.py:3 in main x5"]
 
 
 def test_corrupt_and_foreign_files_are_one_line_exit_2(tmp_path: pathlib.Path) -> None:
@@ -82,6 +81,19 @@ def test_corrupt_and_foreign_files_are_one_line_exit_2(tmp_path: pathlib.Path) -
         assert proc.returncode == 2, (name, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith(start.rstrip(")").rstrip()), (name, proc.stderr)
+
+
+def test_children_stopped_by_their_parent_are_not_findings() -> None:
+    """Safe twin: a clean fork whose child was ended by SIGTERM (Pool.terminate) stays quiet."""
+    forks = [{"parent_pid": 1, "child_pid": 2 + i, "time": 0, "mechanism": "multiprocessing.Pool",
+              "site": {"file": "app.py", "line": 5, "function": "main"}, "action": "allowed",
+              "hazards": [], "outcome": {"status": "signaled", "signal": sig}}
+             for i, sig in enumerate(["SIGTERM", "SIGKILL"])]
+    text = render_run({"schema": "forksafe-report/1", "command": ["app"], "exit_code": 0,
+                       "forks": forks})
+    assert text.splitlines() == [
+        "forksafe: 2 forks seen in `app` (exit code 0)", "",
+        f"{QUIET_FORKS}: multiprocessing.Pool at app.py:5 in main x2"]
 
 
 def test_identical_fates_fold_into_one_diagnosis() -> None:

@@ -102,6 +102,20 @@ def test_clean_fork_is_not_blamed() -> None:
     assert "OpenBLAS" not in text
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL, signal.SIGINT, signal.SIGHUP])
+def test_a_child_stopped_by_its_parent_gets_no_diagnosis(sig: int) -> None:
+    """Safe twin: SIGTERM/SIGKILL/SIGINT/SIGHUP are how parents stop children, not crashes."""
+    outcome = outcome_for(event(GRPC), sig, None)
+    assert outcome == Outcome("signaled", None, signal.Signals(sig).name, None, None)
+
+
+def test_crash_signal_lists_agree() -> None:
+    """The summary's idea of a crash is the diagnosis's idea of a crash."""
+    from forksafe import _render
+
+    assert _render._CRASH_SIGNALS == _outcome.CRASH_SIGNALS
+
+
 def test_exit_codes_and_hung_markers() -> None:
     """Exits keep their code; a hang marker turns a SIGKILL into a 'hung' outcome."""
     assert outcome_for(event(GRPC), 3 << 8, None) == Outcome("exited", 3)

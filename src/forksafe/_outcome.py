@@ -153,7 +153,11 @@ def outcome_for(event: ForkEvent, status: int, traceback: str | None,
         if hung is not None:
             text = HUNG_THEN.format(diagnosis=hung.diagnosis or "hung", signal=name)
             return Outcome("hung", None, name, hung.traceback or traceback, text)
-        return Outcome("signaled", None, name, traceback, diagnose_death(event, name, traceback))
+        # Only a crash is diagnosed. SIGTERM, SIGKILL, SIGINT and the like are how
+        # parents stop children (Pool.terminate, a timeout): blaming the fork for
+        # them, or calling them a crash, would be a false diagnosis.
+        diagnosis = diagnose_death(event, name, traceback) if name in CRASH_SIGNALS else None
+        return Outcome("signaled", None, name, traceback, diagnosis)
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     if hung is not None:
         return Outcome("hung", code, None, hung.traceback or traceback, hung.diagnosis)

@@ -147,8 +147,7 @@ def render_events(command: object, exit_code: object, events: list[ForkEvent]) -
         first = group[0]
         where = f" at {_site_text(first.site.to_dict())}" if first.site else ""
         count = f" x{len(group)}" if len(group) > 1 else ""
-        troubled = [e for e in group if e.outcome is not None
-                    and e.outcome.status not in ("exited", "unknown")]
+        troubled = [e for e in group if e.outcome is not None and _noteworthy(e.outcome)]
         if not first.report.hazards and not troubled:
             quiet.append(f"{first.mechanism}{where}{count}")
             continue
@@ -160,13 +159,16 @@ def render_events(command: object, exit_code: object, events: list[ForkEvent]) -
         lines.extend(_render_outcomes(group))
     if quiet:
         lines.append("")
-        lines.append("clean forks (no hazards; children exited or still running): "
+        lines.append(f"{QUIET_FORKS}: "
                      + "; ".join(quiet))
     return "\n".join(lines).rstrip()
 
 
 _CRASH_SIGNALS = frozenset({"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGTRAP",
                             "SIGSYS"})
+
+#: The line that lists forks with no hazards whose children neither crashed nor hung.
+QUIET_FORKS = "clean forks (no hazards; no child crashed or hung)"
 
 #: How many lines of a child's traceback the summary shows (the report has all of it).
 TRACEBACK_LINES = 12
@@ -182,7 +184,7 @@ def _render_outcomes(group: list[ForkEvent]) -> list[str]:
             continue
         label = _fate(outcome)
         counts[label] = counts.get(label, 0) + 1
-        if outcome.status not in ("exited", "unknown") or outcome.diagnosis:
+        if _noteworthy(outcome):
             key = (outcome.status, outcome.signal, _digits(outcome.diagnosis or ""))
             fates.setdefault(key, []).append(event)
     lines = ["  children: " + ", ".join(f"{n} {label}" for label, n in counts.items())]
@@ -208,6 +210,12 @@ def _without_known_fix(diagnosis: str, event: ForkEvent) -> str:
     if sep and any(fix.startswith(h.remedy) for h in event.report.hazards if h.remedy):
         return head + " (fix: see above)"
     return diagnosis
+
+
+def _noteworthy(outcome: Outcome) -> bool:
+    """A crash, a hang, or anything diagnosed; not an exit, nor a child stopped by SIGTERM."""
+    return bool(outcome.status == "hung" or outcome.diagnosis or (
+        outcome.status == "signaled" and outcome.signal in _CRASH_SIGNALS))
 
 
 def _fate(outcome: Outcome) -> str:
