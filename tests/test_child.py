@@ -7,6 +7,7 @@ it left behind.
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 from conftest import run_scenario
@@ -150,3 +151,69 @@ os.waitpid(pid, 0)
 print("FORKSAFE-RESULT:" + json.dumps({{"files": os.listdir({str(shared)!r})}}))
 """, tmp_path)
     assert s.result == {"files": []}
+
+
+def test_a_child_of_a_child_keeps_one_crash_file_and_crashes_into_its_own(
+        tmp_path: pathlib.Path) -> None:
+    """A grandchild closes the crash file it inherited; its traceback lands in its own file."""
+    s = scenario("""
+def crash_files():
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the descriptor listdir itself used
+            pass
+    return sorted(link for link in links if link.endswith(".crash"))
+def middle():
+    me = crash_files()
+    r = fork_and(lambda: (print("FORKSAFE-RESULT:" + json.dumps(
+        {"grandchild": crash_files(), "pid": os.getpid()}), flush=True), ctypes.string_at(0)),
+                 hang_timeout=1.0)
+    print("FORKSAFE-RESULT:" + json.dumps({"middle": me, "pid": os.getpid(), "r": r}), flush=True)
+r = fork_and(middle, hang_timeout=1.0)
+""", tmp_path)
+    results = [json.loads(line.partition(":")[2]) for line in s.stdout.splitlines()
+               if line.startswith("FORKSAFE-RESULT:")]
+    [g] = [r for r in results if "grandchild" in r]
+    [m] = [r for r in results if "middle" in r]
+    state = str(tmp_path / "state")
+    assert m["middle"] == [f"{state}/{m['pid']}.crash"]
+    assert g["grandchild"] == [f"{state}/{g['pid']}.crash"], "the inherited one was closed"
+    assert m["r"]["signal"] == 11 and "Segmentation fault" in m["r"]["crash"]
+
+
+def test_a_reused_descriptor_number_is_not_closed(tmp_path: pathlib.Path) -> None:
+    """Safe twin: a program that closed our crash file and reused its number keeps its file."""
+    s = scenario("""
+def middle():
+    fd = _child._armed[0]
+    os.close(fd)
+    mine = os.open({mine!r}, os.O_WRONLY | os.O_CREAT, 0o600)
+    assert mine == fd, (mine, fd)
+    def grandchild():
+        os.write(mine, b"still open")
+    r = fork_and(grandchild)
+    os.write(mine, b"; and here")
+    os._exit(0 if r["exit"] == 0 else 9)
+r = fork_and(middle)
+print("FORKSAFE-RESULT:" + json.dumps({{"r": r, "text": open({mine!r}).read()}}))
+""".replace("{mine!r}", repr(str(tmp_path / "mine.txt"))).replace("{{", "{").replace("}}", "}"),
+                 tmp_path)
+    assert s.result["r"]["exit"] == 0, s.result
+    assert s.result["text"] == "still open; and here"
+
+
+def test_a_programs_own_handler_for_the_dump_signal_is_kept(tmp_path: pathlib.Path) -> None:
+    """Safe twin: a program that handles the dump signal itself keeps its handler in children."""
+    s = scenario("""
+got = []
+signal.signal(_child.DUMP_SIGNAL, lambda *a: got.append(1))
+def child():
+    os.kill(os.getpid(), _child.DUMP_SIGNAL)
+    os._exit(40 + len(got))
+r = fork_and(child, hang_timeout=1.0)
+print("FORKSAFE-RESULT:" + json.dumps(r))
+""", tmp_path)
+    assert s.result["exit"] == 41, s.result
+    assert s.result["crash"] == "", "faulthandler did not take the signal over"

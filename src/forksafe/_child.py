@@ -92,12 +92,32 @@ def hung_path(child_pid: int, *, directory: str | None = None) -> str:
     return os.path.join(directory or state_dir(), f"{child_pid}.hung")
 
 
+#: The crash file this process's faulthandler writes to, as (fd, st_dev, st_ino), once armed.
+#: A child that forks again inherits it; its own child closes it after re-arming.
+_armed: tuple[int, int, int] | None = None
+#: Whether faulthandler was on before forksafe armed this process (the program's own
+#: choice, e.g. pytest's or PYTHONFAULTHANDLER): None until armed.
+_program_faulthandler: bool | None = None
+
+
+def program_faulthandler() -> bool:
+    """Did the program itself turn faulthandler on (before forksafe pointed it at a file)?
+
+    A parent that reaps a crashed child echoes the child's traceback to stderr
+    when so, since arming redirected what the child would have printed there.
+    """
+    if _program_faulthandler is not None:
+        return _program_faulthandler
+    return faulthandler.is_enabled()
+
+
 def arm(parent_pid: int, hang_timeout: float | None) -> None:
     """Prepare this freshly forked child so that its death or hang can be explained.
 
     Called by the guard in the child, after it reset forksafe's own locks. Never
     raises: a child that cannot be armed runs exactly as it would without us.
     """
+    global _armed, _program_faulthandler
     try:
         directory = state_dir()
         try:
@@ -112,15 +132,44 @@ def arm(parent_pid: int, hang_timeout: float | None) -> None:
                 info.st_mode & 0o022:
             return
         fd = os.open(crash_path(os.getpid(), directory=directory), _FLAGS, 0o600)
+        if _program_faulthandler is None:
+            _program_faulthandler = faulthandler.is_enabled()
+        inherited, _armed = _armed, None
         faulthandler.enable(file=fd, all_threads=True)
         if hasattr(signal, "SIGTRAP"):
             faulthandler.register(signal.SIGTRAP, file=fd, all_threads=True, chain=True)
-        if hang_timeout is not None and DUMP_SIGNAL is not None:
-            faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True, chain=False)
+        # Never take the dump signal from a program that handles it itself. A child
+        # of a child without a hang timeout drops the handler it inherited, which
+        # would write to its parent's crash file.
+        if DUMP_SIGNAL is not None and signal.getsignal(DUMP_SIGNAL) == signal.SIG_DFL:
+            if hang_timeout is not None:
+                faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True, chain=False)
+            elif inherited is not None:
+                faulthandler.unregister(DUMP_SIGNAL)
+        info = os.fstat(fd)
+        _armed = (fd, info.st_dev, info.st_ino)
+        if inherited is not None:
+            _close_if_ours(inherited)
     except (OSError, ValueError, RuntimeError):
         pass
     if hang_timeout is not None:
         _announce_from_preexec(parent_pid)
+
+
+def _close_if_ours(armed: tuple[int, int, int]) -> None:
+    """Close the crash file descriptor inherited from the parent, if it still is that file.
+
+    A child of a child would otherwise carry one more descriptor per generation.
+    If the program closed ours and the number now names one of its files, the
+    inode differs and the descriptor is left alone.
+    """
+    fd, dev, ino = armed
+    try:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) == (dev, ino):
+            os.close(fd)
+    except OSError:
+        return
 
 
 def _announce_from_preexec(parent_pid: int) -> None:
