@@ -250,6 +250,11 @@ def inspect_sqlite(*, _command: Sequence[str] | None = None,
     return info if isinstance(info, dict) else {"error": "unreadable answer"}
 
 
+#: The ``data`` of an SQLite line when nothing could be inspected: same keys, no facts.
+_NO_SQLITE: dict[str, Any] = {"version": None, "module": None, "library": None,
+                              "bundled": None}
+
+
 def sqlite_line(info: Mapping[str, Any], platform: str,
                 prefixes: Sequence[str] = (sys.base_prefix, sys.prefix)) -> Line:
     """Judge the SQLite library that ``inspect_sqlite`` found."""
@@ -257,9 +262,11 @@ def sqlite_line(info: Mapping[str, Any], platform: str,
 
     title = "SQLite library"
     if info.get("missing"):
-        return Line("sqlite-library", title, NOTE, SQLITE_MISSING)
+        return Line("sqlite-library", title, NOTE, SQLITE_MISSING, None,
+                    {**_NO_SQLITE, "kind": "missing"})
     if "error" in info:
-        return Line("sqlite-library", title, NOTE, SQLITE_UNKNOWN.format(reason=info["error"]))
+        return Line("sqlite-library", title, NOTE, SQLITE_UNKNOWN.format(reason=info["error"]),
+                    None, {**_NO_SQLITE, "kind": "unknown"})
     version = str(info.get("version", "?"))
     module = info.get("module")
     module_path = os.path.realpath(module) if isinstance(module, str) else None
@@ -368,7 +375,8 @@ def fork_warning_line(version: tuple[int, int], filters: Sequence[tuple[Any, ...
     title = "CPython fork warning"
     if version < (3, 12):
         text = WARN_OLD.format(version=f"{version[0]}.{version[1]}")
-        return Line("fork-warning", title, NOTE, text, WARN_OLD_FIX, {"emitted": False})
+        return Line("fork-warning", title, NOTE, text, WARN_OLD_FIX,
+                    {"emitted": False, "action_in_main": None, "action_in_libraries": None})
     actions = {
         where: filter_action(filters, DeprecationWarning, FORK_WARNING_TEXT, where,
                              default_action)
@@ -489,6 +497,8 @@ def _files_on_disk(imports: Iterable[str], *, max_depth: int = 3) -> tuple[str, 
 
     out: list[str] = []
     for name in imports:
+        if not name.isidentifier():  # find_spec("a.b") would import "a"
+            continue
         try:
             spec = importlib.util.find_spec(name)
         except (ImportError, ValueError):
