@@ -825,3 +825,26 @@ keep = AtFinalization()
                               timeout=60)
         results.append((proc.stdout, proc.stderr))
     assert results[0] == results[1]
+
+
+def test_raise_turns_sqlite_protection_on_and_off_only_if_it_did(tmp_path: pathlib.Path) -> None:
+    """Policy raise protects SQLite; uninstall undoes that, but not the user's own choice."""
+    code = f"""
+import json
+import forksafe
+from forksafe._remedies import sqlite as remedy
+forksafe.install("raise")
+on = remedy.protecting()
+forksafe.install("warn")
+off_with_policy = remedy.protecting()
+forksafe.install("raise")
+forksafe.uninstall()
+off = remedy.protecting()
+forksafe.protect_sqlite()
+forksafe.install("raise")
+forksafe.uninstall()
+kept = remedy.protecting()
+print({MARK!r} + json.dumps([on, off_with_policy, off, kept]))
+"""
+    s = run_scenario(code, tmp_path)
+    assert s.result == [True, False, False, True]
