@@ -2,8 +2,9 @@
 
 ``install()`` puts thin wrappers around the Python-level ways to fork
 (``os.fork``, ``os.forkpty``, and ``subprocess.Popen._execute_child`` when a
-``preexec_fn`` is given) and registers one set of ``os.register_at_fork``
-hooks. Everything else is found through those:
+``preexec_fn`` is given — wrapped when the program imports ``subprocess``) and
+registers one set of ``os.register_at_fork`` hooks. Everything else is found
+through those:
 
 * ``multiprocessing``'s fork start method (``Process``, ``Pool``) and
   ``concurrent.futures.ProcessPoolExecutor`` look ``os.fork`` up at call time,
@@ -27,9 +28,15 @@ sees (wrapped or not) and is the only place the child side happens: it
 replaces forksafe's own lock, forgets the parent's history and arms
 ``forksafe._child`` exactly once per fork. It takes no lock.
 
-The policy decision lives in ``_decide``; the record of a fork is a
-``ForkEvent`` kept in a bounded history and, when a report file is
-configured, appended as one JSON line (``_sink``).
+The policy decision lives in ``_judge`` (check, then policy) and
+``_announce`` (warn or raise), both before the fork; the record of a fork is
+a ``ForkEvent`` kept in a bounded history and, when a report file is
+configured, appended as one JSON line (``_sink``). The parent also wraps the
+``os.wait*`` family to tell the follower when a guarded child is reaped.
+
+Anything that goes wrong inside forksafe is reported once and the fork goes
+on unguarded; only a refusal under ``raise`` (or the program's own
+``-W error::forksafe.ForkSafetyWarning``) ever stops one.
 """
 
 from __future__ import annotations
