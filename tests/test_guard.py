@@ -848,3 +848,33 @@ print({MARK!r} + json.dumps([on, off_with_policy, off, kept]))
 """
     s = run_scenario(code, tmp_path)
     assert s.result == [True, False, False, True]
+
+
+def test_modules_imported_before_install_are_guarded_too(tmp_path: pathlib.Path) -> None:
+    """threading and subprocess imported before install(): origins known, preexec_fn refused."""
+    code = f"""
+import json, os, subprocess, sys, threading
+import forksafe
+from forksafe import _guard
+execute = subprocess.Popen._execute_child
+forksafe.install("raise", fail_on="warning")
+wrapped = subprocess.Popen._execute_child is not execute
+stop = threading.Event()
+worker = threading.Thread(target=stop.wait, name="early-thread")
+worker.start()  # STARTED
+try:
+    subprocess.run(["true"], preexec_fn=os.getpid)
+    refused = None
+except forksafe.ForkSafetyError as exc:
+    refused = [h.to_dict() for h in exc.report.hazards]
+stop.set()
+worker.join()
+forksafe.uninstall()
+print({MARK!r} + json.dumps({{"wrapped": wrapped, "refused": refused,
+      "restored": subprocess.Popen._execute_child is execute}}))
+"""
+    s = run_scenario(code, tmp_path)
+    assert s.result["wrapped"] is True
+    assert s.result["restored"] is True
+    thread = [h for h in s.result["refused"] if h["kind"] == "thread"]
+    assert f"started at scenario.py:{s.line_of('STARTED')}" in thread[0]["summary"]

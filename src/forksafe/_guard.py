@@ -363,7 +363,7 @@ def _install(config: Config) -> None:
 def _start_observing(threading: types.ModuleType) -> None:
     from forksafe._ledger import observe, observing
 
-    if _config is not None and not observing():
+    if not observing():
         observe()
         _owned["observe"] = True
 
@@ -526,7 +526,7 @@ def _patch() -> None:
 
 
 def _patch_subprocess(subprocess: types.ModuleType) -> None:
-    if _config is not None and hasattr(subprocess.Popen, "_execute_child"):
+    if hasattr(subprocess.Popen, "_execute_child"):
         _replace("subprocess.Popen._execute_child", _wrap_execute_child)
 
 
