@@ -74,3 +74,47 @@ def test_connection_origins_stay_bounded(tmp_path: pathlib.Path) -> None:
         emit(size=len(_ledger._connection_origins), limit=_ledger.MAX_CONNECTIONS)
     """, tmp_path)
     assert s.result["size"] <= s.result["limit"]
+
+
+REUSED_ADDRESS = """
+    import gc, sqlite3, sys, forksafe
+    from forksafe import _ledger
+    forksafe.observe()
+
+    class Mine(sqlite3.Connection):
+        pass
+
+    def reused(kind):
+        # Open one through the observed connect, free it, then make connections around
+        # the wrapper until one lands at the freed address (the allocator reuses it).
+        kwargs = {{}} if kind is sqlite3.Connection else {{"factory": kind}}
+        first = sqlite3.connect(":memory:", **kwargs)  # OBSERVED
+        address = id(first)
+        recorded = _ledger.connection_origin(first) is not None
+        first.close()
+        del first
+        gc.collect()
+        keep = []
+        for _ in range(200):
+            other = kind(":memory:")  # not through sqlite3.connect: no origin of its own
+            if id(other) == address:
+                return [recorded, True, _ledger.connection_origin(other) is not None]
+            keep.append(other)
+        return [recorded, False, None]
+
+    still = sqlite3.connect(":memory:")
+    gc.collect()
+    emit(plain=reused(sqlite3.Connection), subclass=reused(Mine),
+         alive=_ledger.connection_origin(still) is not None, version=sys.version_info[:2])
+"""
+
+
+def test_a_reused_address_does_not_inherit_a_dead_connections_origin(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A connection made around the wrapper at a freed one's address gets no origin."""
+    s = run_scenario(REUSED_ADDRESS.format(), tmp_path, timeout=30)
+    assert s.result["alive"] is True  # a live connection keeps its origin through gc
+    assert s.result["subclass"] == [True, True, False]
+    if tuple(s.result["version"]) >= (3, 11):  # plain connections are validated from 3.11
+        assert s.result["plain"] == [True, True, False]

@@ -9,7 +9,11 @@ wraps exactly two entry points:
   itself (no global table to grow, freed with the thread);
 * ``sqlite3.connect`` — ``sqlite3.Connection`` supports no weak references, so
   the origin is kept in a small bounded table keyed by ``id()``; the check finds
-  the live connections itself and looks their origins up there.
+  the live connections itself and looks their origins up there. An address is
+  reused once its connection is freed, so each entry carries a weak reference
+  that dies with the connection it was recorded for (see ``_token_for``): a
+  connection made later at the same address, without going through the
+  wrapper, is not given the dead one's origin.
 
 Both wrappers cost well under a microsecond (a frame pointer and a tuple);
 ``benchmarks/`` measures them against unobserved code in the same run. Nothing
@@ -80,7 +84,12 @@ RawFrames = tuple[tuple[types.CodeType, int], ...]
 _ORIGIN_ATTR = "_forksafe_started_at"
 
 _state: dict[str, Any] = {}
-_connection_origins: dict[int, RawFrames] = {}
+#: id(connection) -> (its origin, a weak reference alive exactly as long as it, or None).
+_connection_origins: dict[int, tuple[RawFrames, Callable[[], object] | None]] = {}
+#: Connection type -> how to make its liveness token (decided once per type).
+_token_makers: dict[type, Callable[[Any], Callable[[], object] | None]] = {}
+#: At most this many connection types get a cached token maker.
+_MAX_TYPES = 64
 
 
 def observing() -> bool:
@@ -127,7 +136,70 @@ def thread_origin(thread: threading.Thread) -> RawFrames | None:
 
 
 def connection_origin(connection: object) -> RawFrames | None:
-    return _connection_origins.get(id(connection))
+    """Where ``connection`` was opened, if it was opened through the observed ``connect``.
+
+    An entry whose token died belongs to a freed connection that had this
+    address before: it is not this one's origin.
+    """
+    entry = _connection_origins.get(id(connection))
+    if entry is None:
+        return None
+    frames, token = entry
+    if token is not None and token() is None:
+        return None
+    return frames
+
+
+def _no_token(connection: object) -> None:
+    return None
+
+
+def _token_maker(kind: type) -> Callable[[Any], Callable[[], object] | None]:
+    """How to get a weak reference that lives exactly as long as a ``kind`` instance.
+
+    * A type with weak reference support (forksafe's protected connections, a
+      program's factory subclasses without ``__slots__``): the connection itself.
+    * The plain C type, from CPython 3.11: it supports no weak references, but
+      each connection owns a statement cache, a ``functools.lru_cache``
+      wrapper that does, that nothing else refers to, and that is freed with
+      it (it is found among the connection's references; ``gc.get_referents``
+      costs about 0.3 microseconds, against ~11 for ``connect()`` itself).
+    * Otherwise (Python 3.9 and 3.10): no token; the entry is trusted, and an
+      address reused by a connection made around the wrapper can still
+      inherit a dead one's origin.
+    """
+    import gc
+    import weakref
+
+    if kind.__weakrefoffset__:
+        return weakref.ref
+    if not kind.__flags__ & (1 << 14):  # Py_TPFLAGS_HAVE_GC: no referents to look at
+        return _no_token
+    import functools
+
+    lru = type(functools.lru_cache(maxsize=1)(_no_token))
+    get_referents, ref = gc.get_referents, weakref.ref
+
+    def statement_cache(connection: object) -> Callable[[], object] | None:
+        for referent in get_referents(connection):
+            if type(referent) is lru:
+                return ref(referent)
+        return None
+
+    return statement_cache
+
+
+def _token_for(connection: object) -> Callable[[], object] | None:
+    kind = type(connection)
+    make = _token_makers.get(kind)
+    if make is None:
+        make = _token_maker(kind)
+        if len(_token_makers) < _MAX_TYPES:
+            _token_makers[kind] = make
+    try:
+        return make(connection)
+    except Exception:  # an odd subclass: keep the origin, unvalidated
+        return None
 
 
 def sqlite_used() -> bool:
@@ -240,17 +312,19 @@ def _origin_layer(original: Callable[..., Any]) -> Callable[..., Any]:
     origins = _connection_origins
     getframe = sys._getframe
     library = _is_library
+    token_for = _token_for
 
     def connect(*args: Any, **kwargs: Any) -> Any:
         # The hot path of a program that connects per request: kept to a frame
-        # pointer, one cached lookup and one dict store (benchmarks/bench_observe.py).
+        # pointer, one cached lookup, a liveness token and one dict store
+        # (benchmarks/bench_observe.py).
         connection = original(*args, **kwargs)
         frame = getframe(1)
         code = frame.f_code
         if library(code.co_filename):
-            origins[id(connection)] = _raw_frames(frame)
+            origins[id(connection)] = (_raw_frames(frame), token_for(connection))
         else:
-            origins[id(connection)] = ((code, frame.f_lineno),)
+            origins[id(connection)] = (((code, frame.f_lineno),), token_for(connection))
         if len(origins) > MAX_CONNECTIONS:
             for key in list(itertools.islice(origins, MAX_CONNECTIONS // 2)):
                 origins.pop(key, None)
