@@ -76,7 +76,7 @@ def _bind() -> None:
 
 #: Frames kept per start site: enough to see past a thread pool to the user's call.
 DEPTH = 8
-#: At most this many connection origins are remembered; the oldest half is dropped.
+#: At most this many connection origins are remembered (see ``_prune``).
 MAX_CONNECTIONS = 4096
 
 RawFrames = tuple[tuple[types.CodeType, int], ...]
@@ -326,13 +326,29 @@ def _origin_layer(original: Callable[..., Any]) -> Callable[..., Any]:
         else:
             origins[id(connection)] = (((code, frame.f_lineno),), token_for(connection))
         if len(origins) > MAX_CONNECTIONS:
-            for key in list(itertools.islice(origins, MAX_CONNECTIONS // 2)):
-                origins.pop(key, None)
+            _prune(origins)
         return connection
 
     connect.__wrapped__ = original  # type: ignore[attr-defined]
     connect.__doc__ = original.__doc__
     return connect
+
+
+def _prune(origins: dict[int, tuple[RawFrames, Callable[[], object] | None]]) -> None:
+    """Make room in a full table: entries of freed connections first, then the oldest.
+
+    A program that opens a connection per request would otherwise push out the
+    origin of the long-lived connection it opened at start-up — the one most
+    likely to be inherited by a fork. Left at most three quarters full, so the
+    linear scan runs at most once per ``MAX_CONNECTIONS // 4`` new connections.
+    """
+    for key, (_, token) in list(origins.items()):
+        if token is not None and token() is None:
+            origins.pop(key, None)
+    excess = len(origins) - MAX_CONNECTIONS // 2
+    if len(origins) > MAX_CONNECTIONS * 3 // 4:
+        for key in list(itertools.islice(origins, excess)):
+            origins.pop(key, None)
 
 
 class _SqliteImportHook(importlib.abc.MetaPathFinder):
