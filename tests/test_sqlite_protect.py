@@ -437,3 +437,39 @@ def test_factory_overriding_execute_is_still_refused_in_the_child(
     """, tmp_path, timeout=30)
     assert s.result["child"] == {"execute": "refused", "cursor": "refused"}
     assert s.result["rows"] == 0
+
+
+GUARDED = """
+    import json, os, sqlite3, warnings, forksafe
+    warnings.simplefilter("ignore")  # the guard's own warning about the fork is not the point
+    forksafe.install(policy={policy!r})
+    conn = sqlite3.connect("guarded.db")
+    conn.execute("create table if not exists t(x)")
+    conn.commit()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            conn.execute("select count(*) from t").fetchone()
+            result = "allowed"
+        except forksafe.ForkSafetyError:
+            result = "refused"
+        os.write(w, result.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        child = f.read()
+    os.waitpid(pid, 0)
+    forksafe.uninstall()
+    emit(child=child, protected_after_uninstall=hasattr(sqlite3.connect, "__wrapped__"))
+"""
+
+
+@pytest.mark.parametrize(("policy", "child"), [("raise", "refused"), ("warn", "allowed")])
+def test_guard_with_policy_raise_turns_protection_on(
+    tmp_path: pathlib.Path, policy: str, child: str
+) -> None:
+    """install(policy="raise") protects connections (and uninstall() undoes it); "warn" does not."""
+    s = run_scenario(GUARDED.format(policy=policy), tmp_path, timeout=30)
+    assert s.result["child"] == child
+    assert s.result["protected_after_uninstall"] is False
