@@ -473,3 +473,41 @@ def test_guard_with_policy_raise_turns_protection_on(
     s = run_scenario(GUARDED.format(policy=policy), tmp_path, timeout=30)
     assert s.result["child"] == child
     assert s.result["protected_after_uninstall"] is False
+
+
+def test_memory_stays_flat_over_many_protected_connections(tmp_path: pathlib.Path) -> None:
+    """Protection and observation together keep nothing per closed connection."""
+    s = run_scenario("""
+        import gc, sqlite3, tracemalloc, forksafe
+        forksafe.observe()
+        forksafe.protect_sqlite()
+
+        def churn(n):
+            for i in range(n):
+                conn = sqlite3.connect(":memory:")
+                conn.execute("select ?", (i,)).fetchone()
+                with conn:
+                    conn.cursor().execute("select 1").fetchall()
+                conn.close()
+            gc.collect()
+
+        churn(500)  # warm up: classes, caches, interned code
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        churn(5000)
+        after = tracemalloc.get_traced_memory()[0]
+        emit(growth=after - before)
+    """, tmp_path, timeout=60)
+    assert s.result["growth"] < 100_000, s.result["growth"]  # 5000 x 20 bytes would show
+
+
+def test_sqlite3_taken_out_of_sys_modules_still_connects(tmp_path: pathlib.Path) -> None:
+    """A harness that removes sqlite3 from sys.modules does not break connect()."""
+    s = run_scenario("""
+        import sys, sqlite3, forksafe
+        forksafe.protect_sqlite()
+        connect = sqlite3.connect
+        del sys.modules["sqlite3"]
+        emit(answer=connect(":memory:").execute("select 42").fetchone()[0])
+    """, tmp_path, timeout=30)
+    assert s.result["answer"] == 42

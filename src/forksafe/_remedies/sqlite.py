@@ -118,7 +118,9 @@ def _forked() -> None:
 
 def _protect_layer(original: Callable[..., Any]) -> Callable[..., Any]:
     def connect(*args: Any, **kwargs: Any) -> Any:
-        module = sys.modules["sqlite3"]
+        module = sys.modules.get("sqlite3")
+        if module is None:  # taken out of sys.modules (a test harness): connect unprotected
+            return original(*args, **kwargs)
         if len(args) > 5:  # factory given positionally (deprecated, still allowed)
             factory = _protected_class(args[5], module)
             if factory is not None:
