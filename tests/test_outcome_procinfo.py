@@ -91,3 +91,12 @@ def test_live_child_blocked_in_a_c_library_is_attributed(native_dir: pathlib.Pat
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_has_open_tells_open_closed_and_unknown(tmp_path: pathlib.Path) -> None:
+    """A file this process holds open is found; a closed one is not; a missing pid is unknown."""
+    path = tmp_path / "held"
+    with open(path, "w"):
+        assert _procinfo.has_open(os.getpid(), str(path)) is True
+    assert _procinfo.has_open(os.getpid(), str(path)) is False
+    assert _procinfo.has_open(2**22 + 999, str(path)) is None

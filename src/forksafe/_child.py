@@ -209,10 +209,10 @@ def _announce_from_preexec(parent_pid: int) -> None:
             guard.emit(record)
         hang = sys.modules.get("forksafe._hang")
         client = getattr(hang, "_client", None)
-        stdin = getattr(client, "_stdin", None)
-        if stdin is not None and getattr(client, "owner", None) == parent_pid:
+        sock = getattr(client, "_sock", None)
+        if hang is not None and sock is not None and getattr(client, "owner", None) == parent_pid:
             import json
 
-            os.write(stdin.fileno(), (json.dumps(record, default=str) + "\n").encode())
+            hang.send(sock, b"\n" + json.dumps(record, default=str).encode() + b"\n")
     except Exception:  # never harm the child
         return

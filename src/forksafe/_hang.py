@@ -42,12 +42,13 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from forksafe._child import DUMP_SIGNAL, crash_path, hung_path, state_dir
 from forksafe._outcome import describe_fork, frame_text, parse_sections, short_file
@@ -96,6 +97,11 @@ def request_dump(pid: int, *, directory: str, wait: float = DUMP_WAIT) -> str:
     if DUMP_SIGNAL is None or not _procinfo.catches(pid, DUMP_SIGNAL):
         return ""
     path = crash_path(pid, directory=directory)
+    if _procinfo.has_open(pid, path) is False:
+        # The program closed its crash file (daemons close "all other"
+        # descriptors): faulthandler would write into whatever file now has that
+        # number. Better no stacks than a stack dump in someone's data.
+        return ""
     try:
         before = os.path.getsize(path)
         os.kill(pid, DUMP_SIGNAL)
@@ -321,7 +327,10 @@ class HangMonitor:
                 continue
             outcome = analyse(event, now - since, directory=self.directory, proc=self.proc)
             if outcome is None:
-                watch[4] = True  # stuck but unexplained: idle; look again once it moves
+                # Stuck but unexplained: idle; look again once it moves. Sampled anew,
+                # because a dump signal of ours woke it for a moment: that is not
+                # progress, and must not make an idle worker get one every timeout.
+                watch[2], watch[4] = sample(pid, started, proc=self.proc), True
                 continue
             del self._watched[pid]
             self._report(pid, event, outcome)
@@ -347,29 +356,58 @@ class HangMonitor:
 
 
 class Client:
-    """The parent's end of its hang-monitor helper: one line of JSON per forked child."""
+    """The parent's end of its hang-monitor helper: one line of JSON per forked child.
+
+    This runs in the user's process, on its fork path, so sending must never
+    block nor kill it: the events go through a Unix socket (not a pipe), sent
+    with ``MSG_DONTWAIT`` - when the helper falls behind and the buffer is
+    full, the event is dropped (that child is not watched) - and with
+    ``MSG_NOSIGNAL``, so that a helper that died cannot kill a program that
+    restored SIGPIPE's default action. Each line starts with a newline: a line
+    cut short by a full buffer is then one unreadable line for the helper,
+    which skips it, and the next line reads intact.
+    """
 
     def __init__(self, timeout: float, report: str | None) -> None:
         self.owner = os.getpid()
         self.timeout = timeout
         self.report = report
         self._lock = threading.Lock()  # only ever used in the process that made it
-        self._stdin: IO[bytes] | None = None
+        self._sock: socket.socket | None = None
         self.broken = False
+        self.dropped = 0
 
     def watch(self, event: ForkEvent) -> None:
-        line = (json.dumps(event.to_dict(), default=str) + "\n").encode()
-        with self._lock:
+        line = b"\n" + json.dumps(event.to_dict(), default=str).encode() + b"\n"
+        # A timeout, not a plain acquire: a signal handler that forks could
+        # interrupt this very thread while it holds the lock.
+        if not self._lock.acquire(timeout=1.0):
+            self.dropped += 1
+            return
+        try:
             if self.broken:
                 return
-            try:
-                if self._stdin is None:
-                    self._start()
-                assert self._stdin is not None
-                self._stdin.write(line)
-                self._stdin.flush()
-            except (OSError, ValueError):
-                self.broken = True
+            if self._sock is None:
+                self._start()
+            assert self._sock is not None
+            if not send(self._sock, line):
+                self.dropped += 1
+        except (OSError, ValueError, subprocess.SubprocessError):
+            self.broken = True
+        finally:
+            self._lock.release()
+
+    def start(self) -> None:
+        """Start the helper now, if it is not running yet (never raises)."""
+        if self._sock is not None or self.broken or not self._lock.acquire(timeout=1.0):
+            return
+        try:
+            if self._sock is None and not self.broken:
+                self._start()
+        except (OSError, ValueError, subprocess.SubprocessError):
+            self.broken = True
+        finally:
+            self._lock.release()
 
     def _start(self) -> None:
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -381,14 +419,38 @@ class Client:
         if self.report:
             argv += ["--report", self.report]
         env["FORKSAFE_HELPER_DETACH"] = "1"
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                env=env, close_fds=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            theirs.shutdown(socket.SHUT_WR)  # the helper only reads
+            proc = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=subprocess.DEVNULL,
+                                    env=env, close_fds=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         # The helper forks once and its first process exits at once: reaped here, so
         # the program never finds a child it did not start (a loop of os.wait()
         # until ChildProcessError would otherwise wait for our helper forever).
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-        self._stdin = proc.stdin
+        ours.shutdown(socket.SHUT_RD)
+        self._sock = ours
+
+
+def send(sock: socket.socket, data: bytes) -> bool:
+    """Send ``data`` without blocking and without SIGPIPE; False if (all of) it was not sent.
+
+    Also used in a forked child (``_child._announce_from_preexec``): a single
+    system call, no lock.
+    """
+    try:
+        return sock.send(data, _SEND_FLAGS) == len(data)
+    except BlockingIOError:
+        return False
+
+
+_SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 _client: Client | None = None
@@ -418,8 +480,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--report")
     args = parser.parse_args(argv)
+    parent = _Parent(args.parent)  # before detaching: the parent waits for that
     if os.environ.pop("FORKSAFE_HELPER_DETACH", None) and os.fork() > 0:
         os._exit(0)  # see Client._start: the watcher is not a child of the program
+    # Ctrl-C at a terminal goes to the whole process group, the helper included:
+    # it is for the program; the helper ends when the program does, quietly.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sink = None
     if args.report:
         from forksafe._sink import Sink
@@ -430,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sink = None
 
     def on_hung(event: ForkEvent, outcome: Outcome) -> None:
-        print(ENDED.format(diagnosis=outcome.diagnosis), file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError, ValueError):  # the program's stderr may be gone
+            print(ENDED.format(diagnosis=outcome.diagnosis), file=sys.stderr, flush=True)
         if sink is not None:
             sink.write({"type": "outcome", "parent_pid": event.parent_pid,
                         "child_pid": event.child_pid, "outcome": outcome.to_dict()})
@@ -439,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stdin = sys.stdin.buffer
     buffered = b""
     open_ = True
-    while open_ or len(monitor):
+    while (open_ or len(monitor)) and parent.alive():
         if open_:
             ready, _, _ = select.select([stdin], [], [], monitor.interval)
             if ready:
@@ -448,17 +515,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                     open_ = False
                 buffered += chunk
                 *lines, buffered = buffered.split(b"\n")
+                if len(buffered) > MAX_LINE:
+                    buffered = b""  # not a line of ours; the next newline resynchronises
                 for line in lines:
                     try:
                         monitor.add(ForkEvent.from_dict(json.loads(line)))
-                    except (ValueError, TypeError):
+                    except Exception:  # an empty, torn or foreign line
                         continue
         else:
-            if _procinfo.process_state(args.parent) is None:
-                break  # the parent is gone: nobody is left to wait for these children
             time.sleep(monitor.interval)
         monitor.poll()
     return 0
+
+
+#: The longest event line the helper buffers (a fork event with many hazards is a few KiB).
+MAX_LINE = 4 * 1024 * 1024
+
+
+class _Parent:
+    """The program the helper serves. It ends with it, even while children of the
+    program keep the event socket open (they inherit it when forked)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        state = _procinfo.process_state(pid)
+        self.started = state[1] if state is not None else None
+
+    def alive(self) -> bool:
+        state = _procinfo.process_state(self.pid)
+        return state is not None and state[0] not in ("Z", "X") and state[1] == self.started
 
 
 if __name__ == "__main__":

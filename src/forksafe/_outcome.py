@@ -88,6 +88,39 @@ def on_forked(event: ForkEvent, hang_timeout: float | None) -> None:
     _hang.client(hang_timeout).watch(event)
 
 
+def _before_fork() -> None:
+    """At-fork hook: with a hang timeout, have the hang helper running before any fork.
+
+    ``on_forked`` starts it after a fork, which is too late for one case: a
+    ``subprocess`` ``preexec_fn`` child that hangs before ``exec``. Its parent is
+    stuck in ``Popen`` until the child execs, so ``on_forked`` never runs; the
+    child can only announce itself (``_child._announce_from_preexec``) to a
+    helper that already runs. Registered when the guard imports this module,
+    which it does before its first fork; costs one attribute look-up per fork
+    once the helper runs, and nothing without a hang timeout.
+    """
+    try:
+        hang = sys.modules.get("forksafe._hang")
+        running = getattr(hang, "_client", None)
+        if running is not None and running.owner == os.getpid() and (
+                running._sock is not None or running.broken):
+            return
+        guard = sys.modules.get("forksafe._guard")
+        config = guard.installed() if guard is not None else None
+        timeout = getattr(config, "hang_timeout", None)
+        if timeout is None or _supervised():
+            return
+        from forksafe import _hang
+
+        _hang.client(timeout).start()
+    except Exception:  # a hook must never stop the fork
+        return
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork)
+
+
 #: Every this many forks, crash files of children that are gone and left nothing are removed.
 SWEEP_EVERY = 256
 _forks = 0

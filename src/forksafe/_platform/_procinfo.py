@@ -141,6 +141,23 @@ def catches(pid: int, signum: int, *, proc: str = "/proc") -> bool:
     return bool(caught_signals(pid, proc=proc) >> (signum - 1) & 1)
 
 
+def has_open(pid: int, path: str, *, proc: str = "/proc") -> bool | None:
+    """Whether ``pid`` has ``path`` open; None when its descriptors cannot be listed."""
+    base = f"{proc}/{pid}/fd"
+    wanted = os.path.realpath(path)
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return None
+    for name in names:
+        try:
+            if os.readlink(f"{base}/{name}") == wanted:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def cwd(pid: int, *, proc: str = "/proc") -> str | None:
     try:
         return os.readlink(f"{proc}/{pid}/cwd")
