@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import time
 import warnings
 
 import pytest
@@ -338,6 +339,54 @@ if __name__ == "__main__":
     assert "libdispatch" in o["diagnosis"]
 
 
+FAULTHANDLER = HEAD + """
+import ctypes, faulthandler
+if {enabled}:
+    faulthandler.enable()
+pid = os.fork()
+if pid == 0:
+    ctypes.string_at(0)  # crash-line
+os.waitpid(pid, 0)
+result(outcome=outcome(pid))
+"""
+
+
+def test_a_programs_own_faulthandler_still_shows_the_childs_traceback(
+        tmp_path: pathlib.Path) -> None:
+    """The program turned faulthandler on: the child's traceback still reaches stderr."""
+    s = run_scenario(FAULTHANDLER.format(enabled=True), tmp_path)
+    assert s.result["outcome"]["signal"] == "SIGSEGV"
+    assert "Fatal Python error: Segmentation fault" in s.stderr
+    assert f'scenario.py", line {s.line_of("crash-line")}' in s.stderr
+
+
+def test_no_traceback_is_printed_for_a_program_without_faulthandler(
+        tmp_path: pathlib.Path) -> None:
+    """Safe twin: faulthandler off, the traceback stays in the report (one warning only)."""
+    s = run_scenario(FAULTHANDLER.format(enabled=False), tmp_path)
+    assert s.result["outcome"]["signal"] == "SIGSEGV"
+    assert "Fatal Python error" not in s.stderr
+    assert "ForkSafetyWarning: child" in s.stderr
+
+
+def test_crash_warning_made_an_error_does_not_cost_the_wait_status(
+        tmp_path: pathlib.Path) -> None:
+    """With ForkSafetyWarning turned into an error, os.waitpid still returns the status."""
+    s = run_scenario(HEAD + """
+import ctypes
+warnings.simplefilter("error", forksafe.ForkSafetyWarning)
+pid = os.fork()
+if pid == 0:
+    ctypes.string_at(0)
+got = os.waitpid(pid, 0)
+result(got=list(got), outcome=outcome(pid))
+""", tmp_path)
+    assert s.result["got"] == [s.result["got"][0], signal.SIGSEGV]
+    assert s.result["outcome"]["signal"] == "SIGSEGV"
+    assert _outcome.AS_ERROR.split("{")[0] in s.stderr and CLEAN_FORK in s.stderr
+    assert "failed" not in s.stderr, "not reported as a failure of forksafe"
+
+
 def test_clean_fork_crash_is_reported_without_blaming_fork(tmp_path: pathlib.Path) -> None:
     """Safe twin: a child that segfaults after a clean fork is reported as such."""
     s = run_scenario(HEAD + """
@@ -398,12 +447,39 @@ def test_crash_signals_cover_the_issue_list() -> None:
 
 
 def test_sweep_removes_only_empty_files_of_vanished_processes(tmp_path: pathlib.Path) -> None:
-    """Empty crash files of dead pids go; a live pid's file and any traceback stay."""
+    """Empty crash files of dead pids go; a live pid's file and a fresh traceback stay."""
     dead = 2**22 + 4321  # above the default pid_max: never a live process
     (tmp_path / f"{dead}.crash").write_text("")
     (tmp_path / f"{dead + 1}.crash").write_text(TRACE)
+    (tmp_path / f"{dead + 2}.hung").write_text("{}")
     (tmp_path / f"{os.getpid()}.crash").write_text("")
     (tmp_path / "notes.txt").write_text("")
     assert _outcome.sweep(str(tmp_path)) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"{dead + 1}.crash", f"{os.getpid()}.crash", "notes.txt"])
+        [f"{dead + 1}.crash", f"{dead + 2}.hung", f"{os.getpid()}.crash", "notes.txt"])
+
+
+def test_sweep_removes_stale_evidence_nobody_collected(tmp_path: pathlib.Path) -> None:
+    """A dead pid's traceback or hang marker older than STALE_AFTER goes; a live pid's stays."""
+    dead = 2**22 + 4321
+    for name in (f"{dead}.crash", f"{dead}.hung", f"{dead}.hung.tmp", f"{os.getpid()}.crash"):
+        (tmp_path / name).write_text(TRACE)
+    later = time.time() + _outcome.STALE_AFTER + 1
+    assert _outcome.sweep(str(tmp_path), _now=later) == 3
+    assert [p.name for p in tmp_path.iterdir()] == [f"{os.getpid()}.crash"]
+
+
+def test_nothing_is_left_in_the_state_dir_after_a_normal_exit(tmp_path: pathlib.Path) -> None:
+    """Children reaped by subprocess, exec'd, or by a pool: no crash file survives the program."""
+    state = tmp_path / "state"
+    run_scenario(HEAD + """
+import multiprocessing, subprocess
+with multiprocessing.get_context("fork").Pool(2) as pool:
+    pool.map(abs, range(4))
+subprocess.run(["true"], preexec_fn=lambda: None)
+pid = os.fork()
+if pid == 0:
+    os.execv("/bin/true", ["true"])
+time.sleep(0.2)  # exec'd and exited, never reaped by the program
+""", tmp_path, env={"FORKSAFE_STATE_DIR": str(state)})
+    assert list(state.iterdir()) == []

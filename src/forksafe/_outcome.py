@@ -28,6 +28,7 @@ import re
 import signal
 import sys
 import sysconfig
+import time
 import warnings
 from typing import Any, Callable, Iterable
 
@@ -58,6 +59,11 @@ NO_TRACEBACK = (
     "faulthandler elsewhere)"
 )
 HUNG_THEN = "{diagnosis} (then ended by {signal})"
+ECHO = "forksafe: child {pid}'s traceback (faulthandler is on in this program):\n{traceback}"
+AS_ERROR = (
+    "ForkSafetyWarning (an error in this program, shown rather than raised: the child is "
+    "already reaped, and raising would lose its exit status): {message}"
+)
 
 #: The most of a crash file that is read: a traceback of every thread, bounded.
 MAX_CRASH_BYTES = 64 * 1024
@@ -81,6 +87,11 @@ def on_forked(event: ForkEvent, hang_timeout: float | None) -> None:
     _forks += 1
     if _forks % SWEEP_EVERY == 1:  # the first fork of each process, then every 256th
         sweep()
+        if _forks == 1:
+            # And at exit: children that exec'd, or that subprocess reaped, are gone by then.
+            import atexit
+
+            atexit.register(_sweep_at_exit)
     if hang_timeout is None or event.child_pid is None or _supervised():
         return
     from forksafe import _hang
@@ -126,30 +137,55 @@ SWEEP_EVERY = 256
 _forks = 0
 
 
-def sweep(directory: str | None = None) -> int:
-    """Remove empty crash files of processes that no longer exist; how many were removed.
+def sweep(directory: str | None = None, *, _now: float | None = None) -> int:
+    """Remove leftovers of processes that no longer exist; how many were removed.
 
     A child reaped through the guard's wait wrappers has its file removed at
     once; this catches the others (children that exec'd, or that were reaped by
-    code the guard does not wrap). Files with a traceback are kept: they are
-    evidence, and ``forksafe run`` reports them.
+    code the guard does not wrap). An empty crash file goes at once. A crash
+    file with a traceback, or a hang marker, is evidence that its parent may
+    still be about to read: it goes once it is ``STALE_AFTER`` seconds old, so
+    that the state directory, in RAM on ``/dev/shm``, never grows without bound.
+    (Under ``forksafe run`` the state directory is private and removed whole.)
     """
     removed = 0
+    now = time.time() if _now is None else _now
     try:
         entries = list(os.scandir(directory or state_dir()))
     except OSError:
         return 0
     for entry in entries:
         name, _, ext = entry.name.partition(".")
-        if ext != "crash" or not name.isdigit() or os.path.exists(f"/proc/{name}"):
+        if ext not in _LEFTOVERS or not name.isdigit() or not _finished(name):
             continue
         try:
-            if entry.stat().st_size == 0:
+            info = entry.stat(follow_symlinks=False)
+            if (ext == "crash" and info.st_size == 0) or now - info.st_mtime > STALE_AFTER:
                 os.unlink(entry.path)
                 removed += 1
         except OSError:
             continue
     return removed
+
+
+def _finished(pid: str) -> bool:
+    """True when process ``pid`` is gone or a zombie: it writes nothing any more."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[:1] in ([b"Z"], [b"X"])
+    except OSError:
+        return True
+
+
+#: What a process leaves in the state directory: crash file, hang marker (and its temp file).
+_LEFTOVERS = ("crash", "hung", "hung.tmp")
+#: Seconds after which a dead process's traceback or hang marker is no longer awaited.
+STALE_AFTER = 600.0
+
+
+def _sweep_at_exit() -> None:
+    with contextlib.suppress(Exception):
+        sweep()
 
 
 def on_reaped(
@@ -174,6 +210,11 @@ def on_reaped(
     hung = take_hung_marker(pid, directory=directory)
     outcome = outcome_for(event, status, traceback, hung)
     _set_outcome(pid, outcome)
+    if traceback is not None and _program_faulthandler():
+        # Arming pointed the child's faulthandler at its crash file; the program had
+        # it on (pytest does, so does PYTHONFAULTHANDLER), so it expects the
+        # traceback where the child would have written it: the shared stderr.
+        _stderr(ECHO.format(pid=pid, traceback=traceback))
     if (outcome.status == "hung" or outcome.signal in CRASH_SIGNALS) and _warns():
         warn(outcome.diagnosis or f"child {pid} {outcome.status}", event)
 
@@ -391,6 +432,23 @@ def take_hung_marker(pid: int, *, directory: str | None = None) -> Outcome | Non
     return Outcome.from_dict(data) if isinstance(data, dict) else None
 
 
+def _program_faulthandler() -> bool:
+    try:
+        from forksafe import _child
+
+        return _child.program_faulthandler()
+    except Exception:
+        return False
+
+
+def _stderr(text: str) -> None:
+    try:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except Exception:  # no usable stderr: nothing else to tell it to
+        return
+
+
 def warn(message: str, event: ForkEvent | None = None) -> None:
     """A ForkSafetyWarning attributed to the user's line, not to forksafe or the stdlib.
 
@@ -399,13 +457,20 @@ def warn(message: str, event: ForkEvent | None = None) -> None:
     line that forked the child - for a pool, the user's ``submit`` or ``map``.
     """
     level, found = user_stacklevel(sys._getframe(1))
-    if not found and event is not None and event.site is not None:
-        site = event.site
-        module = os.path.splitext(os.path.basename(site.file))[0] or "forksafe"
-        warnings.warn_explicit(ForkSafetyWarning(message), ForkSafetyWarning, site.file,
-                               site.line, module=module)
-        return
-    warnings.warn(ForkSafetyWarning(message), stacklevel=level + 1)
+    try:
+        if not found and event is not None and event.site is not None:
+            site = event.site
+            module = os.path.splitext(os.path.basename(site.file))[0] or "forksafe"
+            warnings.warn_explicit(ForkSafetyWarning(message), ForkSafetyWarning, site.file,
+                                   site.line, module=module)
+            return
+        warnings.warn(ForkSafetyWarning(message), stacklevel=level + 1)
+    except ForkSafetyWarning:
+        # The program turned ForkSafetyWarning into an error. Raised here, inside
+        # os.waitpid after the child was reaped, it would take the wait status
+        # from the caller (multiprocessing would never learn the exit code, and
+        # would wait for it again): so it is printed instead.
+        _stderr(AS_ERROR.format(message=message))
 
 
 _INTERNAL = (
