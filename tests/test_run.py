@@ -272,3 +272,26 @@ if __name__ == "__main__":
     forks = json.loads((tmp_path / "r.json").read_text())["forks"]
     [crash] = [f for f in forks if f["parent_pid"] == spawned]
     assert crash["outcome"]["signal"] == "SIGSEGV"
+
+
+def test_forkserver_children_are_guarded_too(tmp_path: pathlib.Path) -> None:
+    """The forkserver process is guarded: the worker it forks crashes, and the report says so."""
+    proc = run(tmp_path, """
+import ctypes, multiprocessing, os
+def work():
+    print(os.getpid(), os.getppid(), flush=True)
+    ctypes.string_at(0)
+if __name__ == "__main__":
+    p = multiprocessing.get_context("forkserver").Process(target=work)
+    p.start()
+    p.join()
+    print(p.exitcode)
+""", "--policy", "log", "--report", "r.json")
+    assert proc.returncode == 0, proc.stderr
+    worker, server, exitcode = (int(x) for x in proc.stdout.split())
+    assert exitcode == -signal.SIGSEGV
+    forks = json.loads((tmp_path / "r.json").read_text())["forks"]
+    [fork] = [f for f in forks if f["child_pid"] == worker]
+    assert fork["parent_pid"] == server, "forked by the forkserver, a process of the tree"
+    assert fork["outcome"]["signal"] == "SIGSEGV", fork["outcome"]
+    assert 'app.py", line 5 in work' in fork["outcome"]["traceback"]
