@@ -226,6 +226,21 @@ def test_sqlite_helper_failures_are_notes() -> None:
     assert sqlite_line(hung, "linux").verdict == NOTE
 
 
+def test_frozen_application_is_never_run_to_inspect_sqlite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In a frozen app sys.executable is the app: the doctor says so instead of running it."""
+    from forksafe._remedies._interpreter import FROZEN
+
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setattr(subprocess, "run",
+                        lambda *a, **k: pytest.fail("the application was started"))
+    info = _doctor.inspect_sqlite()
+    assert info == {"error": FROZEN}
+    line = sqlite_line(info, "darwin")
+    assert (line.verdict, line.summary) == (NOTE, _doctor.SQLITE_UNKNOWN.format(reason=FROZEN))
+
+
 @pytest.mark.parametrize(("version", "platform", "method"), [
     ((3, 13), "linux", "fork"), ((3, 14), "linux", "forkserver"),
     ((3, 14), "freebsd14", "forkserver"), ((3, 14), "darwin", "spawn"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -16,6 +17,7 @@ import pytest
 import forksafe
 from conftest import run_scenario
 from forksafe._remedies import proxies
+from forksafe._remedies._interpreter import FROZEN, NOT_PYTHON, interpreter_problem
 from forksafe._remedies.proxies import (
     EXITED,
     HELPER,
@@ -236,3 +238,36 @@ def test_default_helper_runs_on_this_interpreter() -> None:
     answer, failure = proxies._run_helper((sys.executable, "-I", HELPER), proxies.TIMEOUT)
     assert failure is None
     assert answer == {"kind": "none", "proxies": {}}
+
+
+@pytest.mark.parametrize(("executable", "frozen", "problem"), [
+    ("/usr/bin/python3.11", False, None),
+    ("/opt/venv/bin/python", False, None),
+    ("/usr/bin/pypy3", False, None),
+    ("/opt/app/MyApp", True, FROZEN),
+    ("/usr/bin/python3", True, FROZEN),
+    ("/usr/local/bin/uwsgi", False, NOT_PYTHON.format(executable="/usr/local/bin/uwsgi")),
+    ("", False, NOT_PYTHON.format(executable="")),
+])
+def test_which_executables_may_run_a_helper(executable: str, frozen: bool,
+                                            problem: str | None) -> None:
+    """Only a Python interpreter runs helpers: a frozen app or embedding host is never re-run."""
+    assert interpreter_problem(executable, frozen=frozen) == problem
+
+
+def test_frozen_application_is_never_run_as_a_helper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With sys.frozen set no process is started; one warning, the environment answer."""
+    started: list[object] = []
+
+    def popen(*args: object, **kwargs: object) -> None:
+        started.append(args)
+        raise AssertionError("a helper was started")
+
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with pytest.warns(forksafe.ForkSafetyWarning) as caught:
+        assert getproxies(_platform="darwin") == {}
+        assert proxy_bypass("example.org", _platform="darwin") is False
+    assert started == []
+    assert [str(w.message) for w in caught] == [
+        HELPER_FAILED.format(reason=FROZEN, executable=sys.executable)]

@@ -231,6 +231,12 @@ print(json.dumps({"version": sqlite3.sqlite_version, "module": getattr(_sqlite3,
 def inspect_sqlite(*, _command: Sequence[str] | None = None,
                    _timeout: float = HELPER_TIMEOUT) -> dict[str, Any]:
     """What ``import sqlite3`` loads, asked of a fresh interpreter (never this process)."""
+    if _command is None:
+        from forksafe._remedies._interpreter import interpreter_problem
+
+        problem = interpreter_problem()
+        if problem is not None:  # frozen or embedded: never run the program itself
+            return {"error": problem}
     command = list(_command) if _command is not None else [sys.executable, "-I", "-c",
                                                            _SQLITE_SCRIPT]
     try:

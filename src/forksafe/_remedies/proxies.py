@@ -39,6 +39,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from forksafe._errors import ForkSafetyWarning
+from forksafe._remedies._interpreter import interpreter_problem
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_proxy_helper.py")
 #: Seconds the helper may take before the environment-only answer is used.
@@ -161,7 +162,11 @@ def _system(platform: str, helper: Sequence[str] | None, timeout: float) -> dict
     command = tuple(helper) if helper is not None else (sys.executable, "-I", HELPER)
     answer = _cache.get(command)
     if answer is None:
-        answer, failure = _run_helper(command, timeout)
+        failure: str | None = interpreter_problem() if helper is None else None
+        if failure is not None:  # frozen or embedded: never run the program itself
+            answer = {"kind": "none", "proxies": {}}
+        else:
+            answer, failure = _run_helper(command, timeout)
         _cache[command] = answer
         if failure is not None:
             warnings.warn(HELPER_FAILED.format(reason=failure, executable=command[0]),
