@@ -511,3 +511,23 @@ def test_sqlite3_taken_out_of_sys_modules_still_connects(tmp_path: pathlib.Path)
         emit(answer=connect(":memory:").execute("select 42").fetchone()[0])
     """, tmp_path, timeout=30)
     assert s.result["answer"] == 42
+
+
+def test_factory_that_refuses_subclasses_connects_unprotected(tmp_path: pathlib.Path) -> None:
+    """A factory class whose __init_subclass__ refuses subclasses still connects, as before."""
+    s = run_scenario("""
+        import sqlite3, forksafe
+        class Sealed(sqlite3.Connection):
+            def __init_subclass__(cls, **kwargs):
+                raise TypeError("Sealed cannot be subclassed")
+        class SealedCursor(sqlite3.Cursor):
+            def __init_subclass__(cls, **kwargs):
+                raise TypeError("SealedCursor cannot be subclassed")
+        forksafe.protect_sqlite()
+        conn = sqlite3.connect(":memory:", factory=Sealed)
+        cur = sqlite3.connect(":memory:").cursor(SealedCursor)
+        emit(kind=type(conn).__name__, answer=conn.execute("select 5").fetchone()[0],
+             cursor=type(cur).__name__, fetched=cur.execute("select 6").fetchone()[0])
+    """, tmp_path, timeout=30)
+    assert s.result == {**s.result, "kind": "Sealed", "answer": 5, "cursor": "SealedCursor",
+                        "fetched": 6}

@@ -22,8 +22,8 @@ NOT_PYTHON = (
     "sys.executable ({executable!r}) does not look like a Python interpreter (an embedded "
     "Python?), so no helper is run with it"
 )
-#: What a Python interpreter's file name contains (python3.11, pythonw.exe, pypy3, ...).
-_NAMES = ("python", "pypy")
+#: What a Python interpreter's file name contains (python3.11, pythonw.exe, pypy3, graalpy).
+_NAMES = ("python", "pypy", "graalpy")
 
 
 def interpreter_problem(

@@ -76,6 +76,9 @@ _hook_registered: list[bool] = []
 _state: dict[str, Any] = {}
 _classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 _cursor_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+#: A program's factory classes that cannot be subclassed (a metaclass or
+#: ``__init_subclass__`` refuses): their connections and cursors go unprotected.
+_unprotectable: weakref.WeakSet[type] = weakref.WeakSet()
 #: Inherited objects kept alive in a child so that SQLite never closes them there.
 _pinned: list[object] = []
 
@@ -204,9 +207,15 @@ def _protected_class(base: Any, module: types.ModuleType) -> type | None:
         return base
     cls = _classes.get(base)
     if cls is None:
+        if base in _unprotectable:
+            return None
         # No lock: two threads racing here make two equivalent classes, and a
         # lock would be one more thing a child could inherit held.
-        cls = _classes[base] = _make_connection_class(base, module)
+        try:
+            cls = _classes[base] = _make_connection_class(base, module)
+        except Exception:  # a class that refuses subclasses: connect as without protection
+            _unprotectable.add(base)
+            return None
     return cls
 
 
@@ -437,7 +446,13 @@ def _protected_cursor_class(base: Any, module: types.ModuleType) -> type | None:
         return base
     cls = _cursor_classes.get(base)
     if cls is None:
-        cls = _cursor_classes[base] = _make_cursor_class(base)
+        if base in _unprotectable:
+            return None
+        try:
+            cls = _cursor_classes[base] = _make_cursor_class(base)
+        except Exception:  # as for connections: the program's class, unprotected
+            _unprotectable.add(base)
+            return None
     return cls
 
 
