@@ -240,6 +240,19 @@ def test_default_helper_runs_on_this_interpreter() -> None:
     assert answer == {"kind": "none", "proxies": {}}
 
 
+def test_warning_through_patched_urllib_points_at_the_callers_line() -> None:
+    """urllib.request.getproxies(), once patched, warns at the line that called it."""
+    command = [sys.executable, "-c", "raise SystemExit(3)"]
+    proxies.patch_urllib(_platform="darwin", _helper=command)
+    with pytest.warns(forksafe.ForkSafetyWarning) as caught:
+        assert urllib.request.getproxies() == {}; line = _current_line()  # noqa: E702
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
+def _current_line() -> int:
+    return sys._getframe(1).f_lineno
+
+
 @pytest.mark.parametrize(("executable", "frozen", "problem"), [
     ("/usr/bin/python3.11", False, None),
     ("/opt/venv/bin/python", False, None),

@@ -35,6 +35,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -170,8 +171,23 @@ def _system(platform: str, helper: Sequence[str] | None, timeout: float) -> dict
         _cache[command] = answer
         if failure is not None:
             warnings.warn(HELPER_FAILED.format(reason=failure, executable=command[0]),
-                          ForkSafetyWarning, stacklevel=3)
+                          ForkSafetyWarning, stacklevel=_caller_level())
     return answer
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside this module, seen from its caller.
+
+    The lookup is reached through ``getproxies()`` directly or through the
+    functions ``patch_urllib()`` installs: either way the warning should point
+    at the program's line that asked for proxies.
+    """
+    level = 2
+    frame: types.FrameType | None = sys._getframe(2)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        level += 1
+        frame = frame.f_back
+    return level
 
 
 def _run_helper(command: tuple[str, ...], timeout: float) -> tuple[dict[str, Any], str | None]:
