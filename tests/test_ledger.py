@@ -131,3 +131,32 @@ def test_a_reused_address_does_not_inherit_a_dead_connections_origin(
     assert s.result["subclass"] == [True, True, False]
     if tuple(s.result["version"]) >= (3, 11):  # plain connections are validated from 3.11
         assert s.result["plain"] == [True, True, False]
+
+
+def test_another_librarys_wrapper_of_connect_is_never_removed(tmp_path: pathlib.Path) -> None:
+    """A wrapper put over ours (as OpenTelemetry does) survives unobserve and unprotect."""
+    s = run_scenario("""
+        import sqlite3, forksafe
+        from forksafe import _ledger
+        original = sqlite3.connect
+        forksafe.protect_sqlite()
+        forksafe.observe()
+        ours = sqlite3.connect
+        calls = []
+        def instrumented(*args, **kwargs):
+            calls.append(args[0])
+            return ours(*args, **kwargs)
+        sqlite3.connect = instrumented
+        forksafe.unobserve()
+        forksafe.unprotect_sqlite()
+        kept = sqlite3.connect is instrumented
+        conn = sqlite3.connect("x.db")
+        forksafe.observe()  # a new chain starts from what is bound now
+        again = sqlite3.connect("y.db")
+        origin = _ledger.connection_origin(again) is not None
+        forksafe.unobserve()
+        emit(kept=kept, calls=calls, works=conn.execute("select 1").fetchone()[0],
+             origin=origin, restored=sqlite3.connect is instrumented)
+    """, tmp_path)
+    assert s.result == {**s.result, "kept": True, "calls": ["x.db", "y.db"], "works": 1,
+                        "origin": True, "restored": True}

@@ -248,7 +248,8 @@ LAYER_ORDER = ("protect", "observe")
 ConnectLayer = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 _layers: dict[str, ConnectLayer] = {}
-#: "original": the true sqlite3.connect, "modules": where it was found.
+#: "original": the true sqlite3.connect, "modules": where it was found,
+#: "installed": the function last bound there.
 _chain: dict[str, Any] = {}
 _finder: list[_SqliteImportHook] = []
 
@@ -302,8 +303,15 @@ def _rebuild(sqlite3: types.ModuleType) -> None:
         make = _layers.get(name)
         if make is not None:
             func = make(func)
+    installed = _chain.get("installed", _chain["original"])
     for module in _chain["modules"]:
-        module.connect = func
+        current = module.__dict__.get("connect")
+        # Another library may have wrapped connect over ours since (OpenTelemetry's
+        # sqlite3 instrumentation does): rebinding would silently drop its wrapper,
+        # so it stays, calling the chain it captured.
+        if current is installed or current is _chain["original"]:
+            module.connect = func
+    _chain["installed"] = func
     if not _layers:
         _chain.clear()
 
