@@ -160,3 +160,26 @@ def test_another_librarys_wrapper_of_connect_is_never_removed(tmp_path: pathlib.
     """, tmp_path)
     assert s.result == {**s.result, "kept": True, "calls": ["x.db", "y.db"], "works": 1,
                         "origin": True, "restored": True}
+
+
+def test_another_librarys_wrapper_of_thread_start_is_never_removed(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A Thread.start wrapper put over ours (as Sentry does) survives unobserve; ours idles."""
+    s = run_scenario("""
+        import threading, forksafe
+        from forksafe import _ledger
+        forksafe.observe()
+        ours = threading.Thread.start
+        starts = []
+        def sentry_start(self, *args, **kwargs):
+            starts.append(self.name)
+            return ours(self, *args, **kwargs)
+        threading.Thread.start = sentry_start
+        forksafe.unobserve()
+        t = threading.Thread(target=int, name="after")
+        t.start(); t.join()
+        emit(kept=threading.Thread.start is sentry_start, starts=starts,
+             recorded=_ledger.thread_origin(t) is not None)
+    """, tmp_path)
+    assert s.result == {**s.result, "kept": True, "starts": ["after"], "recorded": False}

@@ -106,25 +106,33 @@ def observe() -> None:
     if _state:  # observe() ran meanwhile, from the import of threading above
         return
     original_start = threading.Thread.start
-    _state["thread_start"] = original_start
+    state = _state
 
     def start(self: threading.Thread) -> None:
-        setattr(self, _ORIGIN_ATTR, _raw_frames(sys._getframe(1)))
+        if state.get("thread_wrapper") is start:  # left in place by unobserve(): a no-op
+            setattr(self, _ORIGIN_ATTR, _raw_frames(sys._getframe(1)))
         original_start(self)
 
     start.__wrapped__ = original_start  # type: ignore[attr-defined]
     start.__doc__ = original_start.__doc__
+    _state.update(thread_start=original_start, thread_wrapper=start)
     threading.Thread.start = start  # type: ignore[method-assign]
     set_connect_layer("observe", _origin_layer)
 
 
 def unobserve() -> None:
-    """Undo ``observe()`` exactly: the original functions are restored by identity."""
+    """Undo ``observe()`` exactly: the original functions are restored by identity.
+
+    Only where forksafe's wrapper is still the one bound: a library that wrapped
+    ``Thread.start`` over ours since (Sentry's threading integration does)
+    keeps its wrapper, and ours inside it stops recording.
+    """
     if not _state:
         return
     import threading
 
-    threading.Thread.start = _state.pop("thread_start")  # type: ignore[method-assign]
+    if threading.Thread.__dict__.get("start") is _state["thread_wrapper"]:
+        threading.Thread.start = _state["thread_start"]  # type: ignore[method-assign]
     _state.clear()
     set_connect_layer("observe", None)
 
