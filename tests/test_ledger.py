@@ -183,3 +183,19 @@ def test_another_librarys_wrapper_of_thread_start_is_never_removed(
              recorded=_ledger.thread_origin(t) is not None)
     """, tmp_path)
     assert s.result == {**s.result, "kept": True, "starts": ["after"], "recorded": False}
+
+
+def test_sqlite3_imported_while_observing_keeps_its_own_loader(tmp_path: pathlib.Path) -> None:
+    """Only connect changes: the module's loader, resources and reload() are as without us."""
+    s = run_scenario("""
+        import importlib, importlib.resources, forksafe
+        forksafe.observe()
+        import sqlite3
+        loaders = [type(sqlite3.__loader__).__name__, type(sqlite3.__spec__.loader).__name__]
+        files = type(importlib.resources.files("sqlite3")).__name__
+        importlib.reload(sqlite3)
+        emit(loaders=loaders, files=files, wrapped=hasattr(sqlite3.connect, "__wrapped__"))
+    """, tmp_path)
+    assert s.result["loaders"] == ["SourceFileLoader", "SourceFileLoader"]
+    assert s.result["files"] == "PosixPath"
+    assert s.result["wrapped"] is True

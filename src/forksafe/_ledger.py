@@ -400,6 +400,13 @@ class _WrappingLoader(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
+        # The module's own loader goes back first, so that nothing but connect
+        # is changed: importlib.resources, reload() and pkgutil ask the loader.
+        if getattr(module, "__loader__", None) is self:
+            module.__loader__ = self._loader
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.loader is self:
+            spec.loader = self._loader
         self._loader.exec_module(module)
         _remove_finder()
         _rebuild(module)
