@@ -531,3 +531,27 @@ def test_factory_that_refuses_subclasses_connects_unprotected(tmp_path: pathlib.
     """, tmp_path, timeout=30)
     assert s.result == {**s.result, "kind": "Sealed", "answer": 5, "cursor": "SealedCursor",
                         "fetched": 6}
+
+
+def test_a_factory_class_per_connection_does_not_grow_memory(tmp_path: pathlib.Path) -> None:
+    """Programs that make a factory class per connection keep a bounded class cache."""
+    s = run_scenario("""
+        import gc, sqlite3, forksafe
+        from forksafe._remedies import sqlite as protection
+        forksafe.protect_sqlite()
+        for i in range(300):
+            kind = type("PerConnection%d" % i, (sqlite3.Connection,), {})
+            cursor = type("PerCursor%d" % i, (sqlite3.Cursor,), {})
+            conn = sqlite3.connect(":memory:", factory=kind)
+            conn.cursor(cursor).execute("select 1")
+            conn.close()
+            del conn, kind, cursor
+        gc.collect()
+        alive = sum(1 for obj in gc.get_objects()
+                    if isinstance(obj, type) and obj.__name__.startswith("PerConnection"))
+        emit(classes=len(protection._classes), cursors=len(protection._cursor_classes),
+             alive=alive, limit=protection._MAX_CLASSES)
+    """, tmp_path, timeout=30)
+    assert s.result["classes"] <= s.result["limit"]
+    assert s.result["cursors"] <= s.result["limit"]
+    assert s.result["alive"] <= 2 * s.result["limit"]  # the rest were freed with their users

@@ -76,6 +76,8 @@ _hook_registered: list[bool] = []
 _state: dict[str, Any] = {}
 _classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
 _cursor_classes: weakref.WeakKeyDictionary[type, type] = weakref.WeakKeyDictionary()
+#: At most this many connection (and cursor) classes are cached; see ``_remember``.
+_MAX_CLASSES = 64
 #: A program's factory classes that cannot be subclassed (a metaclass or
 #: ``__init_subclass__`` refuses): their connections and cursors go unprotected.
 _unprotectable: weakref.WeakSet[type] = weakref.WeakSet()
@@ -212,11 +214,25 @@ def _protected_class(base: Any, module: types.ModuleType) -> type | None:
         # No lock: two threads racing here make two equivalent classes, and a
         # lock would be one more thing a child could inherit held.
         try:
-            cls = _classes[base] = _make_connection_class(base, module)
+            cls = _make_connection_class(base, module)
         except Exception:  # a class that refuses subclasses: connect as without protection
             _unprotectable.add(base)
             return None
+        _remember(_classes, base, cls)
     return cls
+
+
+def _remember(cache: weakref.WeakKeyDictionary[type, type], base: type, cls: type) -> None:
+    """Cache ``cls`` for ``base``, up to ``_MAX_CLASSES`` entries.
+
+    An entry is never freed — the subclass refers to its base, so the weak key
+    stays alive — which is right for the handful of classes a program has, but a
+    program that makes a factory class per connection would grow the cache
+    forever; past the bound such classes get a fresh subclass each time, which
+    dies with them.
+    """
+    if len(cache) < _MAX_CLASSES:
+        cache[base] = cls
 
 
 def _static(cls: type, name: str) -> Any:
@@ -449,10 +465,11 @@ def _protected_cursor_class(base: Any, module: types.ModuleType) -> type | None:
         if base in _unprotectable:
             return None
         try:
-            cls = _cursor_classes[base] = _make_cursor_class(base)
+            cls = _make_cursor_class(base)
         except Exception:  # as for connections: the program's class, unprotected
             _unprotectable.add(base)
             return None
+        _remember(_cursor_classes, base, cls)
     return cls
 
 
