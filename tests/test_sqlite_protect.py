@@ -555,3 +555,69 @@ def test_a_factory_class_per_connection_does_not_grow_memory(tmp_path: pathlib.P
     assert s.result["classes"] <= s.result["limit"]
     assert s.result["cursors"] <= s.result["limit"]
     assert s.result["alive"] <= 2 * s.result["limit"]  # the rest were freed with their users
+
+
+def test_protection_turned_on_in_a_forked_worker_knows_its_own_pid(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Imported in the parent, turned on in the worker (a post_fork hook): queries still work."""
+    s = run_scenario("""
+        import json, os, sqlite3
+        from forksafe import protect_sqlite  # imports the module in the parent, hook-less
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            protect_sqlite()  # as in gunicorn's post_fork or Celery's worker_process_init
+            conn = sqlite3.connect("worker.db")
+            try:
+                conn.execute("create table t(x)")
+                result = "works"
+            except sqlite3.DatabaseError as exc:
+                result = str(exc)
+            os.write(w, result.encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            child = f.read()
+        os.waitpid(pid, 0)
+        emit(child=child)
+    """, tmp_path, timeout=30)
+    assert s.result["child"] == "works"
+
+
+def test_child_of_a_hookless_fork_can_open_its_own_connections(tmp_path: pathlib.Path) -> None:
+    """After a fork that ran no Python hooks, the child's new connections work; old ones refuse."""
+    s = run_scenario("""
+        import json, os, sqlite3, forksafe
+        from forksafe._remedies import sqlite as protection
+        forksafe.protect_sqlite()
+        inherited = sqlite3.connect("raw.db")
+        inherited.execute("create table t(x)")
+        inherited.commit()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            protection._current[0] = os.getppid()  # as after a C-level fork()
+            results = {}
+            own = sqlite3.connect("raw.db")
+            try:
+                own.execute("insert into t values (1)")
+                own.commit()
+                results["own"] = "works"
+            except sqlite3.DatabaseError as exc:
+                results["own"] = str(exc)
+            try:
+                inherited.execute("select 1")
+                results["inherited"] = "allowed"
+            except forksafe.ForkSafetyError:
+                results["inherited"] = "refused"
+            os.write(w, json.dumps(results).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            child = json.loads(f.read())
+        os.waitpid(pid, 0)
+        emit(child=child, rows=inherited.execute("select count(*) from t").fetchone()[0])
+    """, tmp_path, timeout=30)
+    assert s.result["child"] == {"own": "works", "inherited": "refused"}
+    assert s.result["rows"] == 1

@@ -37,7 +37,9 @@ The current pid is read from a one-element list that an
 ``os.getpid()`` is a system call on glibc >= 2.25 (~140 ns here), and
 ``execute()`` and ``fetchone()`` check it once per call. A child made by a
 raw C ``fork()`` that runs no Python fork hooks is still caught by the authorizer, which calls
-``os.getpid()`` itself (it runs only when a statement is prepared).
+``os.getpid()`` itself (it runs only when a statement is prepared). ``connect()``
+also reads the real pid (once per connection), so that such a child's own new
+connections work, and refreshes the remembered one from it.
 
 ``close()`` on an inherited connection in the child does not close it — that
 would run SQLite's close (and rollback) in the child — but detaches it: the
@@ -94,6 +96,9 @@ def protect_sqlite() -> None:
     """
     if _state:
         return
+    # This module may have been imported before a fork that its hook (not yet
+    # registered) did not see: the remembered pid is then the parent's.
+    _current[0] = os.getpid()
     if not _hook_registered and hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_forked)
         _hook_registered.append(True)
@@ -145,10 +150,15 @@ def _protect_layer(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _arm(connection: Any, module: types.ModuleType, frames: _ledger.RawFrames) -> None:
-    connection._forksafe_pid = _current[0]
-    connection._forksafe_frames = frames
-    pid = connection._forksafe_pid
     getpid = os.getpid
+    pid = getpid()  # one system call per connect (~0.1 us against ~11 us for connect)
+    if pid != _current[0]:
+        # A fork that ran no Python hooks (a C extension's fork()): the child's
+        # own connections must carry its real pid, or the authorizer would refuse
+        # them; and now that the pid is known, inherited ones refuse in Python too.
+        _current[0] = pid
+    connection._forksafe_pid = pid
+    connection._forksafe_frames = frames
     deny: int = module.SQLITE_DENY
     ok: int = module.SQLITE_OK
 
