@@ -375,6 +375,27 @@ TRANSPARENCY = """
             "no such statement")
     except sqlite3.OperationalError as exc:
         seen["error"] = str(exc)
+    guarded = sqlite3.connect(":memory:")
+    guarded.execute("create table d(x, secret)")
+    guarded.execute("insert into d values (1, 'hidden')")
+    def policy(action, arg1, arg2, database, trigger):
+        if action == sqlite3.SQLITE_DROP_TABLE:
+            raise RuntimeError("no drops")  # an authorizer that raises denies the statement
+        if action == sqlite3.SQLITE_READ and arg2 == "secret":
+            return sqlite3.SQLITE_IGNORE  # reads as NULL
+        return sqlite3.SQLITE_OK
+    guarded.set_authorizer(policy)
+    seen["authorizer"] = [guarded.execute("select x, secret from d").fetchall()]
+    try:
+        guarded.execute("drop table d")
+    except sqlite3.DatabaseError as exc:
+        seen["authorizer"].append([type(exc).__name__, str(exc)])
+    guarded.set_authorizer(None)  # removes it from 3.11; before, denies everything
+    try:
+        guarded.execute("drop table d")
+        seen["authorizer"].append("dropped once allowed")
+    except sqlite3.DatabaseError as exc:
+        seen["authorizer"].append(str(exc))
     if sys.version_info >= (3, 12):
         auto = sqlite3.connect(":memory:", autocommit=False)
         seen["autocommit"] = [auto.autocommit, auto.in_transaction]
@@ -400,6 +421,8 @@ def test_protection_changes_nothing_for_a_program_that_does_not_fork(
     assert protected.result["seen"] == plain.result["seen"]
     assert plain.result["seen"]["override"] == [1, ["select 1"], "Rows", 8, "Logging", 3, True]
     assert plain.result["seen"]["repr"][0] == "<sqlite3.Connection object"
+    assert plain.result["seen"]["authorizer"][:2] == [
+        [[1, None]], ["DatabaseError", "not authorized"]]
 
 
 def test_factory_overriding_execute_is_still_refused_in_the_child(

@@ -430,7 +430,9 @@ def _connection_set_authorizer(base: type) -> Callable[..., Any]:
         if self._forksafe_pid != _current[0] and self._forksafe_pid is not None:
             raise _refuse(self)
         ours = self.__dict__.get("_forksafe_authorizer")
-        if ours is None:
+        if ours is None or (authorizer_callback is None and sys.version_info < (3, 11)):
+            # Before 3.11 None does not remove the authorizer: it is called, fails
+            # and so denies every statement. Keep that behaviour, odd as it is.
             set_authorizer(self, authorizer_callback)
         elif authorizer_callback is None:
             set_authorizer(self, ours)
