@@ -619,6 +619,33 @@ print({MARK!r} + json.dumps({{"n": len(h), "children": len(_guard._children),
                         "last": True, "first": True, "oldest_gone": True}
 
 
+def test_forks_recorded_after_the_fork_are_complete_and_in_order(tmp_path: pathlib.Path) -> None:
+    """Forks queued until the child is gone are all recorded, in order, waited for or not."""
+    code = PRELUDE + f"""
+forksafe.install("log")
+pids = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(0.2)
+        os._exit(0)
+    pids.append(pid)
+# No wait yet: the events are queued, and asking for them records them.
+h = [e.child_pid for e in _guard.history()]
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+by_pid = _guard.event_for_child(pid) is not None
+pids.append(pid)
+for pid in pids:
+    os.waitpid(pid, 0)
+print({MARK!r} + json.dumps({{"queued_by_pid": by_pid, "order": h == pids[:3],
+      "after_wait": [e.child_pid for e in _guard.history()] == pids}}))
+"""
+    s = run_scenario(code, tmp_path, timeout=60)
+    assert s.result == {"queued_by_pid": True, "order": True, "after_wait": True}
+
+
 def test_reaping_calls_the_follower_for_guarded_children_only(tmp_path: pathlib.Path) -> None:
     """os.waitpid/wait/wait3/wait4 and Process.join report guarded children's exits."""
     code = PRELUDE + """

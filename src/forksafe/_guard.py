@@ -34,6 +34,17 @@ a ``ForkEvent`` kept in a bounded history and, when a report file is
 configured, appended as one JSON line (``_sink``). The parent also wraps the
 ``os.wait*`` family to tell the follower when a guarded child is reaped.
 
+After the fork, the parent does as little as it can until the child is gone.
+Parent and child share every page of memory copy-on-write until one of them
+writes to it, and every Python statement writes (reference counts, allocator
+pools): recording the event, handing it to the follower and freeing the
+check's objects right after the fork cost ~300 page copies per fork, which
+on a 100 MB process made a guarded fork 1.2x a bare one. So without a report
+file or a hang timeout — when nobody outside this process waits for the event
+— the parent only queues ``(decision, pid)`` and records it later, when it is
+cheap and still in time: after a ``wait*`` call returns, before the next fork,
+and whenever the history or a child's event is asked for.
+
 Anything that goes wrong inside forksafe is reported once and the fork goes
 on unguarded; only a refusal under ``raise`` (or the program's own
 ``-W error::forksafe.ForkSafetyWarning``) ever stops one.
@@ -189,6 +200,9 @@ _failures: set[str] = set()
 _lock = RLock()
 _history: deque[ForkEvent] = deque(maxlen=HISTORY_SIZE)
 _children: dict[int, ForkEvent] = {}
+# Forks not yet recorded (see the module docstring). A deque: append and popleft
+# are atomic, so it needs no lock. Bounded by the flush before every fork.
+_pending: deque[tuple[_Decision, int | None]] = deque()
 _inherited: Any = None  # in a child: the parent's history, kept unfreed (see below)
 _local = thread_local()  # .busy: inside a wrapper's real fork; .pending: hook state
 
@@ -225,6 +239,7 @@ def uninstall() -> None:
     global _config, _sink, _quiet_filter, _watcher
     if _config is None:
         return
+    _flush_pending()
     _config = None
     for name, original in list(_originals.items()):
         owner, attr = _owner(name)
@@ -289,12 +304,14 @@ def installed() -> Config | None:
 
 def history() -> list[ForkEvent]:
     """This process's recent fork events, oldest first (at most ``HISTORY_SIZE``)."""
+    _flush_pending()
     with _lock:
         return list(_history)
 
 
 def event_for_child(pid: int) -> ForkEvent | None:
     """The event of the fork that created child ``pid``, while it is remembered."""
+    _flush_pending()
     return _children.get(pid)
 
 
@@ -302,6 +319,7 @@ def set_outcome(pid: int, outcome: Outcome) -> None:
     """Attach ``outcome`` to child ``pid``'s event and append it to the report file."""
     import dataclasses
 
+    _flush_pending()
     with _lock:
         event = _children.get(pid)
         if event is not None:
@@ -624,8 +642,11 @@ def _wrap_wait(original: Callable[..., WaitResult]) -> Callable[..., WaitResult]
     def wait(*args: Any, **kwargs: Any) -> WaitResult:
         result = original(*args, **kwargs)
         pid = result[0]
-        if pid > 0 and pid in _children and _config is not None:
-            _reaped(pid, result[1])
+        if pid > 0 and _config is not None:
+            if _pending:
+                _flush_pending()
+            if pid in _children:
+                _reaped(pid, result[1])
         return result
 
     return _copy_identity(wait, original)  # type: ignore[no-any-return]
@@ -681,6 +702,8 @@ def _judge(
 ) -> _Decision:
     if not _followers_loaded:
         _load_followers()
+    if _pending:
+        _flush_pending()
     lazy = _Lazy
     config = _config or Config()
     mechanism, user = _locate(caller, mechanism)
@@ -829,7 +852,27 @@ def _record(event: ForkEvent) -> None:
 
 
 def _forked(decision: _Decision, pid: int | None) -> None:
-    """Parent side, after a successful fork: record, then hand over to the follower."""
+    """Parent side, right after a successful fork: record now, or queue (module docstring)."""
+    config = _config
+    if _sink is None and (config is None or config.hang_timeout is None):
+        _pending.append((decision, pid))
+        return
+    _flush_pending()
+    _record_fork(decision, pid)
+
+
+def _flush_pending() -> None:
+    """Record the queued forks, oldest first; safe from any thread."""
+    while True:
+        try:
+            decision, pid = _pending.popleft()
+        except IndexError:
+            return
+        _record_fork(decision, pid)
+
+
+def _record_fork(decision: _Decision, pid: int | None) -> None:
+    """Record a fork, then hand it over to the follower."""
     event = _event(decision, pid)
     _record(event)
     config = _config
@@ -923,7 +966,7 @@ def _after_fork_parent() -> None:
 
 def _after_fork_child() -> None:
     """In every child of a guarded fork: reset our state, then arm the child once."""
-    global _lock, _history, _children, _inherited
+    global _lock, _history, _children, _pending, _inherited
     config = _config
     if config is None:
         return
@@ -931,9 +974,10 @@ def _after_fork_child() -> None:
     # The parent's events are not this process's. They are set aside, not freed:
     # freeing a thousand events would write to every page they live on, and each
     # such write copies a page (copy-on-write) — milliseconds in every child.
-    _inherited = (_history, _children)
+    _inherited = (_history, _children, _pending)
     _history = deque(maxlen=HISTORY_SIZE)
     _children = {}
+    _pending = deque()
     _local.pending = None
     child = _child_module
     if child is not None:
