@@ -133,14 +133,17 @@ def test_helper_timeout_falls_back_with_one_warning(tmp_path: pathlib.Path) -> N
     command = ["/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"]
     start = time.monotonic()
     with pytest.warns(forksafe.ForkSafetyWarning) as caught:
-        assert getproxies(_platform="darwin", _helper=command, _timeout=0.3) == {}
+        assert getproxies(_platform="darwin", _helper=command, _timeout=1.0) == {}
         assert proxy_bypass("example.org", _platform="darwin", _helper=command,
-                            _timeout=0.3) is False
+                            _timeout=1.0) is False
     assert time.monotonic() - start < 10  # never the helper's 30 seconds
     assert [str(w.message) for w in caught] == [HELPER_FAILED.format(
-        reason=TIMED_OUT.format(timeout=0.3), executable="/bin/sh")]
+        reason=TIMED_OUT.format(timeout=1.0), executable="/bin/sh")]
     assert caught[0].filename == __file__
-    assert not os.path.exists(f"/proc/{pidfile.read_text().strip()}")  # nothing left behind
+    # The shell writes its pid within milliseconds; on a machine so loaded that it did
+    # not within the second, it was killed before it could start anything.
+    if pidfile.exists() and pidfile.read_text().strip():
+        assert not os.path.exists(f"/proc/{pidfile.read_text().strip()}")  # reaped, no zombie
 
 
 def test_helper_whose_descendant_keeps_the_pipes_open_still_times_out(
