@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import run_scenario
 from forksafe._hang import LOCK_LINK, HangMonitor, sample
 from forksafe._report import ForkEvent, Report
@@ -82,16 +84,19 @@ def test_child_idle_in_an_unrelated_wait_is_not_reported(tmp_path: pathlib.Path)
     assert "ForkSafetyWarning: child" not in s.stderr
 
 
-def test_an_idle_child_is_not_signalled_again_and_again(tmp_path: pathlib.Path) -> None:
-    """Safe twin: an idle child gets one stack-dump signal, not one per hang timeout
-    (the wake-up our own signal causes is not progress)."""
+@pytest.mark.parametrize(("wait", "most"), [("threading.Event().wait(3.0)", 3),
+                                            ("time.sleep(3.0)", 1)])
+def test_an_idle_child_is_not_signalled_again_and_again(tmp_path: pathlib.Path, wait: str,
+                                                        most: int) -> None:
+    """Safe twin: an idle child waiting in futex gets one stack-dump signal, not one per hang
+    timeout (the wake-up our signal causes is not progress); one asleep gets none."""
     s = run_scenario(LOCKED.format(
         child="ticks = lambda: int(open('/proc/self/schedstat').read().split()[2])\n"
-              "    before = ticks()\n    time.sleep(3.0)\n"
+              f"    before = ticks()\n    {wait}\n"
               "    os._exit(min(ticks() - before, 100))"), tmp_path, timeout=30)
     assert s.result["outcome"]["status"] == "exited", s.result
-    # Asleep without signals it is scheduled once (to wake); each dump adds one or two.
-    assert s.result["outcome"]["exit_code"] <= 3, s.result
+    # Waiting without signals it is scheduled once (to wake); each dump adds one or two.
+    assert s.result["outcome"]["exit_code"] <= most, s.result
 
 
 GIL_MUTEX = """

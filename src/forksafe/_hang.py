@@ -72,6 +72,10 @@ THREAD_LINK = (
 FIX = "fix: {remedy}"
 ENDED = "forksafe: {diagnosis} [ended with SIGKILL]"
 
+#: The system calls a thread blocked acquiring a lock is seen in (after a signal
+#: interrupted a futex wait with a timeout, the kernel restarts it as restart_syscall).
+_LOCK_WAITS = ("futex", "restart_syscall")
+
 #: How long to wait for a stuck child's faulthandler dump to appear.
 DUMP_WAIT = 1.0
 #: The most children watched at once (bounded memory for huge pools).
@@ -149,8 +153,12 @@ def analyse(event: ForkEvent, seconds: float, *, directory: str,
     # The dump signal interrupts the child's wait (restarted, or EINTR that Python
     # retries); it is sent only when its answer matters: to find a lock, or to show
     # the Python stacks of a child that is about to be reported anyway.
+    # A thread waiting for a lock sits in futex: a child waiting in read, poll,
+    # sleep or accept is not asked (where call names are unknown, it is).
+    lockish = any(t.blocked_in in _LOCK_WAITS or (t.blocked_in or "").startswith("syscall ")
+                  for t in tasks)
     dump = ""
-    if found_native or any(_held_locks(h) for h in hazards):
+    if found_native or (lockish and any(_held_locks(h) for h in hazards)):
         dump = request_dump(pid, directory=directory)
     base = _procinfo.cwd(pid, proc=proc)
     findings = lock_findings(parse_sections(dump), hazards, base=base) + found_native

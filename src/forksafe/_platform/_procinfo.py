@@ -39,6 +39,7 @@ SYSCALLS_X86_64 = {
     45: "recvfrom", 47: "recvmsg", 61: "wait4", 202: "futex", 230: "clock_nanosleep",
     232: "epoll_wait", 247: "waitid", 270: "pselect6", 271: "ppoll", 281: "epoll_pwait",
     288: "accept4", 34: "pause", 128: "rt_sigtimedwait", 130: "rt_sigsuspend",
+    219: "restart_syscall",
 }
 
 
