@@ -15,9 +15,10 @@ wraps exactly two entry points:
   connection made later at the same address, without going through the
   wrapper, is not given the dead one's origin.
 
-Both wrappers cost well under a microsecond (a frame pointer and a tuple);
-``benchmarks/`` measures them against unobserved code in the same run. Nothing
-here runs at fork time or in a child, and nothing here takes a lock.
+Both wrappers cost under a microsecond (a frame pointer and a tuple, and for a
+connection a liveness token); ``benchmarks/`` measures them against unobserved
+code in the same run. Nothing here runs at fork time or in a child, and nothing
+here takes a lock.
 
 ``sqlite3`` is not imported by ``observe()`` — a diagnostic tool must not load
 the library it diagnoses — so when it is not imported yet a one-shot import hook
