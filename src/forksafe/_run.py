@@ -127,11 +127,6 @@ def run(
         if hang_timeout is not None:
             child_env["FORKSAFE_HANG_TIMEOUT"] = repr(hang_timeout)
         _become_subreaper()
-        try:
-            proc = subprocess.Popen(argv, env=child_env, start_new_session=True)
-        except OSError as exc:
-            raise UsageError(CANNOT_RUN.format(command=argv[0],
-                                               error=exc.strerror or exc)) from exc
         tail = EventTail(events)
         monitor = None
         if hang_timeout is not None:
@@ -144,8 +139,17 @@ def run(
                 out.flush()
 
             monitor = HangMonitor(hang_timeout, on_hung=on_hung, directory=state)
-        status = _supervise(proc, tail, monitor)
-        _end_leftovers(proc.pid)
+        # Signals are caught from before COMMAND starts until everything it left is
+        # gone: one arriving in between must not end us and orphan COMMAND.
+        with _Forwarder() as forwarder:
+            try:
+                proc = subprocess.Popen(argv, env=child_env, start_new_session=True)
+            except OSError as exc:
+                raise UsageError(CANNOT_RUN.format(command=argv[0],
+                                                   error=exc.strerror or exc)) from exc
+            forwarder.attach(proc.pid)
+            status = _supervise(proc, tail, monitor)
+            _end_leftovers(proc.pid)
         records = tail.read(final=True)
         report = merge(argv, exit_code(status), records, state=state)
         return RunResult(exit_code(status), report, tail.skipped,
@@ -164,36 +168,58 @@ def exit_code(status: int) -> int:
     return 1
 
 
-def _supervise(proc: subprocess.Popen[bytes], tail: EventTail, monitor: Any) -> int:
-    """Wait for COMMAND, passing signals on, reaping orphans, feeding the hang monitor."""
-    group = proc.pid
+class _Forwarder:
+    """Passes SIGINT, SIGTERM, SIGHUP and SIGQUIT on to COMMAND's process group.
 
-    def forward(signum: int, frame: FrameType | None) -> None:
-        with contextlib.suppress(OSError):
-            os.killpg(group, signum)
+    Installed before COMMAND starts: a signal that arrives before its group
+    exists is kept and passed on as soon as it does.
+    """
 
-    previous: dict[int, Any] = {}
-    for name in FORWARDED:
-        number = getattr(signal, name, None)
-        if number is not None:
-            previous[number] = signal.signal(number, forward)
-    try:
-        interval = POLL if monitor is None else min(POLL, monitor.interval)
-        while True:
-            status = _reap(proc.pid)
-            if status is not None:
-                proc.returncode = exit_code(status)  # reaped here, not by Popen
-                return status
-            for record in tail.read():
-                if monitor is not None and record.get("type") in ("fork", "fork-pending"):
-                    with contextlib.suppress(ValueError, TypeError):
-                        monitor.add(ForkEvent.from_dict(record))
-            if monitor is not None:
-                monitor.poll()
-            time.sleep(interval)
-    finally:
-        for number, handler in previous.items():
+    def __init__(self) -> None:
+        self.group: int | None = None
+        self.pending: list[int] = []
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Forwarder:
+        for name in FORWARDED:
+            number = getattr(signal, name, None)
+            if number is not None:
+                self._previous[number] = signal.signal(number, self._forward)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        if self.group is None:
+            self.pending.append(signum)
+            return
+        with contextlib.suppress(OSError):
+            os.killpg(self.group, signum)
+
+    def attach(self, group: int) -> None:
+        self.group = group
+        for signum in self.pending:
+            self._forward(signum, None)
+        self.pending.clear()
+
+
+def _supervise(proc: subprocess.Popen[bytes], tail: EventTail, monitor: Any) -> int:
+    """Wait for COMMAND, reaping orphans and feeding the hang monitor."""
+    interval = POLL if monitor is None else min(POLL, monitor.interval)
+    while True:
+        status = _reap(proc.pid)
+        if status is not None:
+            proc.returncode = exit_code(status)  # reaped here, not by Popen
+            return status
+        for record in tail.read():
+            if monitor is not None and record.get("type") in ("fork", "fork-pending"):
+                with contextlib.suppress(ValueError, TypeError):
+                    monitor.add(ForkEvent.from_dict(record))
+        if monitor is not None:
+            monitor.poll()
+        time.sleep(interval)
 
 
 def _reap(command: int) -> int | None:
