@@ -342,6 +342,16 @@ TRANSPARENCY = """
     seen["override"] = [mine.execute("select 1").fetchone()[0], log,
                         type(mine.cursor()).__name__, mine.double(4), mine.kind(),
                         mine.helper("abc"), isinstance(mine, Logging)]
+    from unittest import mock
+
+    class Patched(sqlite3.Connection):
+        pass
+
+    patched = sqlite3.connect(":memory:", factory=Patched)
+    with mock.patch.object(Patched, "commit", return_value="mocked") as commit, \
+            mock.patch.object(Patched, "execute", return_value="mocked too"):
+        seen["mock"] = [patched.commit(), patched.execute("select 1"), commit.call_count]
+    seen["mock"].append(patched.execute("select 2").fetchone()[0])  # unpatched again
     conn = sqlite3.connect(":memory:")
     seen["repr"] = [repr(conn).split(" at ")[0], repr(conn.cursor()).split(" at ")[0],
                     isinstance(conn, sqlite3.Connection), type(conn).__name__]
@@ -421,6 +431,7 @@ def test_protection_changes_nothing_for_a_program_that_does_not_fork(
     assert protected.result["seen"] == plain.result["seen"]
     assert plain.result["seen"]["override"] == [1, ["select 1"], "Rows", 8, "Logging", 3, True]
     assert plain.result["seen"]["repr"][0] == "<sqlite3.Connection object"
+    assert plain.result["seen"]["mock"] == ["mocked", "mocked too", 1, 2]
     assert plain.result["seen"]["authorizer"][:2] == [
         [[1, None]], ["DatabaseError", "not authorized"]]
 
@@ -443,8 +454,11 @@ def test_factory_overriding_execute_is_still_refused_in_the_child(
         pid = os.fork()
         if pid == 0:
             results = {}
+            from unittest import mock
+            patched = mock.patch.object(Logging, "commit")
             for name, use in (("execute", lambda: conn.execute("insert into t values (1)")),
-                              ("cursor", lambda: conn.cursor())):
+                              ("cursor", lambda: conn.cursor()),
+                              ("patched", lambda: patched.start() and conn.commit())):
                 try:
                     use()
                     results[name] = "allowed"
@@ -458,7 +472,8 @@ def test_factory_overriding_execute_is_still_refused_in_the_child(
         os.waitpid(pid, 0)
         emit(child=child, rows=conn.execute("select count(*) from t").fetchone()[0])
     """, tmp_path, timeout=30)
-    assert s.result["child"] == {"execute": "refused", "cursor": "refused"}
+    assert s.result["child"] == {"execute": "refused", "cursor": "refused",
+                                 "patched": "refused"}
     assert s.result["rows"] == 0
 
 

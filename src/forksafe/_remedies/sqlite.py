@@ -294,7 +294,36 @@ def _make_connection_class(base: type, module: types.ModuleType) -> type:
     if hasattr(base, "backup"):
         namespace["backup"] = _connection_backup(base)
     namespace["__del__"] = _finalizer(getattr(base, "__del__", None), pin)
+    if base is not plain:
+        # A program's own class can be changed after this one is made
+        # (mock.patch.object(MyConnection, "commit") in its tests): each method
+        # then defers to whatever the class holds at call time.
+        made: list[type] = []
+        for name, value in list(namespace.items()):
+            if isinstance(value, types.FunctionType) and name != "__del__" \
+                    and hasattr(base, name):
+                namespace[name] = _late_bound(name, value, base, made)
+        made.append(type(base.__name__, (base,), namespace))
+        return made[0]
     return type(base.__name__, (base,), namespace)
+
+
+def _late_bound(name: str, ours: Callable[..., Any], base: type,
+                made: list[type]) -> Callable[..., Any]:
+    """``ours``, unless ``base.name`` was rebound since: then that, still guarded."""
+    captured = getattr(base, name)
+    current = _current
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(base, name) is captured:
+            return ours(self, *args, **kwargs)
+        if self._forksafe_pid != current[0] and self._forksafe_pid is not None:
+            raise _refuse(self)
+        return getattr(super(made[0], self), name)(*args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = ours.__doc__
+    return method
 
 
 def _guarded_method(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
