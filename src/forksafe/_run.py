@@ -135,8 +135,10 @@ def run(
             def on_hung(event: ForkEvent, outcome: Outcome) -> None:
                 tail.extra.append({"type": "outcome", "parent_pid": event.parent_pid,
                                    "child_pid": event.child_pid, "outcome": outcome.to_dict()})
-                out.write(HUNG_LIVE.format(pid=event.child_pid, seconds=hang_timeout) + "\n")
-                out.flush()
+                with contextlib.suppress(OSError, ValueError):  # stderr may be gone
+                    out.write(HUNG_LIVE.format(pid=event.child_pid, seconds=hang_timeout)
+                              + "\n")
+                    out.flush()
 
             monitor = HangMonitor(hang_timeout, on_hung=on_hung, directory=state)
         # Signals are caught from before COMMAND starts until everything it left is
@@ -148,8 +150,10 @@ def run(
                 raise UsageError(CANNOT_RUN.format(command=argv[0],
                                                    error=exc.strerror or exc)) from exc
             forwarder.attach(proc.pid)
-            status = _supervise(proc, tail, monitor)
-            _end_leftovers(proc.pid)
+            try:
+                status = _supervise(proc, tail, monitor)
+            finally:  # also if supervising failed: no process is left behind
+                _end_leftovers(proc.pid)
         records = tail.read(final=True)
         report = merge(argv, exit_code(status), records, state=state)
         return RunResult(exit_code(status), report, tail.skipped,
