@@ -310,6 +310,7 @@ with _Forwarder() as forwarder:
     proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
     forwarder.attach(proc.pid)
     code = proc.wait(timeout=20)
-print("FORKSAFE-RESULT:" + json.dumps({"code": code, "restored": signal.getsignal(15) == signal.SIG_DFL}))
+restored = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+print("FORKSAFE-RESULT:" + json.dumps({"code": code, "restored": restored}))
 """, tmp_path, timeout=30)
     assert s.result == {"code": -signal.SIGTERM, "restored": True}
