@@ -133,6 +133,28 @@ def test_child_stuck_in_c_holding_the_gil_is_reported(tmp_path: pathlib.Path,
         "faulthandler's C handler dumps the Python stack although the GIL is held"
 
 
+def test_a_stopped_child_is_not_ended(tmp_path: pathlib.Path, native_dir: pathlib.Path) -> None:
+    """Safe twin: a child held stopped (SIGSTOP, a debugger) is not killed as hung while
+    stopped; once continued, its real hang is reported."""
+    s = run_scenario(GIL_MUTEX.format(path=str(native_dir / "libnative_mutex.so"), hold=30.0,
+                                      settle="").replace("""
+_, status = os.waitpid(pid, 0)
+""", """
+import signal
+time.sleep(0.1)
+os.kill(pid, signal.SIGSTOP)
+time.sleep(2.5)  # five hang timeouts
+stopped_alive = os.waitpid(pid, os.WNOHANG)[0] == 0
+os.kill(pid, signal.SIGCONT)
+_, status = os.waitpid(pid, 0)
+print("FORKSAFE-RESULT:" + json.dumps({"stopped_alive": stopped_alive,
+                                       "outcome": event_for_child(pid).outcome.to_dict()}))
+raise SystemExit(0)
+"""), tmp_path, timeout=30)
+    assert s.result["stopped_alive"], "not killed while stopped"
+    assert s.result["outcome"]["status"] == "hung", "reported once it runs (and is stuck) again"
+
+
 def test_mutex_released_before_fork_is_not_a_hang(tmp_path: pathlib.Path,
                                                   native_dir: pathlib.Path) -> None:
     """Safe twin: the holder let go before the fork; the child takes the mutex and exits."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import linecache
 import os
@@ -87,8 +88,15 @@ def sample(pid: int, started: str | None, *, proc: str = "/proc") -> tuple[Any, 
     state = _procinfo.process_state(pid, proc=proc)
     if state is None or state[0] in ("Z", "X") or (started is not None and state[1] != started):
         return None
-    return tuple((t.tid, t.state, t.syscall, t.schedstat)
-                 for t in _procinfo.tasks(pid, proc=proc))
+    tasks = _procinfo.tasks(pid, proc=proc)
+    if any(t.state in ("T", "t") for t in tasks):
+        # Stopped (Ctrl-Z, SIGSTOP) or held by a debugger: someone is looking at it,
+        # so it is never "stuck"; a sample that differs every time says so.
+        return ("stopped", next(_stops))
+    return tuple((t.tid, t.state, t.syscall, t.schedstat) for t in tasks)
+
+
+_stops = itertools.count()
 
 
 def request_dump(pid: int, *, directory: str, wait: float = DUMP_WAIT) -> str:
