@@ -16,11 +16,14 @@ import time
 import pytest
 
 from forksafe._outcome import CLEAN_FORK
+from forksafe._render import OMITTED, render_run
 from forksafe._run import (
     CANNOT_RUN,
+    MAX_FORKS,
     NO_COMMAND,
     REPORT_UNWRITABLE,
     EventTail,
+    Merger,
     exit_code,
     merge,
 )
@@ -194,7 +197,7 @@ def test_event_tail_skips_a_torn_last_line_and_garbage(tmp_path: pathlib.Path) -
     with open(path, "a") as f:
         f.write('ld_pid": 2}\n{"type": "fork", "child_pid": 3')  # completes; a new one tears
     records = tail.read(final=True)
-    assert [r["child_pid"] for r in records] == [1, 2]
+    assert [r["child_pid"] for r in records] == [2]
     assert tail.skipped == 2
 
 
@@ -211,6 +214,57 @@ def test_merge_prefers_hung_and_uses_a_childs_own_record_only_as_a_fallback() ->
                                                                           (3, "preexec")]
     assert report["forks"][0]["outcome"]["status"] == "hung"
     assert report["forks"][1]["outcome"]["status"] == "unknown", "never reaped where we saw it"
+
+
+def fork(parent: int, child: int, **extra: object) -> dict[str, object]:
+    return {"type": "fork", "parent_pid": parent, "child_pid": child, "mechanism": "os.fork",
+            "site": None, "action": "logged", "hazards": [], "time": 0, **extra}
+
+
+def outcome(parent: int, child: int, **fields: object) -> dict[str, object]:
+    return {"type": "outcome", "parent_pid": parent, "child_pid": child, "outcome": fields}
+
+
+def test_a_long_run_keeps_bounded_memory_and_every_crash() -> None:
+    """Past the limit, children that exited are dropped (counted); crashes are all kept."""
+    merger = Merger(limit=10)
+    for child in range(1000, 1100):
+        merger.add(fork(1, child))
+        if child == 1042:
+            merger.add(outcome(1, child, status="signaled", signal="SIGSEGV", diagnosis="x"))
+        else:
+            merger.add(outcome(1, child, status="exited", exit_code=0))
+    report = merger.report(["app"], 0)
+    assert len(report["forks"]) <= 10
+    assert report["forks_omitted"] == 100 - len(report["forks"])
+    assert 1042 in [f["child_pid"] for f in report["forks"]]
+    assert OMITTED.format(count=report["forks_omitted"]) in render_run(report)
+    assert MAX_FORKS >= 10_000, "a normal run keeps every fork"
+
+
+def test_children_without_an_outcome_are_dropped_only_long_after_they_are_gone() -> None:
+    """A fork whose child nobody reaped through the guard is kept while its child may live."""
+    now = [0.0]
+    merger = Merger(limit=2, _clock=lambda: now[0])
+    gone = 2**22 + 77  # never a live pid
+    merger.add(fork(1, gone))
+    merger.add(fork(1, os.getpid()))  # alive: this very process
+    merger.add(fork(1, gone + 1))
+    assert merger.omitted == 0, "too recent to be given up on"
+    now[0] = 1000.0
+    merger.add(fork(1, gone + 2))
+    merger.add(fork(1, gone + 3))  # the next scan waits for some growth, not every fork
+    assert merger.omitted == 2
+    kept = [f["child_pid"] for f in merger.report(["app"], 0)["forks"]]
+    assert kept == [os.getpid(), gone + 2, gone + 3]
+
+
+def test_a_reused_pid_is_a_new_fork() -> None:
+    """The same parent getting the same child pid again makes two entries; outcomes go to
+    the one that is current."""
+    report = merge(["app"], 0, [fork(1, 5), outcome(1, 5, status="exited", exit_code=0),
+                                fork(1, 5), outcome(1, 5, status="signaled", signal="SIGILL")])
+    assert [f["outcome"]["status"] for f in report["forks"]] == ["exited", "signaled"]
 
 
 # -- usage errors -------------------------------------------------------------------------

@@ -115,7 +115,8 @@ def _group_key(hazard: Hazard) -> tuple[Any, ...]:
     return (hazard.kind, hazard.severity, hazard.summary)
 
 
-def render_events(command: object, exit_code: object, events: list[ForkEvent]) -> str:
+def render_events(command: object, exit_code: object, events: list[ForkEvent],
+                  omitted: int = 0) -> str:
     """Text for a run's fork events, grouped so that a pool of 1,000 reads as one finding.
 
     Forks with the same mechanism, site, action and hazards (numbers such as
@@ -130,6 +131,8 @@ def render_events(command: object, exit_code: object, events: list[ForkEvent]) -
     head = f"forksafe: {len(events)} fork{'s' if len(events) != 1 else ''} seen in `{shown}`"
     if isinstance(exit_code, int):
         head += f" (exit code {exit_code})"
+    if omitted:
+        head += OMITTED.format(count=omitted)
     fates = []
     if crashed:
         fates.append(f"{crashed} child{'ren' if crashed != 1 else ''} crashed")
@@ -166,6 +169,9 @@ def render_events(command: object, exit_code: object, events: list[ForkEvent]) -
 
 _CRASH_SIGNALS = frozenset({"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGTRAP",
                             "SIGSYS"})
+
+#: Said when a long run kept only the forks that matter (``_run.MAX_FORKS``).
+OMITTED = "; {count} more, whose children exited uneventfully, not kept"
 
 #: The line that lists forks with no hazards whose children neither crashed nor hung.
 QUIET_FORKS = "clean forks (no hazards; no child crashed or hung)"
@@ -239,4 +245,6 @@ def render_run(report: dict[str, Any]) -> str:
             events.append(ForkEvent.from_dict(data))
         except (ValueError, TypeError, KeyError):
             continue
-    return render_events(report.get("command"), report.get("exit_code"), events)
+    omitted = report.get("forks_omitted")
+    return render_events(report.get("command"), report.get("exit_code"), events,
+                         omitted if isinstance(omitted, int) else 0)

@@ -128,6 +128,7 @@ def run(
             child_env["FORKSAFE_HANG_TIMEOUT"] = repr(hang_timeout)
         _become_subreaper()
         tail = EventTail(events)
+        merger = Merger(state=state)
         monitor = None
         if hang_timeout is not None:
             from forksafe._hang import HangMonitor
@@ -151,11 +152,12 @@ def run(
                                                    error=exc.strerror or exc)) from exc
             forwarder.attach(proc.pid)
             try:
-                status = _supervise(proc, tail, monitor)
+                status = _supervise(proc, tail, merger, monitor)
             finally:  # also if supervising failed: no process is left behind
                 _end_leftovers(proc.pid)
-        records = tail.read(final=True)
-        report = merge(argv, exit_code(status), records, state=state)
+        for record in tail.read(final=True):
+            merger.add(record)
+        report = merger.report(argv, exit_code(status))
         return RunResult(exit_code(status), report, tail.skipped,
                          monitor.hung if monitor else [])
     finally:
@@ -209,8 +211,9 @@ class _Forwarder:
         self.pending.clear()
 
 
-def _supervise(proc: subprocess.Popen[bytes], tail: EventTail, monitor: Any) -> int:
-    """Wait for COMMAND, reaping orphans and feeding the hang monitor."""
+def _supervise(proc: subprocess.Popen[bytes], tail: EventTail, merger: Merger,
+               monitor: Any) -> int:
+    """Wait for COMMAND, reaping orphans, merging events, feeding the hang monitor."""
     interval = POLL if monitor is None else min(POLL, monitor.interval)
     while True:
         status = _reap(proc.pid)
@@ -218,6 +221,7 @@ def _supervise(proc: subprocess.Popen[bytes], tail: EventTail, monitor: Any) -> 
             proc.returncode = exit_code(status)  # reaped here, not by Popen
             return status
         for record in tail.read():
+            merger.add(record)
             if monitor is not None and record.get("type") in ("fork", "fork-pending"):
                 with contextlib.suppress(ValueError, TypeError):
                     monitor.add(ForkEvent.from_dict(record))
@@ -316,11 +320,11 @@ class EventTail:
         self._offset = 0
         self._partial = b""
         self.skipped = 0
-        self.records: list[dict[str, Any]] = []
         self.extra: list[dict[str, Any]] = []  # outcomes this process adds itself
 
     def read(self, *, final: bool = False) -> list[dict[str, Any]]:
-        """New complete records since the last call; at ``final``, all of them."""
+        """New complete records since the last call; at ``final``, also the torn last
+        line is given up on, and this process's own records (``extra``) follow."""
         new: list[dict[str, Any]] = []
         try:
             with open(self.path, "rb") as f:
@@ -345,58 +349,163 @@ class EventTail:
         if final and self._partial.strip():
             self.skipped += 1
             self._partial = b""
-        self.records.extend(new)
         if final:
-            return self.records + self.extra
+            new.extend(self.extra)
+            self.extra = []
         return new
 
 
 def merge(command: list[str], code: int, records: list[dict[str, Any]],
           *, state: str | None = None) -> dict[str, Any]:
-    """The DESIGN.md §3 report: fork records with their outcomes merged in.
+    """The DESIGN.md §3 report from a list of event records (see ``Merger``)."""
+    merger = Merger(state=state)
+    for record in records:
+        merger.add(record)
+    return merger.report(command, code)
+
+
+#: Fork entries a run keeps in memory and in its report. A server run for days may
+#: fork millions of times; past this many, entries whose child simply exited (or was
+#: stopped by its parent) are dropped, oldest first, and counted in ``forks_omitted``.
+#: Entries with a crash, a hang or a diagnosis are always kept.
+MAX_FORKS = 20_000
+#: Seconds after which a fork whose child is gone without a recorded outcome may be dropped.
+UNSEEN_AFTER = 30.0
+
+
+class Merger:
+    """Fork records with their outcomes merged in, built as the events arrive.
 
     Outcomes join their fork by (parent_pid, child_pid). When a child has
     several (its parent reaped it after the hang monitor reported it), "hung"
-    wins, then the latest. A crash file left by a child that nobody reaped
-    through the guard becomes a "signaled" outcome here.
+    wins, then the latest. A child's own ``fork-pending`` record (see
+    ``_child._announce_from_preexec``) stands in only for a fork whose parent
+    never wrote one: it hung with the child. Memory stays bounded (``MAX_FORKS``).
     """
-    forks: list[dict[str, Any]] = []
-    by_child: dict[tuple[Any, Any], dict[str, Any]] = {}
-    announced = {(r.get("parent_pid"), r.get("child_pid")) for r in records
-                 if r.get("type", "fork") == "fork"}
-    for record in records:
+
+    def __init__(self, *, state: str | None = None, limit: int = MAX_FORKS,
+                 _clock: Any = time.monotonic) -> None:
+        self.state = state
+        self.limit = limit
+        self.omitted = 0
+        self._clock = _clock
+        self._entries: dict[int, dict[str, Any]] = {}  # by arrival number: report order
+        self._index: dict[tuple[Any, Any], int] = {}  # (parent, child) -> its latest entry
+        self._pending: set[int] = set()  # entries made from a child's own record
+        self._seen: dict[int, float] = {}
+        self._early: dict[tuple[Any, Any], dict[str, Any]] = {}  # outcomes before their fork
+        self._serial = 0
+        self._retry_at = 0  # after an eviction that freed too little, wait for more growth
+
+    def add(self, record: dict[str, Any]) -> None:
         kind = record.get("type", "fork")
         key = (record.get("parent_pid"), record.get("child_pid"))
-        # A child's own record (see _child._announce_from_preexec) stands in only for
-        # a fork whose parent never wrote one: it hung with the child.
-        if kind != "fork" and not (kind == "fork-pending" and key not in announced):
-            continue
+        if kind == "outcome":
+            if isinstance(record.get("outcome"), dict):
+                self._outcome(key, record["outcome"])
+            return
+        if kind not in ("fork", "fork-pending"):
+            return
         entry = {k: v for k, v in record.items() if k != "type"}
         if "command" in entry:
             entry["process_command"] = entry.pop("command")
+        known = self._index.get(key) if record.get("child_pid") is not None else None
+        if known is not None and (kind == "fork-pending") != (known in self._pending):
+            if kind == "fork-pending":
+                return  # the parent's record is there already
+            old = self._entries[known]  # the parent's record replaces the child's own
+            self._pending.discard(known)
+            if "outcome" in old:
+                entry["outcome"] = old["outcome"]
+            old.clear()
+            old.update(entry)
+            return
+        # A new fork (also a pid the same parent got again, long after).
+        self._serial += 1
+        number = self._serial
+        self._entries[number] = entry
+        self._seen[number] = self._clock()
         if kind == "fork-pending":
-            announced.add(key)
-        forks.append(entry)
-        if entry.get("child_pid") is not None:
-            by_child[key] = entry
-    for record in records:
-        if record.get("type") != "outcome" or not isinstance(record.get("outcome"), dict):
-            continue
-        target = by_child.get((record.get("parent_pid"), record.get("child_pid")))
-        if target is None:
-            continue
+            self._pending.add(number)
+        if record.get("child_pid") is not None:
+            self._index[key] = number
+            early = self._early.pop(key, None)
+            if early is not None:
+                self._outcome(key, early)
+        if len(self._entries) > max(self.limit, self._retry_at):
+            self._evict()
+
+    def _outcome(self, key: tuple[Any, Any], outcome: dict[str, Any]) -> None:
+        number = self._index.get(key)
+        if number is None:
+            if len(self._early) < 1000:
+                self._early[key] = outcome
+            return
+        target = self._entries[number]
         old = target.get("outcome")
         if isinstance(old, dict) and old.get("status") == "hung" and \
-                record["outcome"].get("status") != "hung":
-            continue
-        target["outcome"] = record["outcome"]
-    if state is not None:
-        _orphan_crashes(by_child.values(), state)
-    for entry in by_child.values():
-        # Reaped by code the guard does not wrap (subprocess), or still running when
-        # COMMAND ended: what became of it is not known.
-        entry.setdefault("outcome", Outcome("unknown").to_dict())
-    return {"schema": SCHEMA, "command": command, "exit_code": code, "forks": forks}
+                outcome.get("status") != "hung":
+            return
+        target["outcome"] = outcome
+
+    def _evict(self) -> None:
+        """Drop the oldest uneventful entries until a tenth of the room is free again."""
+        goal = self.limit - max(1, self.limit // 10)
+        now = self._clock()
+        for number in list(self._entries):
+            if len(self._entries) <= goal:
+                break
+            entry = self._entries[number]
+            if self._droppable(number, entry, now):
+                del self._entries[number]
+                self._seen.pop(number, None)
+                self._pending.discard(number)
+                key = (entry.get("parent_pid"), entry.get("child_pid"))
+                if self._index.get(key) == number:
+                    del self._index[key]
+                self.omitted += 1
+        # Whatever is left is evidence or still running: scan again only after the
+        # next tenth has arrived, not on every new fork.
+        self._retry_at = len(self._entries) + max(1, self.limit // 10)
+
+    def _droppable(self, number: int, entry: dict[str, Any], now: float) -> bool:
+        from forksafe._outcome import CRASH_SIGNALS
+
+        outcome = entry.get("outcome")
+        if isinstance(outcome, dict):
+            status = outcome.get("status")
+            return not outcome.get("diagnosis") and (status == "exited" or (
+                status == "signaled" and outcome.get("signal") not in CRASH_SIGNALS))
+        # No outcome (reaped by code the guard does not wrap): droppable once the
+        # child is long gone and left no crash file behind. A refused fork has no
+        # child at all: its record is the evidence, kept.
+        pid = entry.get("child_pid")
+        if not isinstance(pid, int) or now - self._seen.get(number, now) < UNSEEN_AFTER or \
+                os.path.exists(f"/proc/{pid}"):
+            return False
+        if self.state is not None:
+            from forksafe._child import crash_path
+
+            with contextlib.suppress(OSError):
+                if os.path.getsize(crash_path(pid, directory=self.state)) > 0:
+                    return False
+        return True
+
+    def report(self, command: list[str], code: int) -> dict[str, Any]:
+        """The DESIGN.md §3 report (with ``forks_omitted`` when entries were dropped)."""
+        forks = list(self._entries.values())
+        by_child = [e for e in forks if e.get("child_pid") is not None]
+        if self.state is not None:
+            _orphan_crashes(by_child, self.state)
+        for entry in by_child:
+            # Reaped by code the guard does not wrap (subprocess), or still running when
+            # COMMAND ended: what became of it is not known.
+            entry.setdefault("outcome", Outcome("unknown").to_dict())
+        report: dict[str, Any] = {"schema": SCHEMA, "command": command, "exit_code": code,
+                                  "forks": forks}
+        if self.omitted:
+            report["forks_omitted"] = self.omitted
+        return report
 
 
 _FATAL = {
