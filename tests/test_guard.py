@@ -537,7 +537,7 @@ def test_a_failing_check_or_follower_never_stops_a_fork(tmp_path: pathlib.Path) 
 import forksafe._check, forksafe._child, forksafe._outcome
 def fail(*args, **kwargs):
     raise RuntimeError("broken on purpose")
-forksafe._check.check = fail
+forksafe._check.check = forksafe._check.fork_check = fail
 forksafe._outcome.on_forked = fail
 forksafe._child.arm = fail
 forksafe.install("raise")
@@ -905,3 +905,44 @@ print({MARK!r} + json.dumps({{"wrapped": wrapped, "refused": refused,
     assert s.result["restored"] is True
     thread = [h for h in s.result["refused"] if h["kind"] == "thread"]
     assert f"started at scenario.py:{s.line_of('STARTED')}" in thread[0]["summary"]
+
+
+def test_repeated_forks_from_one_line_follow_every_change(tmp_path: pathlib.Path) -> None:
+    """The guard's reused verdict follows the policy, the threads, and the forking line."""
+    code = PRELUDE + """
+def fork_here():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+def fork_there():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+stop = threading.Event()
+forksafe.install("log")
+fork_here(); fork_here()
+t = threading.Thread(target=stop.wait, name="idle"); t.start(); time.sleep(0.05)
+fork_here(); fork_here()
+forksafe.install("warn")
+fork_here(); fork_here()
+fork_there()
+stop.set(); t.join()
+while len(os.listdir("/proc/self/task")) > 1:
+    time.sleep(0.01)
+fork_here()
+events = forksafe._guard.history()
+out(actions=[e.action for e in events], lines=[e.site.line for e in events],
+    kinds=[[h.kind for h in e.report.hazards] for e in events],
+    shared=events[0].report is events[1].report and events[0].site is events[1].site)
+"""
+    s = run_scenario(code, tmp_path)
+    r = s.result
+    assert r["actions"] == ["allowed", "allowed", "logged", "logged", "warned", "warned",
+                            "warned", "allowed"]
+    assert r["kinds"][2:7] == [["thread"]] * 5 and r["kinds"][7] == []
+    assert len(set(r["lines"][:6])) == 1 and r["lines"][6] != r["lines"][5]
+    assert r["shared"], "an unchanged process reuses the report and the site"
+    texts = [w["text"] for w in r["warnings"] if w["category"] == "ForkSafetyWarning"]
+    assert len(texts) == 3 and all("'idle'" in t for t in texts)

@@ -4,14 +4,31 @@ A probe that fails must not take the host program down with it: its failure
 becomes an info-level ``probe-error`` hazard in the report, and a
 ``ForkSafetyWarning`` naming the probe is emitted once per process, not on every
 fork.
+
+The guard calls ``check()`` before every fork, and on a process that forks
+thousands of times nothing changes between two forks. So the last report's
+hazards are kept with a *fingerprint* of everything they were computed from
+(``_fingerprint``), and reused while the fingerprint is equal: the same process
+and calling thread, the same working directory, the same set of loaded images,
+as many OS threads as Python threads (so no native thread to look at), the
+same Python threads with the same names and every frame of their stacks at
+the same line. Anything a probe reads that the fingerprint cannot see — a lock
+inside a ``with`` block, a runtime's own activity flag, SQLite connections, an
+event loop — makes that probe mark the snapshot ``volatile``, and a volatile
+report is never reused. Neither is a report a probe failed in, nor one whose
+fingerprint changed while it was being computed.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import types
 import warnings
-from typing import Callable
+from _thread import get_ident
+from _weakref import ref
+from typing import Callable, Tuple
 
 from forksafe._errors import ForkSafetyWarning
 from forksafe._platform import Platform, current
@@ -24,7 +41,14 @@ PROBE_FAILED = (
     "reports, the program goes on. Please report this with the error above."
 )
 
+#: Deeper stacks than this are not fingerprinted (the report is not reused).
+MAX_STACK = 256
+
 _reported_failures: set[str] = set()
+
+Fingerprint = Tuple[object, ...]
+#: The last reusable check: its fingerprint, and its report.
+_last: tuple[Fingerprint, Report] | None = None
 
 
 def check(
@@ -32,14 +56,57 @@ def check(
     _platform: Platform | None = None,
     _current_frames: Callable[[], dict[int, types.FrameType]] = sys._current_frames,
     _probes: list[tuple[str, Probe]] | None = None,
+    _reuse: bool = True,
 ) -> Report:
     """Hazards if the calling thread called ``fork()`` now."""
-    snapshot = Snapshot(_platform or current(), _current_frames)
+    if _reuse and _platform is None and _probes is None:
+        report = fork_check(_current_frames, _stacklevel=3)
+        if report is _last_report():
+            # The same hazards, as a report of its own, made now.
+            return Report(hazards=report.hazards, thread=report.thread)
+        return report
+    return _run_probes(_platform or current(), _current_frames, _probes, None, 3)
+
+
+def fork_check(
+    current_frames: Callable[[], dict[int, types.FrameType]], *, _stacklevel: int = 2
+) -> Report:
+    """``check()`` for the guard: an unchanged process gets the very same ``Report`` back.
+
+    Its ``time`` is then that of the check that computed it, whose answer
+    still holds; the guard keeps the time of each fork in its own event. One
+    object less per fork is a page less to copy (see ``forksafe._guard``).
+    """
+    platform = current()
+    key = _fingerprint(platform, current_frames)
+    last = _last
+    if key is not None and last is not None and last[0] == key:
+        return last[1]
+    return _run_probes(platform, current_frames, None, key, _stacklevel + 1)
+
+
+def _last_report() -> Report | None:
+    last = _last
+    return None if last is None else last[1]
+
+
+def _run_probes(
+    platform: Platform,
+    _current_frames: Callable[[], dict[int, types.FrameType]],
+    _probes: list[tuple[str, Probe]] | None,
+    key: Fingerprint | None,
+    stacklevel: int,
+) -> Report:
+    """Run the probes; keep the report for reuse when ``key`` allows it."""
+    global _last
+    snapshot = Snapshot(platform, _current_frames)
     hazards: list[Hazard] = []
-    for name, probe in probes() if _probes is None else _probes:
+    failed = False
+    for name, probe in _all_probes() if _probes is None else _probes:
         try:
             hazards.extend(probe(snapshot))
         except Exception as exc:  # a probe bug must never break the host program
+            failed = True
             error = f"{type(exc).__name__}: {exc}"
             hazards.append(Hazard(
                 "probe-error", Severity.INFO, f"the {name} probe failed: {error}",
@@ -49,5 +116,79 @@ def check(
             if name not in _reported_failures:
                 _reported_failures.add(name)
                 warnings.warn(PROBE_FAILED.format(probe=name, error=error),
-                              ForkSafetyWarning, stacklevel=2)
-    return Report(hazards=tuple(hazards), thread=snapshot.caller.name)
+                              ForkSafetyWarning, stacklevel=stacklevel)
+    report = Report(hazards=tuple(hazards), thread=snapshot.caller.name)
+    if key is not None:
+        # Kept only if nothing changed while the probes looked.
+        if not failed and not snapshot.volatile and _fingerprint(platform, _current_frames) == key:
+            _last = (key, report)
+        else:
+            _last = None
+    return report
+
+
+_probe_list: list[tuple[str, Probe]] = []
+
+
+def _all_probes() -> list[tuple[str, Probe]]:
+    if not _probe_list:
+        _probe_list.extend(probes())
+    return _probe_list
+
+
+def _fingerprint(
+    platform: Platform, current_frames: Callable[[], dict[int, types.FrameType]]
+) -> Fingerprint | None:
+    """What a reusable report depends on, or None when it cannot be told cheaply.
+
+    Element 2 is the calling thread's name. A thread is recognised by a weak
+    reference (equal while the same object lives; no thread is kept alive),
+    and its stack by the code object and line of every frame.
+    """
+    version = getattr(platform, "images_version", None)
+    if version is None:
+        return None
+    modules = sys.modules
+    if "sqlite3" in modules:
+        return None
+    events = modules.get("asyncio.events")
+    if events is not None and events._get_running_loop() is not None:
+        return None
+    active: dict[int, threading.Thread] = threading._active  # type: ignore[attr-defined]
+    if threading._limbo:  # type: ignore[attr-defined]
+        return None  # a thread is starting
+    try:
+        os_threads = os.lstat("/proc/self/task").st_nlink - 2  # procfs: 2 + one per thread
+    except OSError:
+        return None
+    if os_threads != len(active):
+        return None  # a thread Python does not know: a native one, to be looked at
+    me = get_ident()
+    caller = active.get(me)
+    images = version()
+    if caller is None or images is None:
+        return None
+    frames = current_frames()
+    frames.pop(me, None)  # our own frame would refer back to this table
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return None
+    parts: list[object] = [os.getpid(), me, caller.name, images, cwd]
+    dummy = threading._DummyThread
+    for ident, thread in list(active.items()):
+        if ident == me:
+            continue
+        if isinstance(thread, dummy):
+            return None  # a native thread running Python code
+        parts += (ref(thread), thread.name, thread.daemon, thread.is_alive())
+        frame = frames.get(ident)
+        depth = 0
+        while frame is not None:
+            depth += 1
+            if depth > MAX_STACK:
+                return None
+            parts += (frame.f_code, frame.f_lineno)
+            frame = frame.f_back
+        parts.append(None)
+    return tuple(parts)

@@ -51,13 +51,26 @@ _LIB_DIRS = tuple(
 _OWN_DIR = os.path.normcase(os.path.dirname(os.path.realpath(__file__))) + os.sep
 
 
-@functools.lru_cache(maxsize=4096)
+#: Answers of ``is_library_file``, bounded: cleared when full. A plain dict, not
+#: ``functools.lru_cache``: a hit in an LRU cache moves its entry to the front,
+#: a write to memory on every call, and the guard calls this on every fork,
+#: when each page first written costs a copy-on-write fault.
+_LIBRARY_FILES: dict[str, bool] = {}
+_LIBRARY_FILES_SIZE = 4096
+
+
 def is_library_file(filename: str) -> bool:
     """True for the standard library and forksafe itself: not the user's code."""
+    known = _LIBRARY_FILES.get(filename)
+    if known is not None:
+        return known
     path = os.path.normcase(os.path.realpath(filename)) if os.sep in filename else filename
-    if "site-packages" in path:
-        return False
-    return path.startswith(_LIB_DIRS) or path.startswith(_OWN_DIR) or filename.startswith("<frozen")
+    answer = "site-packages" not in path and (
+        path.startswith(_LIB_DIRS) or path.startswith(_OWN_DIR) or filename.startswith("<frozen"))
+    if len(_LIBRARY_FILES) >= _LIBRARY_FILES_SIZE:
+        _LIBRARY_FILES.clear()
+    _LIBRARY_FILES[filename] = answer
+    return answer
 
 
 def user_site(sites: list[Site]) -> Site | None:

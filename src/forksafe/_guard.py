@@ -210,6 +210,9 @@ _child_module: types.ModuleType | None = None
 _outcome_module: types.ModuleType | None = None
 _followers_loaded = False
 _watcher: _ImportWatcher | None = None
+# The last verdict _judge reached without ``extra`` hazards: (report, config,
+# refusable, user code, user line, site, action); see _judge.
+_last_judged: tuple[Report, Config, bool, types.CodeType, int, Site, str] | None = None
 
 
 # --- public API --------------------------------------------------------------------
@@ -317,13 +320,15 @@ def event_for_child(pid: int) -> ForkEvent | None:
 
 def set_outcome(pid: int, outcome: Outcome) -> None:
     """Attach ``outcome`` to child ``pid``'s event and append it to the report file."""
-    import dataclasses
-
     _flush_pending()
     with _lock:
         event = _children.get(pid)
         if event is not None:
-            updated = dataclasses.replace(event, outcome=outcome)
+            # Spelled out rather than dataclasses.replace(), which reads every field's
+            # Field object: pages written on every reaped child (module docstring).
+            updated = type(event)(event.parent_pid, event.child_pid, event.time,
+                                  event.mechanism, event.site, event.action,
+                                  event.report, outcome)
             _children[pid] = updated
             for i in range(len(_history) - 1, -1, -1):
                 if _history[i] is event:
@@ -395,6 +400,7 @@ class _Lazy:
     """
 
     check: Callable[..., Report]
+    fork_check: Callable[..., Report]
     is_library_file: Callable[[str], bool]
     time: Callable[[], float]
     ForkEvent: type[ForkEvent]
@@ -407,11 +413,12 @@ def _load_followers() -> None:
     global _child_module, _outcome_module, _followers_loaded
     import time
 
-    from forksafe._check import check
+    from forksafe._check import check, fork_check
     from forksafe._frames import is_library_file
     from forksafe._report import ForkEvent, Report, Site
 
     _Lazy.check = check
+    _Lazy.fork_check = fork_check
     _Lazy.is_library_file = is_library_file
     _Lazy.time = time.time
     _Lazy.ForkEvent = ForkEvent
@@ -704,13 +711,25 @@ def _judge(
         _load_followers()
     if _pending:
         _flush_pending()
+    global _last_judged
     lazy = _Lazy
     config = _config or Config()
     mechanism, user = _locate(caller, mechanism)
     stamp = lazy.time()
     try:
-        report = lazy.check(_current_frames=_other_threads_frames)
-        if extra is not None:
+        report = lazy.fork_check(_other_threads_frames)
+        if extra is None:
+            # The same report (an unchanged process, see forksafe._check) under the
+            # same configuration from the same line: the same verdict and the same
+            # Site object, rather than new objects for the same facts.
+            last = _last_judged
+            code = user.f_code
+            line = user.f_lineno
+            if (last is not None and last[0] is report and last[1] is config
+                    and last[2] == refusable and last[3] is code and last[4] == line):
+                return _Decision(mechanism=mechanism, site=last[5], frame=user, report=report,
+                                 action=last[6], time=stamp)
+        else:
             more = extra(report)
             if more:
                 import dataclasses
@@ -735,6 +754,8 @@ def _judge(
         else:
             action = "logged"
     site = lazy.Site(user.f_code.co_filename, user.f_lineno, user.f_code.co_name)
+    if extra is None:
+        _last_judged = (report, config, refusable, user.f_code, user.f_lineno, site, action)
     return _Decision(mechanism=mechanism, site=site, frame=user, report=report, action=action,
                      time=stamp)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import threading
 import types
+from _thread import get_ident
 from typing import Callable
 
 from forksafe._platform import LoadedLibrary, OSThread, Platform
@@ -32,12 +33,25 @@ class Snapshot:
         self._libraries: list[LoadedLibrary] | None = None
         self._os_threads: list[OSThread] | None = None
         self.claimed: set[int] = set()  # OS thread ids a runtime has accounted for
+        # Set by a probe whose answer can change while the process looks the
+        # same to ``forksafe._check``'s fingerprint (a lock taken or released, a
+        # runtime's own flag, a connection opened): such a report is never reused.
+        self.volatile = False
 
     @property
     def frames(self) -> dict[int, types.FrameType]:
-        """Each Python thread's current frame, by ident."""
+        """Each *other* Python thread's current frame, by ident.
+
+        The calling thread's own frame is left out: it is the frame reading
+        this table, which refers to the snapshot, which refers to the table —
+        a reference cycle that would keep the snapshot, and every thread
+        object it looked at, alive until the next garbage collection. No probe
+        looks at the caller's frames through this table.
+        """
         if self._frames is None:
-            self._frames = self._current_frames()
+            frames = self._current_frames()
+            frames.pop(get_ident(), None)
+            self._frames = frames
         return self._frames
 
     def python_threads(self) -> list[threading.Thread]:

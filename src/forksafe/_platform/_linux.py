@@ -20,7 +20,7 @@ import ctypes
 import os
 import sys
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from forksafe._platform import LoadedLibrary, OSThread
 
@@ -62,6 +62,11 @@ class _PhdrInfo(ctypes.Structure):
     ]
 
 
+#: The same callback, given the info structure's address as a plain int.
+_ADDRESS_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p
+)
+
 #: A mapping from /proc/self/maps: start, end, permissions, path ("" if anonymous).
 _Span = tuple[int, int, str, str]
 
@@ -84,10 +89,11 @@ class LinuxPlatform:
         # A thread's start routine never changes: (tid, start time) -> stack libraries.
         self._owners: dict[tuple[int, str], tuple[str, ...]] = {}
         self._maps: tuple[str, list[_Span]] = ("", [])
+        self._version: tuple[Callable[..., int], Any, Any] | None = None
 
     # -- images ---------------------------------------------------------------
 
-    def loaded_libraries(self) -> list[LoadedLibrary]:
+    def _iterator(self) -> Callable[..., int]:
         if self._iterate is None:
             libc = ctypes.CDLL(None)
             iterate = libc.dl_iterate_phdr
@@ -95,6 +101,43 @@ class LinuxPlatform:
             iterate.restype = ctypes.c_int
             self._iterate = iterate
             self._exe = os.path.realpath(sys.executable)
+        return self._iterate
+
+    def images_version(self) -> tuple[int, int] | None:
+        """glibc's counts of images loaded and unloaded so far, or None if unknown.
+
+        Equal answers mean the same set of images (nothing was ``dlopen``ed or
+        ``dlclose``d in between). The callback is made once: a ctypes callback
+        costs an executable thunk each time it is created, and this runs on
+        every guarded fork.
+        """
+        if self._version is None:
+            libc = ctypes.CDLL(None)
+            iterate = libc.dl_iterate_phdr
+            iterate.argtypes = [_ADDRESS_CALLBACK, ctypes.c_void_p]
+            iterate.restype = ctypes.c_int
+            out = (ctypes.c_ulonglong * 3)()  # adds, subs, and 1 once they were read
+            target = ctypes.addressof(out)
+            offset = _PhdrInfo.dlpi_adds.offset
+            counted = ctypes.sizeof(_PhdrInfo)
+            copy = ctypes.memmove
+
+            # Plain addresses in, one memmove: no ctypes structure or pointer object is
+            # made per call, so the call writes to as little memory as it can.
+            def first(info: int, size: int, data: object) -> int:
+                if size >= counted:
+                    copy(target, info + offset, 16)
+                    out[2] = 1
+                return 1  # the first image is enough
+
+            self._version = (iterate, _ADDRESS_CALLBACK(first), out)
+        iterate, callback, out = self._version
+        out[2] = 0
+        iterate(callback, None)
+        return (out[0], out[1]) if out[2] else None
+
+    def loaded_libraries(self) -> list[LoadedLibrary]:
+        self._iterator()
         found: list[LoadedLibrary] = []
         counters: list[int] = []
         counted = ctypes.sizeof(_PhdrInfo)
@@ -118,7 +161,7 @@ class LinuxPlatform:
             found.append(LoadedLibrary(path, tuple(ranges)))
             return 0
 
-        self._iterate(_CALLBACK(visit), None)
+        self._iterator()(_CALLBACK(visit), None)
         if self._images is not None and counters == list(self._images[:2]):
             return list(self._images[2])
         if counters:

@@ -53,6 +53,8 @@ def probe(snapshot: Snapshot) -> list[Hazard]:
                 REMEDY_OTHER,
                 {"thread": name, "ident": ident, "loop": running, "in_caller": False},
             ))
+    if hazards:
+        snapshot.volatile = True  # the loop's identity is not in the fingerprint
     return hazards
 
 

@@ -11,7 +11,6 @@ their own: a thread of unknown safety is a warning.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -42,6 +41,8 @@ def probe(snapshot: Snapshot, runtimes: tuple[Runtime, ...] = _catalog.RUNTIMES)
         paths = by_runtime.get(runtime.key)
         if not paths:
             continue
+        if any(activity != "threads" for activity in runtime.activity):
+            snapshot.volatile = True  # a flag or SQLite's use: no fingerprint sees it change
         own = [t for t in threads if _belongs(t, runtime)]
         claimed.update(t.tid for t in own)
         signals = _signals(runtime, paths, own, snapshot)
@@ -56,10 +57,32 @@ def probe(snapshot: Snapshot, runtimes: tuple[Runtime, ...] = _catalog.RUNTIMES)
     return hazards
 
 
-@functools.lru_cache(maxsize=2048)
+#: Catalog (by identity) -> library path -> matching runtime keys.
+_RUNTIMES_OF: dict[int, tuple[tuple[Runtime, ...], dict[str, tuple[str, ...]]]] = {}
+_RUNTIMES_OF_SIZE = 2048
+
+
 def _runtimes_of(path: str, runtimes: tuple[Runtime, ...]) -> tuple[str, ...]:
-    """Keys of the runtimes whose library pattern matches ``path`` (paths rarely change)."""
-    return tuple(r.key for r in runtimes if r.matches_library(path))
+    """Keys of the runtimes whose library pattern matches ``path`` (paths rarely change).
+
+    Memoised in plain dicts, cleared when full: an LRU cache would write to its
+    bookkeeping on every hit, and hash the whole catalog, for every loaded
+    library on every check. The catalog is told apart by identity (and kept
+    referenced, so that its id cannot be reused).
+    """
+    entry = _RUNTIMES_OF.get(id(runtimes))
+    if entry is None or entry[0] is not runtimes:
+        if len(_RUNTIMES_OF) >= 8:
+            _RUNTIMES_OF.clear()
+        entry = _RUNTIMES_OF[id(runtimes)] = (runtimes, {})
+    paths = entry[1]
+    keys = paths.get(path)
+    if keys is None:
+        keys = tuple(r.key for r in runtimes if r.matches_library(path))
+        if len(paths) >= _RUNTIMES_OF_SIZE:
+            paths.clear()
+        paths[path] = keys
+    return keys
 
 
 def _belongs(thread: OSThread, runtime: Runtime) -> bool:

@@ -84,6 +84,8 @@ def _subclasses(kind: type) -> list[type]:
 
 
 def probe(snapshot: Snapshot) -> list[Hazard]:
+    if "sqlite3" in sys.modules:
+        snapshot.volatile = True  # connections come and go unseen by the fingerprint
     hazards = []
     for connection in open_connections():
         raw = _ledger.connection_origin(connection)

@@ -35,6 +35,8 @@ def _hazard(thread: threading.Thread, snapshot: Snapshot) -> Hazard:
     current = whole[:4]
     wait = _frames.waiting(frame) if frame is not None else None
     locks = _frames.held_locks(frame)
+    if locks:
+        snapshot.volatile = True  # a lock's state changes while the thread stands still
     held = [lock for lock in locks if lock.locked]
     raw = _ledger.thread_origin(thread)
     started = _ledger.sites(raw) if raw else []
