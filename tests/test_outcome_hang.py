@@ -439,3 +439,32 @@ print("FORKSAFE-RESULT:" + json.dumps({{"dump": dump}}))
 """, tmp_path, timeout=30)
     assert s.result == {"dump": ""}
     assert data.read_text() == "", "nothing was written into the program's file"
+
+
+def test_the_helper_is_started_only_with_a_python_interpreter() -> None:
+    """An embedded interpreter's sys.executable (uWSGI's binary) is never run as the helper."""
+    from forksafe._hang import _is_python
+
+    assert _is_python(sys.executable)
+    assert not _is_python("/usr/bin/uwsgi")
+    assert not _is_python("")
+    assert not _is_python(None)
+
+
+def test_an_embedded_interpreter_never_starts_a_second_server(tmp_path: pathlib.Path) -> None:
+    """Safe twin: with sys.executable naming a server binary, forks go on, nothing is run."""
+    server = tmp_path / "uwsgi"
+    server.write_text(f"#!/bin/sh\ntouch {tmp_path / 'started'}\n")
+    server.chmod(0o755)
+    s = run_scenario(f"""
+import json, os, sys, forksafe
+sys.executable = {str(server)!r}
+forksafe.install("log", hang_timeout=0.5)
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+print("FORKSAFE-RESULT:" + json.dumps({{"ok": True}}))
+""", tmp_path, timeout=30)
+    assert s.result == {"ok": True}
+    assert not (tmp_path / "started").exists(), "the server binary was not started"

@@ -426,6 +426,10 @@ class Client:
             self._lock.release()
 
     def _start(self) -> None:
+        if not _is_python(sys.executable):
+            # Embedded interpreters (uWSGI, some app servers) name their own binary
+            # here: starting it with our arguments would start another server.
+            raise OSError(f"sys.executable {sys.executable!r} is not a Python interpreter")
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, FORKSAFE_POLICY="off")
         env["PYTHONPATH"] = os.pathsep.join(
@@ -452,6 +456,11 @@ class Client:
             proc.wait(timeout=10)
         ours.shutdown(socket.SHUT_RD)
         self._sock = ours
+
+
+def _is_python(executable: str | None) -> bool:
+    name = os.path.basename(executable or "").lower()
+    return name.startswith(("python", "pypy")) and os.access(executable or "", os.X_OK)
 
 
 def send(sock: socket.socket, data: bytes) -> bool:
