@@ -72,6 +72,17 @@ def test_crash_names_the_signal_the_frame_and_the_runtime() -> None:
     assert outcome.traceback == TRACE
 
 
+def test_crash_inside_the_standard_library_names_the_callers_line() -> None:
+    """A crash in ctypes (stdlib) also names the user's line that called into it."""
+    stdlib = os.path.dirname(os.__file__)
+    trace = (f'Current thread 0x1 (most recent call first):\n'
+             f'  File "{stdlib}/ctypes/__init__.py", line 519 in string_at\n'
+             f'  File "/app/app.py", line 12 in main\n')
+    text = diagnose_death(event(THREAD), "SIGSEGV", trace)
+    assert " in ctypes/__init__.py:519 (string_at)" + _outcome.CALLED_FROM.format(
+        frame="/app/app.py:12 (main)") in text
+
+
 def test_crash_in_a_native_thread_says_so() -> None:
     """No "Current thread" in the dump: the signal hit a thread that runs no Python code."""
     trace = TRACE.replace("Current thread 0x00007f0000000002", "Thread 0x00007f0000000002")

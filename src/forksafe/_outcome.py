@@ -52,6 +52,7 @@ CLEAN_FORK = (
     "crash is probably not caused by fork; see the child's traceback"
 )
 FIX = "fix: {remedy}"
+CALLED_FROM = ", called from {frame}"
 NATIVE_THREAD = " in a thread running no Python code (the Python thread was at {frame})"
 NO_TRACEBACK = (
     " before it wrote any traceback (it probably died inside fork itself, in a native "
@@ -246,7 +247,7 @@ def diagnose_death(event: ForkEvent, signame: str, traceback: str | None) -> str
     if traceback is None:
         where = NO_TRACEBACK
     elif current:
-        where = f" in {frame_text(_outside_forksafe(current[0]))}"
+        where = f" in {frame_text(_outside_forksafe(current[0]))}{_called_from(current[0])}"
     elif sections and sections[0][1]:
         # faulthandler marks no thread as current: the signal hit a thread that runs
         # no Python code (a native runtime's own thread).
@@ -357,6 +358,16 @@ def short_file(path: str) -> str:
     from forksafe._frames import short_path
 
     return short_path(path)
+
+
+def _called_from(frames: list[Site]) -> str:
+    """", called from app.py:12 (main)" when the crash is inside the standard library."""
+    from forksafe._frames import is_library_file
+
+    if not is_library_file(_outside_forksafe(frames).file):
+        return ""
+    user = next((f for f in frames if not is_library_file(f.file)), None)
+    return CALLED_FROM.format(frame=frame_text(user)) if user is not None else ""
 
 
 def _outside_forksafe(frames: list[Site]) -> Site:
