@@ -181,7 +181,10 @@ def _fingerprint(
             continue
         if isinstance(thread, dummy):
             return None  # a native thread running Python code
-        parts += (ref(thread), thread.name, thread.daemon, thread.is_alive())
+        # No is_alive(): a thread is put in _active after it started and taken out
+        # before it can stop (the main thread stops in place only at shutdown, which
+        # changes its stack), so in _active means alive, as the probes see it.
+        parts += (ref(thread), thread.name, thread.daemon)
         frame = frames.get(ident)
         depth = 0
         while frame is not None:

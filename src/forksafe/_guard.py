@@ -577,13 +577,35 @@ def _copy_identity(wrapper: Any, original: Any) -> Any:
 
 
 def _wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
+    # The commonest fork, spelled out: _guarded, _run and _forked inline. Every
+    # function called is a function and a code object written to (reference
+    # counts), each a page to copy after the fork (module docstring).
+    local = _local
+
     def fork() -> int:
-        decision = _guarded("os.fork", sys._getframe(1))
-        if decision is None:
+        if _config is None or sys.is_finalizing():
             return original()
-        pid: int = _run(original, decision)
+        try:
+            decision = _judge("os.fork", sys._getframe(1))
+            if decision.action in ("warned", "refused"):
+                _announce(decision, refusable=True)
+        except (ForkSafetyError, ForkSafetyWarning):
+            raise
+        except Exception as exc:
+            _report_failure("the fork guard", exc)
+            return original()
+        local.busy = True
+        try:
+            # A fork we warned about: CPython's own generic warning adds nothing now.
+            pid: int = (_quiet.call(original) if decision.action == "warned"
+                        else original())
+        finally:
+            local.busy = False
         if pid:
-            _forked(decision, pid)
+            if _sink is None and (_config is None or _config.hang_timeout is None):
+                _pending.append((decision, pid))
+            else:
+                _forked(decision, pid)
         return pid
 
     return _copy_identity(fork, original)  # type: ignore[no-any-return]
@@ -637,7 +659,10 @@ def _guarded(
     if _config is None or sys.is_finalizing():
         return None
     try:
-        return _decide(mechanism, caller, extra=extra)
+        decision = _judge(mechanism, caller, extra=extra)
+        if decision.action in ("warned", "refused"):
+            _announce(decision, refusable=True)
+        return decision
     except (ForkSafetyError, ForkSafetyWarning):
         raise
     except Exception as exc:
@@ -685,19 +710,6 @@ def _preexec_hazards(report: Report, preexec_fn: Any) -> tuple[Hazard, ...]:
 
 
 # --- deciding ---------------------------------------------------------------------------
-
-
-def _decide(
-    mechanism: str,
-    caller: types.FrameType,
-    *,
-    refusable: bool = True,
-    extra: Callable[[Report], tuple[Hazard, ...]] | None = None,
-) -> _Decision:
-    """Check, judge by policy, and warn or raise — all before the fork."""
-    decision = _judge(mechanism, caller, refusable=refusable, extra=extra)
-    _announce(decision, refusable=refusable)
-    return decision
 
 
 def _judge(
@@ -894,7 +906,8 @@ def _flush_pending() -> None:
 
 def _record_fork(decision: _Decision, pid: int | None) -> None:
     """Record a fork, then hand it over to the follower."""
-    event = _event(decision, pid)
+    event = _Lazy.ForkEvent(os.getpid(), pid, decision.time, decision.mechanism, decision.site,
+                            decision.action, decision.report)
     _record(event)
     config = _config
     follower = _outcome_module

@@ -131,10 +131,10 @@ class LinuxPlatform:
                 return 1  # the first image is enough
 
             self._version = (iterate, _ADDRESS_CALLBACK(first), out)
-        iterate, callback, out = self._version
-        out[2] = 0
-        iterate(callback, None)
-        return (out[0], out[1]) if out[2] else None
+        call, callback, counters = self._version
+        counters[2] = 0
+        call(callback, None)
+        return (counters[0], counters[1]) if counters[2] else None
 
     def loaded_libraries(self) -> list[LoadedLibrary]:
         self._iterator()
