@@ -18,13 +18,13 @@ from conftest import run_scenario
 #: Defines ``look(label)``: a fresh check against the reusing ones, recorded.
 LOOK = """
 import os, sys, threading, time
-from forksafe import _check, _guard
+from forksafe import _check
 looks = {}
 def look(label):
     fresh = _check.check(_reuse=False)
     public = _check.check()
-    first = _check.fork_check(_guard._other_threads_frames)
-    second = _check.fork_check(_guard._other_threads_frames)
+    first = _check.fork_check()
+    second = _check.fork_check()
     looks[label] = {
         "summaries": sorted(h.summary for h in fresh.hazards),
         "kinds": sorted(h.kind for h in fresh.hazards),

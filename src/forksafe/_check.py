@@ -69,7 +69,9 @@ def check(
 
 
 def fork_check(
-    current_frames: Callable[[], dict[int, types.FrameType]], *, _stacklevel: int = 2
+    current_frames: Callable[[], dict[int, types.FrameType]] = sys._current_frames,
+    *,
+    _stacklevel: int = 2,
 ) -> Report:
     """``check()`` for the guard: an unchanged process gets the very same ``Report`` back.
 
@@ -77,7 +79,7 @@ def fork_check(
     still holds; the guard keeps the time of each fork in its own event. One
     object less per fork is a page less to copy (see ``forksafe._guard``).
     """
-    platform = current()
+    platform = _current or current()
     key = _fingerprint(platform, current_frames)
     last = _last
     if key is not None and last is not None and last[0] == key:
@@ -98,7 +100,9 @@ def _run_probes(
     stacklevel: int,
 ) -> Report:
     """Run the probes; keep the report for reuse when ``key`` allows it."""
-    global _last
+    global _last, _current
+    if key is not None:
+        _current = platform
     snapshot = Snapshot(platform, _current_frames)
     hazards: list[Hazard] = []
     failed = False
@@ -128,6 +132,8 @@ def _run_probes(
 
 
 _probe_list: list[tuple[str, Probe]] = []
+#: The platform, once known: one call less per fork than asking current().
+_current: Platform | None = None
 
 
 def _all_probes() -> list[tuple[str, Probe]]:

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import os
 import sys
-from _thread import RLock, get_ident, get_native_id
+from _thread import RLock, get_native_id
 from _thread import _local as thread_local
 
 from forksafe import _quiet
@@ -729,7 +729,7 @@ def _judge(
     mechanism, user = _locate(caller, mechanism)
     stamp = lazy.time()
     try:
-        report = lazy.fork_check(_other_threads_frames)
+        report = lazy.fork_check()
         if extra is None:
             # The same report (an unchanged process, see forksafe._check) under the
             # same configuration from the same line: the same verdict and the same
@@ -770,21 +770,6 @@ def _judge(
         _last_judged = (report, config, refusable, user.f_code, user.f_lineno, site, action)
     return _Decision(mechanism=mechanism, site=site, frame=user, report=report, action=action,
                      time=stamp)
-
-
-def _other_threads_frames() -> dict[int, types.FrameType]:
-    """``sys._current_frames()`` without the calling thread's own frame.
-
-    With it, the snapshot's frame table refers to the frame that is building
-    it, which refers to the snapshot: a reference cycle that keeps every
-    thread object the check looked at alive until the next garbage collection
-    — also in the child, where CPython's test_threading sees the parent's
-    main thread still in ``threading._dangling``. No probe looks at the
-    caller's own frames through this table.
-    """
-    frames = sys._current_frames()
-    frames.pop(get_ident(), None)
-    return frames
 
 
 def _announce(decision: _Decision, *, refusable: bool) -> None:
