@@ -45,3 +45,19 @@ def test_report_names_the_calling_thread() -> None:
     report = _check.check(_probes=[])
     assert report.thread == "MainThread"
     assert report.hazards == ()
+
+
+def test_a_failing_fingerprint_means_a_fresh_check_not_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If the fingerprint cannot be taken, fork_check() runs the probes and reuses nothing."""
+    def broken(*args: object) -> None:
+        raise TypeError("odd thread object")
+
+    monkeypatch.setattr(_check, "_fingerprint", broken)
+    monkeypatch.setattr(_check, "_last", None)
+    first = _check.fork_check()
+    second = _check.fork_check()
+    assert first is not second
+    assert first.hazards == second.hazards == _check.check(_reuse=False).hazards
+    assert not [h for h in first.hazards if h.kind == "probe-error"]

@@ -80,7 +80,10 @@ def fork_check(
     object less per fork is a page less to copy (see ``forksafe._guard``).
     """
     platform = _current or current()
-    key = _fingerprint(platform, current_frames)
+    try:
+        key = _fingerprint(platform, current_frames)
+    except Exception:  # an odd thread object, say: then simply no reuse
+        key = None
     last = _last
     if key is not None and last is not None and last[0] == key:
         return last[1]
@@ -124,10 +127,12 @@ def _run_probes(
     report = Report(hazards=tuple(hazards), thread=snapshot.caller.name)
     if key is not None:
         # Kept only if nothing changed while the probes looked.
-        if not failed and not snapshot.volatile and _fingerprint(platform, _current_frames) == key:
-            _last = (key, report)
-        else:
-            _last = None
+        try:
+            still = not failed and not snapshot.volatile and (
+                _fingerprint(platform, _current_frames) == key)
+        except Exception:
+            still = False
+        _last = (key, report) if still else None
     return report
 
 
