@@ -43,7 +43,11 @@ on a 100 MB process made a guarded fork 1.2x a bare one. So without a report
 file or a hang timeout — when nobody outside this process waits for the event
 — the parent only queues ``(decision, pid)`` and records it later, when it is
 cheap and still in time: after a ``wait*`` call returns, before the next fork,
-and whenever the history or a child's event is asked for.
+and whenever the history or a child's event is asked for. Before the fork, the
+same reasoning: an unchanged process gets its last report back
+(``forksafe._check.fork_check``), and a fork from the same line under the same
+configuration reuses the last verdict and ``Site``; the ``os.fork`` wrapper
+spells its steps out rather than calling helpers for them.
 
 Anything that goes wrong inside forksafe is reported once and the fork goes
 on unguarded; only a refusal under ``raise`` (or the program's own
