@@ -11,6 +11,7 @@ import json
 import pathlib
 
 from conftest import run_scenario
+from forksafe import _child
 
 CHILD = """
 import json, os, signal, ctypes, sys
@@ -190,7 +191,9 @@ def middle():
     fd = _child._armed[0]
     os.close(fd)
     mine = os.open({mine!r}, os.O_WRONLY | os.O_CREAT, 0o600)
-    assert mine == fd, (mine, fd)
+    os.dup2(mine, fd)  # the program's file now has our old number
+    os.close(mine)
+    mine = fd
     def grandchild():
         os.write(mine, b"still open")
     r = fork_and(grandchild)
@@ -217,3 +220,19 @@ print("FORKSAFE-RESULT:" + json.dumps(r))
 """, tmp_path)
     assert s.result["exit"] == 41, s.result
     assert s.result["crash"] == "", "faulthandler did not take the signal over"
+
+
+def test_the_crash_file_descriptor_is_kept_out_of_the_programs_way(
+        tmp_path: pathlib.Path) -> None:
+    """The crash file sits at a high descriptor number, so a program's own files rarely
+    get its number; the traceback still lands in it."""
+    s = scenario("""
+def crash():
+    os.write(1, (json.dumps({"fd": _child._armed[0]}) + "\\n").encode())
+    ctypes.string_at(0)
+r = fork_and(crash)
+print("FORKSAFE-RESULT:" + json.dumps(r))
+""", tmp_path)
+    [fd] = [json.loads(line)["fd"] for line in s.stdout.splitlines() if line.startswith('{"fd"')]
+    assert fd >= _child.HIGH_FD
+    assert s.result["signal"] == 11 and "Segmentation fault" in s.result["crash"]

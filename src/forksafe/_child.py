@@ -34,6 +34,11 @@ import stat
 import sys
 import types
 
+try:  # imported here, in the parent: a forked child must not load extension modules
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    _fcntl = None  # type: ignore[assignment]
+
 #: The signal the hang monitor sends for a stack dump. A real-time signal, because
 #: applications use SIGUSR1/SIGUSR2 (gunicorn does) and real-time signals are rarely
 #: claimed; the monitor checks the child's caught-signal mask before sending it,
@@ -131,7 +136,8 @@ def arm(parent_pid: int, hang_timeout: float | None) -> None:
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or \
                 info.st_mode & 0o022:
             return
-        fd = os.open(crash_path(os.getpid(), directory=directory), _FLAGS, 0o600)
+        fd = _out_of_the_way(os.open(crash_path(os.getpid(), directory=directory), _FLAGS,
+                                     0o600))
         if _program_faulthandler is None:
             _program_faulthandler = faulthandler.is_enabled()
         inherited, _armed = _armed, None
@@ -154,6 +160,26 @@ def arm(parent_pid: int, hang_timeout: float | None) -> None:
         pass
     if hang_timeout is not None:
         _announce_from_preexec(parent_pid)
+
+
+#: The crash file's descriptor is moved to this number or above. faulthandler
+#: writes to a descriptor *number*: if the program closes ours (daemons close "all
+#: other" descriptors) and opens a file that gets the same number, a crash would
+#: write its traceback into that file. New descriptors take the lowest free
+#: number, so one up here is rarely reused.
+HIGH_FD = 256
+
+
+def _out_of_the_way(fd: int) -> int:
+    """``fd`` moved to ``HIGH_FD`` or above (close-on-exec kept); as it is if that fails."""
+    if _fcntl is None or fd >= HIGH_FD:
+        return fd
+    try:
+        high: int = _fcntl.fcntl(fd, _fcntl.F_DUPFD_CLOEXEC, HIGH_FD)
+    except (OSError, AttributeError, ValueError):  # e.g. RLIMIT_NOFILE below HIGH_FD
+        return fd
+    os.close(fd)
+    return high
 
 
 def _close_if_ours(armed: tuple[int, int, int]) -> None:
