@@ -138,6 +138,9 @@ def main() -> None:
         grow_to(n)
         extra[n] = fork_case(f"{n} idle threads, policy log", "log", rounds, per_round,
                              target)
+        if n == 10:
+            fork_case("  the same, child follower left out", "log", rounds, per_round, None,
+                      follower=False)
     forksafe.unobserve()
     print(f"growth 10 -> 100 threads: guard adds {extra[10] * 1e6:.0f} us -> "
           f"{extra[100] * 1e6:.0f} us per fork "
