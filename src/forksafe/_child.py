@@ -97,9 +97,9 @@ def hung_path(child_pid: int, *, directory: str | None = None) -> str:
     return os.path.join(directory or state_dir(), f"{child_pid}.hung")
 
 
-#: The crash file this process's faulthandler writes to, as (fd, st_dev, st_ino), once armed.
+#: The crash file this process's faulthandler writes to, as (fd, path), once armed.
 #: A child that forks again inherits it; its own child closes it after re-arming.
-_armed: tuple[int, int, int] | None = None
+_armed: tuple[int, str] | None = None
 #: Whether faulthandler was on before forksafe armed this process (the program's own
 #: choice, e.g. pytest's or PYTHONFAULTHANDLER): None until armed.
 _program_faulthandler: bool | None = None
@@ -116,50 +116,93 @@ def program_faulthandler() -> bool:
     return faulthandler.is_enabled()
 
 
+def prepare() -> None:
+    """Parent side, before every guarded fork: work out what ``arm`` will need.
+
+    Right after a fork, parent and child share every page copy-on-write, and
+    each object the child's Python code touches copies a page: deciding the
+    state directory in the child (the environment, ``os.path``, ``lstat``)
+    cost ~80 page copies per fork, a tenth of a bare fork of a 100 MB process.
+    So the parent decides once per process, and the child inherits the answer
+    and only opens its file. Registered as a ``before`` fork hook on import
+    (the guard imports this module before its first fork). Never raises.
+    """
+    global _prepared, _program_faulthandler, _dump_free
+    try:
+        pid = os.getpid()
+        if _prepared is None or _prepared[0] != pid:
+            _prepared = (pid, _checked_prefix())
+            if _program_faulthandler is None:
+                _program_faulthandler = faulthandler.is_enabled()
+        # Never take the dump signal from a program that handles it itself.
+        _dump_free = DUMP_SIGNAL is not None and signal.getsignal(DUMP_SIGNAL) == signal.SIG_DFL
+    except Exception:  # a fork hook must never fail the fork
+        return
+
+
+def _checked_prefix() -> str | None:
+    """``<state dir>/`` when it is a directory of our own that no one else may write to.
+
+    In a shared temporary directory another user could otherwise plant it and
+    read our tracebacks, or swap files under us. ``None``: crash files are off.
+    """
+    directory = state_dir()
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        return None
+    return os.path.join(directory, "")
+
+
+#: (pid, crash file prefix) decided by ``prepare`` in the process that forks.
+_prepared: tuple[int, str | None] | None = None
+#: Whether the dump signal is free for us (the program has no handler for it).
+_dump_free = False
+_SIGTRAP: int | None = getattr(signal, "SIGTRAP", None)
+
+
 def arm(parent_pid: int, hang_timeout: float | None) -> None:
     """Prepare this freshly forked child so that its death or hang can be explained.
 
-    Called by the guard in the child, after it reset forksafe's own locks. Never
+    Called by the guard in the child, after it reset forksafe's own locks. Only
+    a few system calls, on what the parent prepared (``prepare``). Never
     raises: a child that cannot be armed runs exactly as it would without us.
     """
-    global _armed, _program_faulthandler
+    global _armed
+    prepared = _prepared
+    if prepared is None or prepared[0] != parent_pid:
+        prepare()  # a fork no before-hook saw: decide here, at the usual cost
+        prepared = _prepared
     try:
-        directory = state_dir()
-        try:
-            info = os.lstat(directory)
-        except FileNotFoundError:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            info = os.lstat(directory)
-        # Only a directory of our own that no one else may write to: in a shared
-        # temporary directory another user could otherwise plant it and read our
-        # tracebacks, or swap files under us.
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or \
-                info.st_mode & 0o022:
+        if prepared is None or prepared[1] is None:
             return
-        fd = _out_of_the_way(os.open(crash_path(os.getpid(), directory=directory), _FLAGS,
-                                     0o600))
-        if _program_faulthandler is None:
-            _program_faulthandler = faulthandler.is_enabled()
+        path = prepared[1] + str(os.getpid()) + ".crash"
+        fd = _out_of_the_way(os.open(path, _FLAGS, 0o600))
         inherited, _armed = _armed, None
-        faulthandler.enable(file=fd, all_threads=True)
-        if hasattr(signal, "SIGTRAP"):
-            faulthandler.register(signal.SIGTRAP, file=fd, all_threads=True, chain=True)
-        # Never take the dump signal from a program that handles it itself. A child
-        # of a child without a hang timeout drops the handler it inherited, which
-        # would write to its parent's crash file.
-        if DUMP_SIGNAL is not None and signal.getsignal(DUMP_SIGNAL) == signal.SIG_DFL:
+        faulthandler.enable(fd, True)
+        if _SIGTRAP is not None:
+            faulthandler.register(_SIGTRAP, fd, True, True)
+        # A child of a child without a hang timeout drops the dump handler it
+        # inherited, which would write to its parent's crash file.
+        if _dump_free:
             if hang_timeout is not None:
-                faulthandler.register(DUMP_SIGNAL, file=fd, all_threads=True, chain=False)
+                faulthandler.register(DUMP_SIGNAL, fd, True, False)  # type: ignore[arg-type]
             elif inherited is not None:
-                faulthandler.unregister(DUMP_SIGNAL)
-        info = os.fstat(fd)
-        _armed = (fd, info.st_dev, info.st_ino)
+                faulthandler.unregister(DUMP_SIGNAL)  # type: ignore[arg-type]
+        _armed = (fd, path)
         if inherited is not None:
             _close_if_ours(inherited)
     except (OSError, ValueError, RuntimeError):
         pass
     if hang_timeout is not None:
         _announce_from_preexec(parent_pid)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=prepare)
 
 
 #: The crash file's descriptor is moved to this number or above. faulthandler
@@ -182,17 +225,18 @@ def _out_of_the_way(fd: int) -> int:
     return high
 
 
-def _close_if_ours(armed: tuple[int, int, int]) -> None:
+def _close_if_ours(armed: tuple[int, str]) -> None:
     """Close the crash file descriptor inherited from the parent, if it still is that file.
 
     A child of a child would otherwise carry one more descriptor per generation.
     If the program closed ours and the number now names one of its files, the
-    inode differs and the descriptor is left alone.
+    inode differs from the parent's crash file and the descriptor is left alone
+    (as it is when that file is gone already: then it cannot be told apart).
     """
-    fd, dev, ino = armed
+    fd, path = armed
     try:
-        info = os.fstat(fd)
-        if (info.st_dev, info.st_ino) == (dev, ino):
+        mine, now = os.stat(path), os.fstat(fd)
+        if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):
             os.close(fd)
     except OSError:
         return
