@@ -118,6 +118,16 @@ def main() -> None:
     heap = ballast(100)
     print(f"resident memory: {rss_mb():.0f} MB; {rounds} rounds x {per_round} forks per side")
     print("(times are per fork: fork + child _exit + parent waitpid)")
+    # The follower's modules register fork hooks when imported, for good: from then on
+    # the baseline's bare forks run them too. Say how much that adds to the baseline.
+    from forksafe import _guard
+
+    pristine = faults_per_fork(per_round)
+    _guard._load_followers()
+    hooked = faults_per_fork(per_round)
+    print(f"baseline forks run forksafe's permanent fork hooks once loaded: minor faults per "
+          f"bare fork {pristine[0]:.0f} + {pristine[1]:.0f} before, "
+          f"{hooked[0]:.0f} + {hooked[1]:.0f} after")
     fork_case("clean process, policy warn", "warn", rounds, per_round, 1.05)
     fork_case("  the same, child follower left out", "warn", rounds, per_round, None,
               follower=False)

@@ -318,13 +318,15 @@ def history() -> list[ForkEvent]:
 
 def event_for_child(pid: int) -> ForkEvent | None:
     """The event of the fork that created child ``pid``, while it is remembered."""
-    _flush_pending()
+    if _pending:
+        _flush_pending()
     return _children.get(pid)
 
 
 def set_outcome(pid: int, outcome: Outcome) -> None:
     """Attach ``outcome`` to child ``pid``'s event and append it to the report file."""
-    _flush_pending()
+    if _pending:
+        _flush_pending()
     with _lock:
         event = _children.get(pid)
         if event is not None:
@@ -338,8 +340,9 @@ def set_outcome(pid: int, outcome: Outcome) -> None:
                 if _history[i] is event:
                     _history[i] = updated
                     break
-    emit({"type": "outcome", "parent_pid": os.getpid(), "child_pid": pid,
-          "outcome": outcome.to_dict()})
+    if _sink is not None:  # no record built for nobody: it is called for every child
+        emit({"type": "outcome", "parent_pid": os.getpid(), "child_pid": pid,
+              "outcome": outcome.to_dict()})
 
 
 def emit(record: dict[str, Any]) -> None:
