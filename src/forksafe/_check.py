@@ -152,7 +152,7 @@ def _fingerprint(
 ) -> Fingerprint | None:
     """What a reusable report depends on, or None when it cannot be told cheaply.
 
-    Element 2 is the calling thread's name. A thread is recognised by a weak
+    A thread is recognised by a weak
     reference (equal while the same object lives; no thread is kept alive),
     and its stack by the code object and line of every frame.
     """
@@ -179,12 +179,14 @@ def _fingerprint(
     images = version()
     if caller is None or images is None:
         return None
-    frames = current_frames()
-    frames.pop(me, None)  # our own frame would refer back to this table
     try:
         cwd = os.getcwd()
     except OSError:
         return None
+    if len(active) == 1:  # the caller alone: no stacks to look at
+        return (os.getpid(), me, caller.name, images, cwd)
+    frames = current_frames()
+    frames.pop(me, None)  # our own frame would refer back to this table
     parts: list[object] = [os.getpid(), me, caller.name, images, cwd]
     dummy = threading._DummyThread
     for ident, thread in list(active.items()):
