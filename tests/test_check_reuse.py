@@ -209,3 +209,28 @@ emit(looks=looks)
     assert looks["connection open"]["kinds"] == ["sqlite-connection"]
     assert looks["connection closed"]["kinds"] == []
     assert not looks["sqlite3 imported"]["reused"]
+
+
+def test_a_thread_threading_does_not_know_is_always_looked_at(tmp_path: pathlib.Path) -> None:
+    """A ``_thread.start_new_thread`` thread (in no ``threading`` table) is never reused away."""
+    s = run_scenario(LOOK + """
+import _thread
+look("clean")
+gate, started = _thread.allocate_lock(), _thread.allocate_lock()
+gate.acquire(); started.acquire()
+def raw():
+    started.release()
+    gate.acquire()
+_thread.start_new_thread(raw, ())
+started.acquire()
+time.sleep(0.05)
+look("raw thread")
+look("raw thread again")
+gate.release()
+emit(looks=looks)
+""", tmp_path)
+    looks = s.result["looks"]
+    check_all_equal(looks)
+    assert looks["clean"]["reused"]
+    assert looks["raw thread"]["kinds"], "the unknown thread is reported"
+    assert not looks["raw thread"]["reused"] and not looks["raw thread again"]["reused"]
