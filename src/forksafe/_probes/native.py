@@ -53,7 +53,7 @@ def probe(snapshot: Snapshot, runtimes: tuple[Runtime, ...] = _catalog.RUNTIMES)
     snapshot.claimed |= claimed
     dummies = snapshot.dummy_native_ids()
     unknown = [t for t in threads if t.tid not in claimed and t.tid not in dummies]
-    if unknown:
+    if unknown and snapshot.platform.name == "linux":  # procfs tells when a thread is gone
         unknown = _without_exiting(unknown)
     hazards.extend(_unknown_thread(t) for t in unknown)
     return hazards
