@@ -27,6 +27,7 @@ and the parent (``forksafe._outcome.on_reaped``) or the supervising
 
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found,unused-ignore]  # no stubs; signal.getsignal wraps it
 import faulthandler
 import os
 import signal
@@ -127,6 +128,12 @@ def prepare() -> None:
     and only opens its file. Registered as a ``before`` fork hook on import
     (the guard imports this module before its first fork). Never raises.
     """
+    guard = sys.modules.get("forksafe._guard")
+    if guard is not None and guard._config is not None:  # registered for good: only
+        _prepare_now()  # guarded forks are armed, so only they pay for this
+
+
+def _prepare_now() -> None:
     global _prepared, _program_faulthandler, _dump_free
     try:
         pid = os.getpid()
@@ -135,7 +142,7 @@ def prepare() -> None:
             if _program_faulthandler is None:
                 _program_faulthandler = faulthandler.is_enabled()
         # Never take the dump signal from a program that handles it itself.
-        _dump_free = DUMP_SIGNAL is not None and signal.getsignal(DUMP_SIGNAL) == signal.SIG_DFL
+        _dump_free = DUMP_SIGNAL is not None and _getsignal(DUMP_SIGNAL) == _SIG_DFL
     except Exception:  # a fork hook must never fail the fork
         return
 
@@ -162,6 +169,9 @@ _prepared: tuple[int, str | None] | None = None
 #: Whether the dump signal is free for us (the program has no handler for it).
 _dump_free = False
 _SIGTRAP: int | None = getattr(signal, "SIGTRAP", None)
+# The C functions, without signal's enum conversion: fewer objects touched per fork.
+_getsignal = _signal.getsignal
+_SIG_DFL = _signal.SIG_DFL
 
 
 def arm(parent_pid: int, hang_timeout: float | None) -> None:
@@ -174,7 +184,7 @@ def arm(parent_pid: int, hang_timeout: float | None) -> None:
     global _armed
     prepared = _prepared
     if prepared is None or prepared[0] != parent_pid:
-        prepare()  # a fork no before-hook saw: decide here, at the usual cost
+        _prepare_now()  # a fork no before-hook saw: decide here, at the usual cost
         prepared = _prepared
     try:
         if prepared is None or prepared[1] is None:

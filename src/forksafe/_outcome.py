@@ -112,15 +112,19 @@ def _before_fork() -> None:
     once the helper runs, and nothing without a hang timeout.
     """
     try:
+        # First what is cheapest and most common: no guard, or no hang timeout. This
+        # hook runs before every fork of the process once registered.
+        guard = sys.modules.get("forksafe._guard")
+        config = guard._config if guard is not None else None
+        timeout = getattr(config, "hang_timeout", None)
+        if timeout is None:
+            return
         hang = sys.modules.get("forksafe._hang")
         running = getattr(hang, "_client", None)
         if running is not None and running.owner == os.getpid() and (
                 running._sock is not None or running.broken):
             return
-        guard = sys.modules.get("forksafe._guard")
-        config = guard.installed() if guard is not None else None
-        timeout = getattr(config, "hang_timeout", None)
-        if timeout is None or _supervised():
+        if _supervised():
             return
         from forksafe import _hang
 
@@ -206,9 +210,11 @@ def on_reaped(
     event = _event_for_child(pid)
     if event is None:
         return
-    directory = _directory or state_dir()
+    directory = _directory or _prepared_directory() or state_dir()
     traceback = take_crash_text(pid, directory=directory)
-    hung = take_hung_marker(pid, directory=directory)
+    # A hang marker is written only by a hang monitor: `forksafe run`'s, or the
+    # helper a hang timeout starts. Without either there is nothing to look for.
+    hung = take_hung_marker(pid, directory=directory) if _hangs_watched() else None
     outcome = outcome_for(event, status, traceback, hung)
     _set_outcome(pid, outcome)
     if traceback is not None and _program_faulthandler():
@@ -218,6 +224,22 @@ def on_reaped(
         _stderr(ECHO.format(pid=pid, traceback=traceback))
     if (outcome.status == "hung" or outcome.signal in CRASH_SIGNALS) and _warns():
         warn(outcome.diagnosis or f"child {pid} {outcome.status}", event)
+
+
+def _prepared_directory() -> str | None:
+    """The state directory this process's before-fork hook already decided on."""
+    from forksafe import _child
+
+    prepared = _child._prepared
+    if prepared is None or prepared[0] != os.getpid() or prepared[1] is None:
+        return None
+    return prepared[1].rstrip(os.sep) or None
+
+
+def _hangs_watched() -> bool:
+    guard = sys.modules.get("forksafe._guard")
+    config = guard._config if guard is not None else None
+    return getattr(config, "hang_timeout", None) is not None or _supervised()
 
 
 def outcome_for(event: ForkEvent, status: int, traceback: str | None,
