@@ -267,16 +267,7 @@ class LinuxPlatform:
         return None if self._tid_off < 0 else self._tid_off
 
     def _pread(self, address: int, size: int) -> bytes:
-        try:
-            fd = os.open(f"{self._proc}/mem", os.O_RDONLY)
-        except OSError:
-            return b""
-        try:
-            return os.pread(fd, size, address)
-        except OSError:
-            return b""
-        finally:
-            os.close(fd)
+        return read_memory(f"{self._proc}/mem", address, size)
 
     def _read_stack(self, sp: int, spans: list[_Span]) -> bytes:
         i = bisect.bisect_right(spans, (sp, sys.maxsize)) - 1
@@ -390,3 +381,21 @@ def _parse_maps(maps: str) -> list[_Span]:
             continue
     spans.sort()
     return spans
+
+
+def read_memory(mem_path: str, address: int, size: int) -> bytes:
+    """Up to ``size`` bytes at ``address`` of a process's ``/proc/<pid>/mem``; b"" if unreadable.
+
+    Reading through the file, never through a pointer, means a page unmapped
+    meanwhile is an error here instead of a crash of the process that reads.
+    """
+    try:
+        fd = os.open(mem_path, os.O_RDONLY)
+    except OSError:
+        return b""
+    try:
+        return os.pread(fd, size, address)
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)

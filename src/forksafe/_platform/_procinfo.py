@@ -233,16 +233,9 @@ class StackReader:
         return tuple(found)
 
     def _pread(self, address: int, size: int) -> bytes:
-        try:
-            fd = os.open(f"{self._proc}/{self.pid}/mem", os.O_RDONLY)
-        except OSError:
-            return b""
-        try:
-            return os.pread(fd, size, address)
-        except OSError:
-            return b""
-        finally:
-            os.close(fd)
+        from forksafe._platform._linux import read_memory
+
+        return read_memory(f"{self._proc}/{self.pid}/mem", address, size)
 
 
 def is_plumbing(path: str) -> bool:
