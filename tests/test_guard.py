@@ -647,7 +647,7 @@ print({MARK!r} + json.dumps({{"queued_by_pid": by_pid, "order": h == pids[:3],
 
 
 def test_reaping_calls_the_follower_for_guarded_children_only(tmp_path: pathlib.Path) -> None:
-    """os.waitpid/wait/wait3/wait4 and Process.join report guarded children's exits."""
+    """os.waitpid/wait/wait3/wait4/waitid and Process.join report guarded children's exits."""
     code = PRELUDE + """
 import multiprocessing, subprocess
 import forksafe._outcome
@@ -663,6 +663,13 @@ for i, reap in enumerate([lambda p: os.waitpid(p, 0), lambda p: os.wait(),
         os._exit(10 + i)
     reap(pid)
     pids.append(pid)
+if hasattr(os, "waitid"):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(14)
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # a peek reaps nothing
+    os.waitid(os.P_PID, pid, os.WEXITED)
+    pids.append(pid)
 p = multiprocessing.get_context("fork").Process(target=sys.exit, args=(20,))
 p.start()
 p.join()
@@ -674,7 +681,7 @@ out(reaped=reaped, forked=forked, pids=pids)
     pids = s.result["pids"]
     assert s.result["forked"] == pids
     assert s.result["reaped"] == [[pids[0], 10], [pids[1], 11], [pids[2], 12], [pids[3], 13],
-                                  [pids[4], 20]]
+                                  [pids[4], 14], [pids[5], 20]]
 
 
 def test_parent_pid_and_hang_timeout_reach_the_child(tmp_path: pathlib.Path) -> None:
@@ -946,3 +953,18 @@ out(actions=[e.action for e in events], lines=[e.site.line for e in events],
     assert r["shared"], "an unchanged process reuses the report and the site"
     texts = [w["text"] for w in r["warnings"] if w["category"] == "ForkSafetyWarning"]
     assert len(texts) == 3 and all("'idle'" in t for t in texts)
+
+
+def test_waitid_answers_become_the_wait_status_they_stand_for() -> None:
+    """A waitid result is turned into the status os.waitpid would have given."""
+    import os
+    import signal
+
+    exited = _guard._wait_status(os.CLD_EXITED, 3)
+    killed = _guard._wait_status(os.CLD_KILLED, signal.SIGSEGV)
+    dumped = _guard._wait_status(os.CLD_DUMPED, signal.SIGABRT)
+    assert exited is not None and os.WIFEXITED(exited) and os.WEXITSTATUS(exited) == 3
+    assert killed is not None and os.WIFSIGNALED(killed)
+    assert os.WTERMSIG(killed) == signal.SIGSEGV and not os.WCOREDUMP(killed)
+    assert dumped is not None and os.WTERMSIG(dumped) == signal.SIGABRT and os.WCOREDUMP(dumped)
+    assert _guard._wait_status(os.CLD_STOPPED, signal.SIGSTOP) is None

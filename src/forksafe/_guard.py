@@ -553,6 +553,8 @@ def _patch() -> None:
     if hasattr(os, "forkpty"):
         targets.append(("os.forkpty", _wrap_forkpty))
     targets.extend((f"os.{name}", _wrap_wait) for name in _WAIT_FUNCTIONS if hasattr(os, name))
+    if hasattr(os, "waitid"):
+        targets.append(("os.waitid", _wrap_waitid))
     for name, make in targets:
         _replace(name, make)
 
@@ -689,6 +691,39 @@ def _wrap_wait(original: Callable[..., WaitResult]) -> Callable[..., WaitResult]
         return result
 
     return _copy_identity(wait, original)  # type: ignore[no-any-return]
+
+
+def _wrap_waitid(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``os.waitid`` reports a child as a ``waitid_result``, not a wait status."""
+
+    def waitid(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        if result is None or _config is None:
+            return result
+        options = args[2] if len(args) > 2 else kwargs.get("options", 0)
+        pid = result.si_pid
+        if options & getattr(os, "WNOWAIT", 0):  # only a peek: the child is reaped later
+            return result
+        if _pending:
+            _flush_pending()
+        if pid in _children:
+            status = _wait_status(result.si_code, result.si_status)
+            if status is not None:
+                _reaped(pid, status)
+        return result
+
+    return _copy_identity(waitid, original)  # type: ignore[no-any-return]
+
+
+def _wait_status(code: int, value: int) -> int | None:
+    """The ``wait()`` status that a ``waitid`` answer stands for (None: not an end)."""
+    if code == os.CLD_EXITED:
+        return (value & 0xFF) << 8
+    if code == os.CLD_KILLED:
+        return value & 0x7F
+    if code == os.CLD_DUMPED:
+        return (value & 0x7F) | 0x80
+    return None
 
 
 def _run(fork: Callable[[], Any], decision: _Decision) -> Any:
