@@ -70,13 +70,9 @@ class Task:
 
     @property
     def stack_pointer(self) -> int | None:
-        fields = self.syscall.split()
-        if len(fields) == 9:
-            try:
-                return int(fields[7], 16)
-            except ValueError:
-                return None
-        return None
+        from forksafe._platform._linux import _stack_pointer
+
+        return _stack_pointer(self.syscall)
 
 
 def read(path: str) -> str:
