@@ -207,6 +207,9 @@ _children: dict[int, ForkEvent] = {}
 # Forks not yet recorded (see the module docstring). A deque: append and popleft
 # are atomic, so it needs no lock. Bounded by the flush before every fork.
 _pending: deque[tuple[_Decision, int | None]] = deque()
+# Whether forks are queued rather than recorded at once: nobody outside this
+# process waits for them (no report file, no hang timeout). Set by install().
+_defer_records = False
 _inherited: Any = None  # in a child: the parent's history, kept unfreed (see below)
 _local = thread_local()  # .busy: inside a wrapper's real fork; .pending: hook state
 
@@ -243,11 +246,12 @@ def install(
 
 def uninstall() -> None:
     """Undo ``install()``: every patched function is restored by identity. Idempotent."""
-    global _config, _sink, _quiet_filter, _watcher
+    global _config, _sink, _quiet_filter, _watcher, _defer_records
     if _config is None:
         return
     _flush_pending()
     _config = None
+    _defer_records = False
     for name, original in list(_originals.items()):
         owner, attr = _owner(name)
         if owner is not None and getattr(owner, attr, None) is _wrappers.get(name):
@@ -358,7 +362,7 @@ _wrappers: dict[str, Any] = {}
 
 
 def _install(config: Config) -> None:
-    global _config, _sink, _watcher
+    global _config, _sink, _watcher, _defer_records
     # The report file first: if it cannot be opened, install() fails having
     # changed nothing (OSError: install(report=...) asked for it explicitly).
     wanted = os.path.abspath(config.report) if config.report else None
@@ -388,6 +392,7 @@ def _install(config: Config) -> None:
     elif config.policy != "raise" and _owned.pop("sqlite", False):
         _unprotect_sqlite()
     _config = config
+    _defer_records = _sink is None and config.hang_timeout is None
 
 
 def _start_observing(threading: types.ModuleType) -> None:
@@ -611,7 +616,7 @@ def _wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
         finally:
             local.busy = False
         if pid:
-            if _sink is None and (_config is None or _config.hang_timeout is None):
+            if _defer_records:
                 _pending.append((decision, pid))
             else:
                 _forked(decision, pid)
@@ -913,8 +918,7 @@ def _record(event: ForkEvent) -> None:
 
 def _forked(decision: _Decision, pid: int | None) -> None:
     """Parent side, right after a successful fork: record now, or queue (module docstring)."""
-    config = _config
-    if _sink is None and (config is None or config.hang_timeout is None):
+    if _defer_records:
         _pending.append((decision, pid))
         return
     _flush_pending()
