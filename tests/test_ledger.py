@@ -133,6 +133,38 @@ def test_a_reused_address_does_not_inherit_a_dead_connections_origin(
         assert s.result["plain"] == [True, True, False]
 
 
+def test_a_check_forgets_connections_it_finds_gone(tmp_path: pathlib.Path) -> None:
+    """Opened and freed before any check looked: the next check drops the entry.
+
+    So no connection made around the wrapper at that address afterwards can
+    be given its origin, on every Python, including those where no liveness
+    token can be made (3.9, 3.10); a live connection keeps its origin.
+    """
+    s = run_scenario("""
+        import gc, sqlite3, forksafe
+        from forksafe import _ledger
+        forksafe.observe()
+        kept = sqlite3.connect(":memory:")
+        first = sqlite3.connect(":memory:")
+        gone = id(first)
+        first.close()
+        del first
+        gc.collect()
+        table = _ledger._connection_origins
+        before = [gone in table, id(kept) in table]
+        report = forksafe.check()
+        after = [gone in table, id(kept) in table]
+        wheres = [h.summary for h in report.hazards if h.kind == "sqlite-connection"]
+        emit(before=before, after=after, wheres=wheres, used=_ledger.sqlite_used())
+    """, tmp_path, timeout=30)
+    assert s.returncode == 0, s.stderr
+    assert s.result["before"] == [True, True]
+    assert s.result["after"] == [False, True]
+    assert len(s.result["wheres"]) == 1
+    assert "opened at scenario.py:" in s.result["wheres"][0]
+    assert s.result["used"] is True
+
+
 def test_another_librarys_wrapper_of_connect_is_never_removed(tmp_path: pathlib.Path) -> None:
     """A wrapper put over ours (as OpenTelemetry does) survives unobserve and unprotect."""
     s = run_scenario("""

@@ -9,16 +9,22 @@ wraps exactly two entry points:
   itself (no global table to grow, freed with the thread);
 * ``sqlite3.connect`` — ``sqlite3.Connection`` supports no weak references, so
   the origin is kept in a small bounded table keyed by ``id()``; the check finds
-  the live connections itself and looks their origins up there. An address is
-  reused once its connection is freed, so each entry carries a weak reference
-  that dies with the connection it was recorded for (see ``_token_for``): a
-  connection made later at the same address, without going through the
-  wrapper, is not given the dead one's origin.
+  the live connections itself and looks their origins up there.
 
-Both wrappers cost under a microsecond (a frame pointer and a tuple, and for a
-connection a liveness token); ``benchmarks/`` measures them against unobserved
-code in the same run. Nothing here runs at fork time or in a child, and nothing
-here takes a lock.
+The connect wrapper is the hot path of a program that connects per request, so
+it stores only the caller's code object and instruction offset (the line is
+worked out when a report needs it). An address is reused once its connection
+is freed, so entries are validated *when a check looks at them*, not when they
+are made: the first lookup of a live connection binds its entry to a weak
+reference that dies with that connection (see ``_token_maker``), and each
+check drops the entries of connections that are gone. A connection made later
+at the same address without going through the wrapper is therefore not given
+a dead one's origin — unless the dead one was both opened and freed since the
+last check, the one window this leaves open.
+
+The thread wrapper costs a frame pointer and a tuple; ``benchmarks/`` measures
+both against unobserved code in the same run. Nothing here runs at fork time
+or in a child, and nothing here takes a lock.
 
 ``sqlite3`` is not imported by ``observe()`` — a diagnostic tool must not load
 the library it diagnoses — so when it is not imported yet a one-shot import hook
@@ -34,7 +40,7 @@ import importlib.machinery
 import itertools
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence
 
 from forksafe._report import Site
 
@@ -58,6 +64,8 @@ def _bind_library_test(filename: str) -> bool:
 
 
 _is_library: Callable[[str], bool] = _bind_library_test
+#: ``is_library_file``'s answers so far, read directly by the connect wrapper.
+_known_files: dict[str, bool] = {}
 
 
 def _bind() -> None:
@@ -67,13 +75,15 @@ def _bind() -> None:
     (through ``sysconfig`` on 3.13) and the guard's import hook starts
     observing right then; the stand-in binds on a later call instead.
     """
-    global _is_library
+    global _is_library, _known_files
     if _is_library is _bind_library_test:
         try:
-            from forksafe._frames import is_library_file
+            from forksafe._frames import _LIBRARY_FILES, is_library_file
         except ImportError:
             return
         _is_library = is_library_file
+        _known_files.update(_LIBRARY_FILES)
+        _known_files = _LIBRARY_FILES
 
 #: Frames kept per start site: enough to see past a thread pool to the user's call.
 DEPTH = 8
@@ -84,9 +94,17 @@ RawFrames = tuple[tuple[types.CodeType, int], ...]
 
 _ORIGIN_ATTR = "_forksafe_started_at"
 
+#: Where a connection was opened: the caller's code object and instruction offset
+#: (the common case, offset >= 0), or frames out to the user's code (offset -1);
+#: then, once a check has seen the connection alive, a weak reference that dies
+#: with it (None until then, and for good where none can be made).
+Entry = tuple[Any, int, Optional[Callable[[], object]]]
+
 _state: dict[str, Any] = {}
-#: id(connection) -> (its origin, a weak reference alive exactly as long as it, or None).
-_connection_origins: dict[int, tuple[RawFrames, Callable[[], object] | None]] = {}
+#: id(connection) -> its entry.
+_connection_origins: dict[int, Entry] = {}
+#: Whether entries were ever dropped (so the table being empty says nothing).
+_forgotten: list[bool] = []
 #: Connection type -> how to make its liveness token (decided once per type).
 _token_makers: dict[type, Callable[[Any], Callable[[], object] | None]] = {}
 #: At most this many connection types get a cached token maker.
@@ -147,16 +165,63 @@ def thread_origin(thread: threading.Thread) -> RawFrames | None:
 def connection_origin(connection: object) -> RawFrames | None:
     """Where ``connection`` was opened, if it was opened through the observed ``connect``.
 
-    An entry whose token died belongs to a freed connection that had this
-    address before: it is not this one's origin.
+    The caller holds ``connection``, so it is alive: an entry not yet bound to
+    a liveness token is bound to this connection now, and an entry whose token
+    died belongs to a freed connection that had this address before.
     """
-    entry = _connection_origins.get(id(connection))
+    key = id(connection)
+    entry = _connection_origins.get(key)
     if entry is None:
         return None
-    frames, token = entry
-    if token is not None and token() is None:
+    where, offset, token = entry
+    if token is None:
+        token = _token_for(connection)
+        if token is not None:
+            _connection_origins[key] = (where, offset, token)
+    elif token() is None:
         return None
-    return frames
+    if offset < 0:
+        frames: RawFrames = where
+        return frames
+    return ((where, _line_at(where, offset)),)
+
+
+def recorded_connections() -> dict[int, Entry]:
+    """A copy of the table, to take before looking for live connections."""
+    return dict(_connection_origins)
+
+
+def forget_closed(before: dict[int, Entry], open_now: Collection[object]) -> None:
+    """Drop the entries of connections that a check found closed or gone.
+
+    ``before`` was copied before the search: an entry written since (by a
+    connect in another thread, perhaps at a reused address) is a different
+    object and stays. Closed connections need no origin: they are no hazard.
+    """
+    alive = {id(connection) for connection in open_now}
+    table = _connection_origins
+    for key, entry in before.items():
+        if key not in alive and table.get(key) is entry:
+            table.pop(key, None)
+            if not _forgotten:
+                _forgotten.append(True)
+
+
+def _line_at(code: types.CodeType, offset: int) -> int:
+    """The line of the instruction at byte ``offset``, as ``frame.f_lineno`` gives it."""
+    if sys.version_info >= (3, 10):
+        for start, end, line in code.co_lines():
+            if start <= offset < end and line is not None:
+                return line
+        return code.co_firstlineno
+    import dis
+
+    line = code.co_firstlineno
+    for start, number in dis.findlinestarts(code):
+        if start > offset:
+            break
+        line = number
+    return line
 
 
 def _no_token(connection: object) -> None:
@@ -171,11 +236,10 @@ def _token_maker(kind: type) -> Callable[[Any], Callable[[], object] | None]:
     * The plain C type, from CPython 3.11: it supports no weak references, but
       each connection owns a statement cache, a ``functools.lru_cache``
       wrapper that does, that nothing else refers to, and that is freed with
-      it (it is found among the connection's references; ``gc.get_referents``
-      costs about 0.3 microseconds, against ~11 for ``connect()`` itself).
-    * Otherwise (Python 3.9 and 3.10): no token; the entry is trusted, and an
-      address reused by a connection made around the wrapper can still
-      inherit a dead one's origin.
+      it (found among the connection's references: cheap at check time, and
+      too dear for ``connect()`` itself, where it was 1% of a connection).
+    * Otherwise (Python 3.9 and 3.10): no token; the entry is trusted until a
+      check finds its connection gone.
     """
     import gc
     import weakref
@@ -213,7 +277,7 @@ def _token_for(connection: object) -> Callable[[], object] | None:
 
 def sqlite_used() -> bool:
     """Whether a connection was opened while observing (for 'SQLite was used')."""
-    return bool(_connection_origins)
+    return bool(_connection_origins) or bool(_forgotten)
 
 
 def sites(frames: RawFrames) -> list[Site]:
@@ -328,20 +392,19 @@ def _rebuild(sqlite3: types.ModuleType) -> None:
 def _origin_layer(original: Callable[..., Any]) -> Callable[..., Any]:
     origins = _connection_origins
     getframe = sys._getframe
-    library = _is_library
-    token_for = _token_for
 
     def connect(*args: Any, **kwargs: Any) -> Any:
-        # The hot path of a program that connects per request: kept to a frame
-        # pointer, one cached lookup, a liveness token and one dict store
-        # (benchmarks/bench_observe.py).
+        # The hot path of a program that connects per request: a frame pointer,
+        # one dict lookup, a tuple and one dict store (benchmarks/bench_observe.py).
         connection = original(*args, **kwargs)
         frame = getframe(1)
         code = frame.f_code
-        if library(code.co_filename):
-            origins[id(connection)] = (_raw_frames(frame), token_for(connection))
+        if _known_files.get(code.co_filename) is False:  # the user's code, seen before
+            origins[id(connection)] = (code, frame.f_lasti, None)
+        elif _is_library(code.co_filename):
+            origins[id(connection)] = (_raw_frames(frame), -1, None)
         else:
-            origins[id(connection)] = (((code, frame.f_lineno),), token_for(connection))
+            origins[id(connection)] = (code, frame.f_lasti, None)
         if len(origins) > MAX_CONNECTIONS:
             _prune(origins)
         return connection
@@ -351,21 +414,26 @@ def _origin_layer(original: Callable[..., Any]) -> Callable[..., Any]:
     return connect
 
 
-def _prune(origins: dict[int, tuple[RawFrames, Callable[[], object] | None]]) -> None:
-    """Make room in a full table: entries of freed connections first, then the oldest.
+def _prune(origins: dict[int, Entry]) -> None:
+    """Make room in a full table, keeping the origins most likely to be asked for.
 
-    A program that opens a connection per request would otherwise push out the
-    origin of the long-lived connection it opened at start-up — the one most
-    likely to be inherited by a fork. Left at most three quarters full, so the
-    linear scan runs at most once per ``MAX_CONNECTIONS // 4`` new connections.
+    Entries known dead go first. Then, since most entries of a program that
+    opens a connection per request were never seen by a check, the oldest go —
+    except the first quarter: the connections opened at start-up, the
+    long-lived ones most likely to be inherited by a fork. Left at most three
+    quarters full, so the scan runs at most once per ``MAX_CONNECTIONS // 4``
+    new connections.
     """
-    for key, (_, token) in list(origins.items()):
+    for key, (_, _, token) in list(origins.items()):
         if token is not None and token() is None:
             origins.pop(key, None)
     excess = len(origins) - MAX_CONNECTIONS // 2
     if len(origins) > MAX_CONNECTIONS * 3 // 4:
-        for key in list(itertools.islice(origins, excess)):
+        first = MAX_CONNECTIONS // 4
+        for key in list(itertools.islice(origins, first, first + excess)):
             origins.pop(key, None)
+    if not _forgotten:
+        _forgotten.append(True)
 
 
 class _SqliteImportHook(importlib.abc.MetaPathFinder):

@@ -87,7 +87,10 @@ def probe(snapshot: Snapshot) -> list[Hazard]:
     if "sqlite3" in sys.modules:
         snapshot.volatile = True  # connections come and go unseen by the fingerprint
     hazards = []
-    for connection in open_connections():
+    recorded = _ledger.recorded_connections()
+    connections = open_connections()
+    _ledger.forget_closed(recorded, connections)
+    for connection in connections:
         raw = _ledger.connection_origin(connection)
         sites = _ledger.sites(raw) if raw else []
         site = _frames.user_site(sites)
