@@ -236,3 +236,61 @@ print("FORKSAFE-RESULT:" + json.dumps(r))
     [fd] = [json.loads(line)["fd"] for line in s.stdout.splitlines() if line.startswith('{"fd"')]
     assert fd >= _child.HIGH_FD
     assert s.result["signal"] == 11 and "Segmentation fault" in s.result["crash"]
+
+
+def test_a_crash_file_opened_by_the_parent_gets_the_childs_name_and_traceback(
+        tmp_path: pathlib.Path) -> None:
+    """The guard's os.fork opens the child's crash file in the parent (``open_spare``)
+    and names it ``<pid>.crash`` after the fork; the child only points faulthandler at it."""
+    s = scenario("""
+spare = _child.open_spare()
+pid = os.fork()
+if pid == 0:
+    _child.arm(os.getppid(), None)
+    os.write(1, (json.dumps({"same_fd": _child._armed[0] == spare[0]}) + "\\n").encode())
+    ctypes.string_at(0)  # crash-line
+_child.release_spare(spare, True)
+_child.name_spare(spare, pid)
+_, status = os.waitpid(pid, 0)
+try:
+    os.fstat(spare[0])
+    parent_fd_open = True
+except OSError:
+    parent_fd_open = False
+path = _child.crash_path(pid)
+print("FORKSAFE-RESULT:" + json.dumps({"signal": os.WTERMSIG(status), "crash": open(path).read(),
+      "mode": oct(os.stat(path).st_mode & 0o777), "files": os.listdir({state!r}),
+      "parent_fd_open": parent_fd_open, "pid": pid}))
+""".replace("{state!r}", repr(str(tmp_path / "state"))).replace("{{", "{").replace("}}", "}"),
+                 tmp_path)
+    [child] = [json.loads(line) for line in s.stdout.splitlines() if line.startswith('{"same_fd"')]
+    assert child["same_fd"] is True
+    r = s.result
+    assert r["signal"] == 11 and "Segmentation fault" in r["crash"]
+    assert f'line {s.line_of("crash-line")}' in r["crash"]
+    assert r["mode"] == "0o600"
+    assert r["files"] == [f"{r['pid']}.crash"]
+    assert r["parent_fd_open"] is False
+
+
+def test_a_spare_crash_file_is_gone_when_the_fork_fails(tmp_path: pathlib.Path) -> None:
+    """A fork that raises (EAGAIN, say) leaves no crash file and no open descriptor."""
+    s = scenario("""
+import forksafe
+from forksafe import _guard
+forksafe.install("warn")
+_guard._load_followers()
+def failing():
+    raise BlockingIOError(11, "Resource temporarily unavailable")
+fork = _guard._wrap_fork(failing)
+before = sorted(os.listdir("/proc/self/fd"))
+try:
+    fork()
+except BlockingIOError:
+    raised = True
+after = sorted(os.listdir("/proc/self/fd"))
+print("FORKSAFE-RESULT:" + json.dumps({"raised": raised, "files": os.listdir({state!r}),
+                                       "fds": after == before}))
+""".replace("{state!r}", repr(str(tmp_path / "state"))).replace("{{", "{").replace("}}", "}"),
+                 tmp_path)
+    assert s.result == {"raised": True, "files": [], "fds": True}

@@ -356,6 +356,37 @@ out(pid=pid)
     assert [w["line"] for w in ours] == [s.line_of("FORK")]
 
 
+def test_a_child_of_a_wrapped_fork_still_sees_its_own_unwrapped_fork(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The child inherits the wrapper's "inside a fork" mark as it was; it is not its own.
+
+    (The mark holds the forking process's pid, so that the child need not
+    write to it.) A fork the child then makes around the wrapper is judged
+    and recorded in the child.
+    """
+    code = PRELUDE + """
+from os import fork as unwrapped
+forksafe.install("log")
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    grandchild = unwrapped()  # GRANDCHILD
+    if grandchild == 0:
+        os._exit(0)
+    os.waitpid(grandchild, 0)
+    mine = [(e.mechanism, e.child_pid == grandchild) for e in _guard.history()]
+    os.write(w, json.dumps(mine).encode())
+    os._exit(0)
+os.close(w)
+os.waitpid(pid, 0)
+out(child=json.loads(os.read(r, 4096)))
+"""
+    s = run_scenario(code, tmp_path)
+    assert s.result["child"] == [["unwrapped-fork", True]]
+    assert [e["mechanism"] for e in s.result["events"]] == ["os.fork"]
+
+
 def test_wrapped_fork_is_not_counted_twice_by_the_hooks(tmp_path: pathlib.Path) -> None:
     """A fork through the wrapper runs the at-fork hooks too, yet gives one event and one arm."""
     code = PRELUDE + """

@@ -464,10 +464,13 @@ def test_sweep_removes_only_empty_files_of_vanished_processes(tmp_path: pathlib.
     (tmp_path / f"{dead + 1}.crash").write_text(TRACE)
     (tmp_path / f"{dead + 2}.hung").write_text("{}")
     (tmp_path / f"{os.getpid()}.crash").write_text("")
+    (tmp_path / f"{dead}-3.spare").write_text("")  # its parent died before naming it
+    (tmp_path / f"{os.getpid()}-4.spare").write_text("")  # ours: about to be named
     (tmp_path / "notes.txt").write_text("")
-    assert _outcome.sweep(str(tmp_path)) == 1
+    assert _outcome.sweep(str(tmp_path)) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"{dead + 1}.crash", f"{dead + 2}.hung", f"{os.getpid()}.crash", "notes.txt"])
+        [f"{dead + 1}.crash", f"{dead + 2}.hung", f"{os.getpid()}.crash",
+         f"{os.getpid()}-4.spare", "notes.txt"])
 
 
 def test_sweep_removes_stale_evidence_nobody_collected(tmp_path: pathlib.Path) -> None:

@@ -34,6 +34,8 @@ import signal
 import stat
 import sys
 import types
+from _thread import get_ident
+from typing import Optional, Tuple
 
 try:  # imported here, in the parent: a forked child must not load extension modules
     import fcntl as _fcntl
@@ -98,9 +100,15 @@ def hung_path(child_pid: int, *, directory: str | None = None) -> str:
     return os.path.join(directory or state_dir(), f"{child_pid}.hung")
 
 
-#: The crash file this process's faulthandler writes to, as (fd, path), once armed.
-#: A child that forks again inherits it; its own child closes it after re-arming.
-_armed: tuple[int, str] | None = None
+#: A crash file: descriptor, device and inode (None when not known), path; and for
+#: a spare (see ``open_spare``) also the pid that opened it and its directory.
+CrashFile = Tuple[int, Optional[int], Optional[int], str, int, str]
+#: The crash file this process's faulthandler writes to, once armed. A child that
+#: forks again inherits it; its own child closes it after re-arming.
+_armed: CrashFile | None = None
+#: Crash files the parent opened for the child it is about to fork, by forking thread.
+_spares: dict[int, CrashFile] = {}
+_spare_count = 0
 #: Whether faulthandler was on before forksafe armed this process (the program's own
 #: choice, e.g. pytest's or PYTHONFAULTHANDLER): None until armed.
 _program_faulthandler: bool | None = None
@@ -177,20 +185,29 @@ _SIG_DFL = _signal.SIG_DFL
 def arm(parent_pid: int, hang_timeout: float | None) -> None:
     """Prepare this freshly forked child so that its death or hang can be explained.
 
-    Called by the guard in the child, after it reset forksafe's own locks. Only
-    a few system calls, on what the parent prepared (``prepare``). Never
-    raises: a child that cannot be armed runs exactly as it would without us.
+    Called by the guard in the child, after it reset forksafe's own locks.
+    When the parent opened the crash file for it (``open_spare``), only
+    ``faulthandler`` is pointed at it; otherwise the child opens its own, on
+    what the parent prepared (``prepare``). Every page the child writes is
+    copied, and a file opened in Python is a few dozen of them: a tenth of a
+    bare fork of a 100 MB process. Never raises: a child that cannot be armed
+    runs exactly as it would without us.
     """
     global _armed
-    prepared = _prepared
-    if prepared is None or prepared[0] != parent_pid:
-        _prepare_now()  # a fork no before-hook saw: decide here, at the usual cost
-        prepared = _prepared
+    crash: CrashFile | None = _spares.get(get_ident()) if _spares else None
     try:
-        if prepared is None or prepared[1] is None:
-            return
-        path = prepared[1] + str(os.getpid()) + ".crash"
-        fd = _out_of_the_way(os.open(path, _FLAGS, 0o600))
+        if crash is not None and crash[4] == parent_pid:
+            fd = crash[0]
+        else:
+            prepared = _prepared
+            if prepared is None or prepared[0] != parent_pid:
+                _prepare_now()  # a fork no before-hook saw: decide here, at the usual cost
+                prepared = _prepared
+            if prepared is None or prepared[1] is None:
+                return
+            path = prepared[1] + str(os.getpid()) + ".crash"
+            fd = _out_of_the_way(os.open(path, _FLAGS, 0o600))
+            crash = (fd, None, None, path, parent_pid, prepared[1])
         inherited, _armed = _armed, None
         faulthandler.enable(fd, True)
         if _SIGTRAP is not None:
@@ -202,13 +219,64 @@ def arm(parent_pid: int, hang_timeout: float | None) -> None:
                 faulthandler.register(DUMP_SIGNAL, fd, True, False)  # type: ignore[arg-type]
             elif inherited is not None:
                 faulthandler.unregister(DUMP_SIGNAL)  # type: ignore[arg-type]
-        _armed = (fd, path)
-        if inherited is not None:
+        _armed = crash
+        if inherited is not None and inherited[0] != fd:
             _close_if_ours(inherited)
     except (OSError, ValueError, RuntimeError):
         pass
     if hang_timeout is not None:
         _announce_from_preexec(parent_pid)
+
+
+def open_spare() -> CrashFile | None:
+    """Parent side, right before a fork whose child's pid it will learn: its crash file.
+
+    Opening the file in the parent spares the child the work (see ``arm``);
+    the file is named for the child (``name_spare``) once its pid is known,
+    ``<pid>-<n>.spare`` until then. None when crash files are off.
+    """
+    global _spare_count
+    pid = os.getpid()
+    prepared = _prepared
+    if prepared is None or prepared[0] != pid:
+        _prepare_now()
+        prepared = _prepared
+    if prepared is None or prepared[1] is None:
+        return None
+    _spare_count += 1
+    path = f"{prepared[1]}{pid}-{_spare_count}.spare"
+    try:
+        fd = _out_of_the_way(os.open(path, _FLAGS, 0o600))
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        return None
+    crash = (fd, info.st_dev, info.st_ino, path, pid, prepared[1])
+    _spares[get_ident()] = crash
+    return crash
+
+
+def release_spare(crash: CrashFile, forked: bool) -> None:
+    """Parent side, right after the fork: the child holds the file now, or nobody does."""
+    if _spares.get(get_ident()) is crash:
+        del _spares[get_ident()]
+    try:
+        os.close(crash[0])
+        if not forked:
+            os.unlink(crash[3])
+    except OSError:
+        return
+
+
+def name_spare(crash: CrashFile, child_pid: int) -> None:
+    """Give the child's crash file its name, ``<child pid>.crash``, for whoever reads it."""
+    try:
+        os.rename(crash[3], crash[5] + str(child_pid) + ".crash")
+    except OSError:
+        return
 
 
 if hasattr(os, "register_at_fork"):
@@ -235,18 +303,22 @@ def _out_of_the_way(fd: int) -> int:
     return high
 
 
-def _close_if_ours(armed: tuple[int, str]) -> None:
+def _close_if_ours(armed: CrashFile) -> None:
     """Close the crash file descriptor inherited from the parent, if it still is that file.
 
     A child of a child would otherwise carry one more descriptor per generation.
     If the program closed ours and the number now names one of its files, the
     inode differs from the parent's crash file and the descriptor is left alone
-    (as it is when that file is gone already: then it cannot be told apart).
+    (as it is when that file is gone already and its inode was not recorded:
+    then it cannot be told apart).
     """
-    fd, path = armed
+    fd, device, inode, path = armed[:4]
     try:
-        mine, now = os.stat(path), os.fstat(fd)
-        if (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino):
+        now = os.fstat(fd)
+        if device is None:
+            mine = os.stat(path)
+            device, inode = mine.st_dev, mine.st_ino
+        if (device, inode) == (now.st_dev, now.st_ino):
             os.close(fd)
     except OSError:
         return

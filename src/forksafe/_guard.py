@@ -206,12 +206,19 @@ _history: deque[ForkEvent] = deque(maxlen=HISTORY_SIZE)
 _children: dict[int, ForkEvent] = {}
 # Forks not yet recorded (see the module docstring). A deque: append and popleft
 # are atomic, so it needs no lock. Bounded by the flush before every fork.
-_pending: deque[tuple[_Decision, int | None]] = deque()
+_pending: deque[tuple[_Decision, int | None, Any]] = deque()
 # Whether forks are queued rather than recorded at once: nobody outside this
 # process waits for them (no report file, no hang timeout). Set by install().
 _defer_records = False
 _inherited: Any = None  # in a child: the parent's history, kept unfreed (see below)
-_local = thread_local()  # .busy: inside a wrapper's real fork; .pending: hook state
+# A child's own lock, history, child map and queue, made in the parent before it
+# forks, so that the child only swaps them in (see _after_fork_child).
+_fresh: list[Any] | None = None
+# .busy: the pid of the process whose wrapper is inside the real fork on this
+# thread; .pending: (pid, decision, children before) for a fork only the hooks
+# saw. Stamped with the pid so that a child, which inherits them as they were
+# at the fork, need not write to them: a page less to copy in every child.
+_local = thread_local()
 
 _child_module: types.ModuleType | None = None
 _outcome_module: types.ModuleType | None = None
@@ -595,6 +602,7 @@ def _wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
     # function called is a function and a code object written to (reference
     # counts), each a page to copy after the fork (module docstring).
     local = _local
+    getpid = os.getpid
 
     def fork() -> int:
         if _config is None or sys.is_finalizing():
@@ -608,18 +616,33 @@ def _wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
         except Exception as exc:
             _report_failure("the fork guard", exc)
             return original()
-        local.busy = True
+        # The child's crash file, opened here: the parent's pages cost less than the
+        # child's, which every child copies (forksafe._child.arm).
+        child = _child_module
+        spare = None
+        if child is not None:
+            try:
+                spare = child.open_spare()
+            except Exception as exc:
+                _report_failure("forksafe._child.open_spare", exc)
+        local.busy = getpid()
         try:
             # A fork we warned about: CPython's own generic warning adds nothing now.
             pid: int = (_quiet.call(original) if decision.action == "warned"
                         else original())
-        finally:
-            local.busy = False
-        if pid:
+        except BaseException:
+            local.busy = 0
+            if spare is not None and child is not None:
+                child.release_spare(spare, False)
+            raise
+        if pid:  # the child leaves .busy alone: it holds the parent's pid, not its own
+            local.busy = 0
+            if spare is not None and child is not None:
+                child.release_spare(spare, True)
             if _defer_records:
-                _pending.append((decision, pid))
+                _pending.append((decision, pid, spare))
             else:
-                _forked(decision, pid)
+                _forked(decision, pid, spare)
         return pid
 
     return _copy_identity(fork, original)  # type: ignore[no-any-return]
@@ -733,13 +756,13 @@ def _wait_status(code: int, value: int) -> int | None:
 
 def _run(fork: Callable[[], Any], decision: _Decision) -> Any:
     """Call the real fork with the hooks told to stand aside for this thread."""
-    _local.busy = True
+    _local.busy = os.getpid()
     try:
         if decision.action in ("warned", "refused"):
             return _quiet.call(fork)  # CPython's generic warning adds nothing now
         return fork()
     finally:
-        _local.busy = False
+        _local.busy = 0
 
 
 def _preexec_hazards(report: Report, preexec_fn: Any) -> tuple[Hazard, ...]:
@@ -770,7 +793,9 @@ def _judge(
         _load_followers()
     if _pending:
         _flush_pending()
-    global _last_judged
+    global _last_judged, _fresh
+    if _fresh is None:
+        _fresh = [RLock(), deque(maxlen=HISTORY_SIZE), {}, deque()]
     lazy = _Lazy
     config = _config or Config()
     mechanism, user = _locate(caller, mechanism)
@@ -916,27 +941,35 @@ def _record(event: ForkEvent) -> None:
         emit({"type": "fork", **event.to_dict(), "command": list(getattr(sys, "argv", []))})
 
 
-def _forked(decision: _Decision, pid: int | None) -> None:
-    """Parent side, right after a successful fork: record now, or queue (module docstring)."""
+def _forked(decision: _Decision, pid: int | None, spare: Any = None) -> None:
+    """Parent side, right after a successful fork: record now, or queue (module docstring).
+
+    ``spare`` is the crash file the parent opened for the child, to be named
+    for it (``forksafe._child.open_spare``).
+    """
     if _defer_records:
-        _pending.append((decision, pid))
+        _pending.append((decision, pid, spare))
         return
     _flush_pending()
-    _record_fork(decision, pid)
+    _record_fork(decision, pid, spare)
 
 
 def _flush_pending() -> None:
     """Record the queued forks, oldest first; safe from any thread."""
     while True:
         try:
-            decision, pid = _pending.popleft()
+            decision, pid, spare = _pending.popleft()
         except IndexError:
             return
-        _record_fork(decision, pid)
+        _record_fork(decision, pid, spare)
 
 
-def _record_fork(decision: _Decision, pid: int | None) -> None:
+def _record_fork(decision: _Decision, pid: int | None, spare: Any = None) -> None:
     """Record a fork, then hand it over to the follower."""
+    if spare is not None and pid is not None:
+        child = _child_module
+        if child is not None:
+            child.name_spare(spare, pid)
     event = _Lazy.ForkEvent(os.getpid(), pid, decision.time, decision.mechanism, decision.site,
                             decision.action, decision.report)
     _record(event)
@@ -1003,12 +1036,12 @@ def _children_of_this_thread() -> set[int] | None:
 
 def _before_fork() -> None:
     """A fork that no wrapper saw is about to happen in this thread."""
-    if _config is None or getattr(_local, "busy", False) or sys.is_finalizing():
+    if _config is None or getattr(_local, "busy", 0) == os.getpid() or sys.is_finalizing():
         return
     try:
         caller = sys._getframe(1)
         decision = _judge("unwrapped-fork", caller, refusable=False)
-        _local.pending = (decision, _children_of_this_thread())
+        _local.pending = (os.getpid(), decision, _children_of_this_thread())
         _announce(decision, refusable=False)
     except Exception as exc:  # an exception here would only be printed as unraisable
         _report_failure("the fork hook", exc)
@@ -1019,7 +1052,9 @@ def _after_fork_parent() -> None:
     if pending is None:
         return
     _local.pending = None
-    decision, before = pending
+    pid, decision, before = pending
+    if pid != os.getpid():  # set in the parent of this process, for its own fork
+        return
     try:
         after = _children_of_this_thread()
         new = sorted(after - before) if before is not None and after is not None else []
@@ -1030,20 +1065,25 @@ def _after_fork_parent() -> None:
 
 
 def _after_fork_child() -> None:
-    """In every child of a guarded fork: reset our state, then arm the child once."""
-    global _lock, _history, _children, _pending, _inherited
+    """In every child of a guarded fork: reset our state, then arm the child once.
+
+    Every page the child writes is copied (copy-on-write) and a new object is a
+    page written, so the child makes none: it swaps in the lock, history, child
+    map and queue the parent made for it (``_judge``), and keeps the parent's
+    in their place, unfreed — freeing a thousand events would write to every
+    page they live on. Whatever thread held the parent's lock is gone; the
+    fresh one was never taken.
+    """
+    global _lock, _history, _children, _pending, _inherited, _fresh
     config = _config
     if config is None:
         return
-    _lock = RLock()
-    # The parent's events are not this process's. They are set aside, not freed:
-    # freeing a thousand events would write to every page they live on, and each
-    # such write copies a page (copy-on-write) — milliseconds in every child.
-    _inherited = (_history, _children, _pending)
-    _history = deque(maxlen=HISTORY_SIZE)
-    _children = {}
-    _pending = deque()
-    _local.pending = None
+    fresh = _fresh
+    if fresh is None:  # a fork no wrapper or hook judged: make them here
+        fresh = [RLock(), deque(maxlen=HISTORY_SIZE), {}, deque()]
+    (_lock, _history, _children, _pending, fresh[0], fresh[1], fresh[2], fresh[3]) = (
+        fresh[0], fresh[1], fresh[2], fresh[3], _lock, _history, _children, _pending)
+    _inherited, _fresh = fresh, None
     child = _child_module
     if child is not None:
         try:

@@ -32,6 +32,7 @@ import time
 import warnings
 from typing import Any, Callable, Iterable
 
+from forksafe import _child
 from forksafe._child import crash_path, hung_path, state_dir
 from forksafe._errors import ForkSafetyWarning
 from forksafe._report import ForkEvent, Hazard, Outcome, Severity, Site
@@ -161,11 +162,14 @@ def sweep(directory: str | None = None, *, _now: float | None = None) -> int:
         return 0
     for entry in entries:
         name, _, ext = entry.name.partition(".")
+        if ext == "spare":  # <parent pid>-<n>.spare: a crash file not yet named for its child
+            name = name.partition("-")[0]
         if ext not in _LEFTOVERS or not name.isdigit() or not _finished(name):
             continue
         try:
             info = entry.stat(follow_symlinks=False)
-            if (ext == "crash" and info.st_size == 0) or now - info.st_mtime > STALE_AFTER:
+            if (ext in ("crash", "spare") and info.st_size == 0) or (
+                    now - info.st_mtime > STALE_AFTER):
                 os.unlink(entry.path)
                 removed += 1
         except OSError:
@@ -183,13 +187,18 @@ def _finished(pid: str) -> bool:
 
 
 #: What a process leaves in the state directory: crash file, hang marker (and its temp file).
-_LEFTOVERS = ("crash", "hung", "hung.tmp")
+_LEFTOVERS = ("crash", "spare", "hung", "hung.tmp")
 #: Seconds after which a dead process's traceback or hang marker is no longer awaited.
 STALE_AFTER = 600.0
 
 
 def _sweep_at_exit() -> None:
     with contextlib.suppress(Exception):
+        # Queued forks first: their children's crash files get their names, so that
+        # those of children gone unreaped (exec'd, say) are seen as leftovers.
+        guard = sys.modules.get("forksafe._guard")
+        if guard is not None:
+            guard._flush_pending()
         sweep()
 
 
@@ -201,21 +210,36 @@ def on_reaped(
     _set_outcome: Callable[[int, Outcome], None] | None = None,
     _directory: str | None = None,
 ) -> None:
-    """Called when the guarded child ``pid`` was reaped with raw wait ``status``."""
-    if _event_for_child is None or _set_outcome is None:
-        from forksafe import _guard
+    """Called when the guarded child ``pid`` was reaped with raw wait ``status``.
 
-        _event_for_child = _event_for_child or _guard.event_for_child
-        _set_outcome = _set_outcome or _guard.set_outcome
+    This runs for every child of a program that forks per request, so the
+    common case (the child exited, no hang monitor) takes few steps: each
+    function called and object made is a page written in the parent
+    (copy-on-write, see ``forksafe._guard``).
+    """
+    if _event_for_child is None or _set_outcome is None:
+        guard = sys.modules["forksafe._guard"]  # the caller
+        _event_for_child = _event_for_child or guard.event_for_child
+        _set_outcome = _set_outcome or guard.set_outcome
     event = _event_for_child(pid)
     if event is None:
         return
-    directory = _directory or _prepared_directory() or state_dir()
-    traceback = take_crash_text(pid, directory=directory)
+    if _directory is None:
+        prepared = _child._prepared
+        if prepared is not None and prepared[0] == os.getpid() and prepared[1]:
+            prefix = prepared[1]
+        else:
+            prefix = os.path.join(state_dir(), "")
+    else:
+        prefix = os.path.join(_directory, "")
+    traceback = _take_crash_text(prefix + str(pid) + ".crash")
     # A hang marker is written only by a hang monitor: `forksafe run`'s, or the
     # helper a hang timeout starts. Without either there is nothing to look for.
-    hung = take_hung_marker(pid, directory=directory) if _hangs_watched() else None
-    outcome = outcome_for(event, status, traceback, hung)
+    hung = take_hung_marker(pid, directory=prefix) if _hangs_watched() else None
+    if hung is None and traceback is None and os.WIFEXITED(status):
+        outcome = Outcome("exited", os.WEXITSTATUS(status), None, None, None)
+    else:
+        outcome = outcome_for(event, status, traceback, hung)
     _set_outcome(pid, outcome)
     if traceback is not None and _program_faulthandler():
         # Arming pointed the child's faulthandler at its crash file; the program had
@@ -224,16 +248,6 @@ def on_reaped(
         _stderr(ECHO.format(pid=pid, traceback=traceback))
     if (outcome.status == "hung" or outcome.signal in CRASH_SIGNALS) and _warns():
         warn(outcome.diagnosis or f"child {pid} {outcome.status}", event)
-
-
-def _prepared_directory() -> str | None:
-    """The state directory this process's before-fork hook already decided on."""
-    from forksafe import _child
-
-    prepared = _child._prepared
-    if prepared is None or prepared[0] != os.getpid() or prepared[1] is None:
-        return None
-    return prepared[1].rstrip(os.sep) or None
 
 
 def _hangs_watched() -> bool:
@@ -439,17 +453,37 @@ def signal_name(number: int) -> str:
 
 
 def take_crash_text(pid: int, *, directory: str | None = None) -> str | None:
-    """The child's crash file contents (bounded), removing the file; None if empty."""
-    path = crash_path(pid, directory=directory)
+    """The child's crash file contents (bounded), removing the file; None if empty.
+
+    Read through the descriptor, not a file object: this runs for every reaped
+    child, and the objects of ``open()`` are pages written in the parent while
+    it still shares them with its children (copy-on-write).
+    """
+    return _take_crash_text(crash_path(pid, directory=directory))
+
+
+def _take_crash_text(path: str) -> str | None:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CRASH_BYTES)
+        fd = os.open(path, _READ_FLAGS)
     except OSError:
         return None
-    with contextlib.suppress(OSError):
+    try:
+        data = os.read(fd, MAX_CRASH_BYTES)
+    except OSError:
+        data = b""
+    finally:
+        os.close(fd)
+    try:  # noqa: SIM105 - contextlib.suppress is three Python calls on every reaped child
         os.unlink(path)
+    except OSError:
+        pass
+    if not data:
+        return None
     text = data.decode("utf-8", "replace").strip()
     return text or None
+
+
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
 def take_hung_marker(pid: int, *, directory: str | None = None) -> Outcome | None:
@@ -467,8 +501,6 @@ def take_hung_marker(pid: int, *, directory: str | None = None) -> Outcome | Non
 
 def _program_faulthandler() -> bool:
     try:
-        from forksafe import _child
-
         return _child.program_faulthandler()
     except Exception:
         return False
@@ -529,17 +561,25 @@ def user_stacklevel(frame: Any) -> tuple[int, bool]:
 
 def _warns() -> bool:
     """False under the guard's "log" policy, which records and says nothing."""
-    try:
-        from forksafe import _guard
-
-        config = _guard.installed()
-    except Exception:
-        return True
+    guard = sys.modules.get("forksafe._guard")
+    config = getattr(guard, "_config", None)
     return config is None or getattr(config, "policy", "warn") != "log"
 
 
+_supervisor: tuple[int, str] | None = None
+
+
 def _supervised() -> bool:
-    value = os.environ.get(SUPERVISOR_VARIABLE, "")
+    """Whether ``forksafe run`` watches this process tree (and is still there).
+
+    The variable is read once per process: ``forksafe run`` sets it for the
+    whole tree before it starts, and reading ``os.environ`` is a dozen Python
+    calls on a path that runs for every reaped child.
+    """
+    global _supervisor
+    if _supervisor is None or _supervisor[0] != os.getpid():
+        _supervisor = (os.getpid(), os.environ.get(SUPERVISOR_VARIABLE, ""))
+    value = _supervisor[1]
     if not value.isdigit():
         return False
     try:
