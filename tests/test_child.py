@@ -7,7 +7,9 @@ it left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
 
 from conftest import run_scenario
@@ -243,14 +245,13 @@ def test_a_crash_file_opened_by_the_parent_gets_the_childs_name_and_traceback(
     """The guard's os.fork opens the child's crash file in the parent (``open_spare``)
     and names it ``<pid>.crash`` after the fork; the child only points faulthandler at it."""
     s = scenario("""
-spare = _child.open_spare()
+spare = _child.open_spare(None)
 pid = os.fork()
 if pid == 0:
     _child.arm(os.getppid(), None)
     os.write(1, (json.dumps({"same_fd": _child._armed[0] == spare[0]}) + "\\n").encode())
     ctypes.string_at(0)  # crash-line
-_child.release_spare(spare, True)
-_child.name_spare(spare, pid)
+_child.adopt_spare(spare, pid)
 _, status = os.waitpid(pid, 0)
 try:
     os.fstat(spare[0])
@@ -294,3 +295,69 @@ print("FORKSAFE-RESULT:" + json.dumps({"raised": raised, "files": os.listdir({st
 """.replace("{state!r}", repr(str(tmp_path / "state"))).replace("{{", "{").replace("}}", "}"),
                  tmp_path)
     assert s.result == {"raised": True, "files": [], "fds": True}
+
+
+def test_without_a_reader_by_name_crash_files_are_reused_memory_files(
+        tmp_path: pathlib.Path) -> None:
+    """No hang monitor, no `forksafe run`: each child's crash file is a memory file the
+    parent reads when it reaps the child; an empty one serves the next child, a written
+    one never does, and nothing is left on disk or open after uninstall."""
+    s = run_scenario("""
+import ctypes, json, os, sys
+import forksafe
+from forksafe import _child, _guard
+forksafe.install("log")
+def fork(crash):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        st = os.fstat(_child._armed[0])
+        os.write(w, json.dumps([os.readlink(f"/proc/self/fd/{_child._armed[0]}"),
+                                st.st_ino]).encode())
+        if crash:
+            ctypes.string_at(0)  # crash-line
+        os._exit(0)
+    os.close(w)
+    seen = json.loads(os.read(r, 4096))
+    os.close(r)
+    os.waitpid(pid, 0)
+    outcome = _guard.event_for_child(pid).outcome
+    return seen, outcome.traceback
+runs = [fork(False), fork(False), fork(True), fork(False)]
+state = _child.state_dir()
+files = sorted(n for n in os.listdir(state) if n.split(".")[0].split("-")[0] == str(os.getpid()))
+forksafe.uninstall()
+left = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")]
+print("FORKSAFE-RESULT:" + json.dumps({"runs": runs, "files": files,
+      "open": [link for link in left if "forksafe" in link]}))
+""", tmp_path, timeout=60)
+    runs = s.result["runs"]
+    assert all(link.startswith("/memfd:forksafe-crash") for (link, _), _ in runs)
+    inodes = [inode for (_, inode), _ in runs]
+    assert inodes[0] == inodes[1] == inodes[2], "an empty memory file serves the next child"
+    assert inodes[3] != inodes[2], "a written one is never handed on"
+    assert runs[2][1] is not None and "Segmentation fault" in runs[2][1]
+    assert f'line {s.line_of("crash-line")}' in runs[2][1]
+    assert [trace for _, trace in (runs[0], runs[1], runs[3])] == [None, None, None]
+    assert s.result["files"] == []
+    assert s.result["open"] == []
+
+
+def test_a_child_gone_unseen_loses_its_memory_file_only_the_second_time_round() -> None:
+    """A memory file held for a child reaped elsewhere is closed, but never on the first
+    sight of the child gone: the thread that just reaped it may be reading it."""
+    fd = os.memfd_create("forksafe-test")
+    gone = 2**22 + 77  # above the default pid_max: never a live process
+    saved = (_child._memory, _child._gone)
+    try:
+        _child._memory = (os.getpid(), [], {gone: (fd, None, None, "", os.getpid(), "")})
+        _child._gone = set()
+        assert _child.forget_gone_children() == 0
+        os.fstat(fd)  # still open
+        assert _child.forget_gone_children() == 1
+        assert _child._memory[2] == {}
+    finally:
+        _child._memory, _child._gone = saved
+        with contextlib.suppress(OSError):
+            os.close(fd)

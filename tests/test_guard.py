@@ -683,7 +683,7 @@ def test_reaping_calls_the_follower_for_guarded_children_only(tmp_path: pathlib.
 import multiprocessing, subprocess
 import forksafe._outcome
 reaped, forked = [], []
-forksafe._outcome.on_reaped = lambda pid, status: reaped.append((pid, status >> 8))
+forksafe._outcome.on_reaped = lambda pid, status, **_: reaped.append((pid, status >> 8))
 forksafe._outcome.on_forked = lambda event, timeout: forked.append(event.child_pid)
 forksafe.install("log", hang_timeout=2.5)
 pids = []

@@ -183,11 +183,13 @@ def _fingerprint(
         cwd = os.getcwd()
     except OSError:
         return None
+    # _name, not the name property: a Python call less on every fork (forksafe._guard)
+    name = caller._name  # type: ignore[attr-defined]
     if len(active) == 1:  # the caller alone: no stacks to look at
-        return (os.getpid(), me, caller.name, images, cwd)
+        return (os.getpid(), me, name, images, cwd)
     frames = current_frames()
     frames.pop(me, None)  # our own frame would refer back to this table
-    parts: list[object] = [os.getpid(), me, caller.name, images, cwd]
+    parts: list[object] = [os.getpid(), me, name, images, cwd]
     dummy = threading._DummyThread
     for ident, thread in list(active.items()):
         if ident == me:

@@ -35,7 +35,7 @@ import stat
 import sys
 import types
 from _thread import get_ident
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 try:  # imported here, in the parent: a forked child must not load extension modules
     import fcntl as _fcntl
@@ -125,31 +125,29 @@ def program_faulthandler() -> bool:
     return faulthandler.is_enabled()
 
 
-def prepare() -> None:
+def prepare(hang_timeout: float | None = None) -> None:
     """Parent side, before every guarded fork: work out what ``arm`` will need.
 
     Right after a fork, parent and child share every page copy-on-write, and
     each object the child's Python code touches copies a page: deciding the
     state directory in the child (the environment, ``os.path``, ``lstat``)
     cost ~80 page copies per fork, a tenth of a bare fork of a 100 MB process.
-    So the parent decides once per process, and the child inherits the answer
-    and only opens its file. Registered as a ``before`` fork hook on import
-    (the guard imports this module before its first fork). Never raises.
+    So the parent decides once per process, and the child inherits the answer.
+    The guard calls this before each fork it sees (this module registers no
+    fork hook of its own: those would run on every fork, guarded or not).
+    Never raises.
     """
-    guard = sys.modules.get("forksafe._guard")
-    if guard is not None and guard._config is not None:  # registered for good: only
-        _prepare_now()  # guarded forks are armed, so only they pay for this
-
-
-def _prepare_now() -> None:
     global _prepared, _program_faulthandler, _dump_free
     try:
         pid = os.getpid()
         if _prepared is None or _prepared[0] != pid:
-            _prepared = (pid, _checked_prefix())
+            _prepared = (pid, _checked_prefix(), bool(os.environ.get(STATE_DIR_VARIABLE)))
             if _program_faulthandler is None:
                 _program_faulthandler = faulthandler.is_enabled()
-        # Never take the dump signal from a program that handles it itself.
+        elif hang_timeout is None:
+            return
+        # Never take the dump signal from a program that handles it itself; looked
+        # at again before each fork that will use it (with a hang timeout).
         _dump_free = DUMP_SIGNAL is not None and _getsignal(DUMP_SIGNAL) == _SIG_DFL
     except Exception:  # a fork hook must never fail the fork
         return
@@ -173,7 +171,9 @@ def _checked_prefix() -> str | None:
 
 
 #: (pid, crash file prefix) decided by ``prepare`` in the process that forks.
-_prepared: tuple[int, str | None] | None = None
+#: Also whether the state directory was set for this process tree (``forksafe run``
+#: does): then crash files are looked for by name from outside.
+_prepared: tuple[int, str | None, bool] | None = None
 #: Whether the dump signal is free for us (the program has no handler for it).
 _dump_free = False
 _SIGTRAP: int | None = getattr(signal, "SIGTRAP", None)
@@ -201,7 +201,7 @@ def arm(parent_pid: int, hang_timeout: float | None) -> None:
         else:
             prepared = _prepared
             if prepared is None or prepared[0] != parent_pid:
-                _prepare_now()  # a fork no before-hook saw: decide here, at the usual cost
+                prepare(hang_timeout)  # a fork the guard did not see coming: decide here
                 prepared = _prepared
             if prepared is None or prepared[1] is None:
                 return
@@ -228,25 +228,67 @@ def arm(parent_pid: int, hang_timeout: float | None) -> None:
         _announce_from_preexec(parent_pid)
 
 
-def open_spare() -> CrashFile | None:
+def open_spare(hang_timeout: float | None) -> CrashFile | None:
     """Parent side, right before a fork whose child's pid it will learn: its crash file.
 
-    Opening the file in the parent spares the child the work (see ``arm``);
-    the file is named for the child (``name_spare``) once its pid is known,
-    ``<pid>-<n>.spare`` until then. None when crash files are off.
+    Opening the file in the parent spares the child the work (see ``arm``).
+    A crash file needs a name (``<child pid>.crash``) only when someone other
+    than the parent may look for it: a hang monitor (with a hang timeout) or
+    ``forksafe run`` (which sets the state directory for the tree). Otherwise
+    it is a memory file (``memfd``) that the parent reads when it reaps the
+    child and, left empty, hands to the next child: creating, renaming and
+    removing a file cost ~100 us around every fork here, 2% of the fork of a
+    100 MB process. A named one is ``<pid>-<n>.spare`` until ``adopt_spare``
+    names it for the child. None when crash files are off.
     """
-    global _spare_count
+    global _spare_count, _memory
     pid = os.getpid()
     prepared = _prepared
-    if prepared is None or prepared[0] != pid:
-        _prepare_now()
+    if prepared is None or prepared[0] != pid or hang_timeout is not None:
+        prepare(hang_timeout)
         prepared = _prepared
-    if prepared is None or prepared[1] is None:
+    if prepared is None:
         return None
-    _spare_count += 1
-    path = f"{prepared[1]}{pid}-{_spare_count}.spare"
+    crash: CrashFile | None = None
+    if hang_timeout is None and not prepared[2] and _memfd_create is not None:
+        memory = _memory
+        if memory is None or memory[0] != pid:  # a child starts its own
+            if memory is not None:
+                _close_inherited(memory)
+            memory = _memory = (pid, [], {})
+        if len(memory[2]) < MAX_HELD:
+            crash = memory[1].pop() if memory[1] else _new_memory_file(pid)
+    if crash is None:
+        if prepared[1] is None:
+            return None
+        _spare_count += 1
+        path = f"{prepared[1]}{pid}-{_spare_count}.spare"
+        try:
+            fd = _out_of_the_way(os.open(path, _FLAGS, 0o600))
+        except OSError:
+            return None
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        crash = (fd, info.st_dev, info.st_ino, path, pid, prepared[1])
+    _spares[get_ident()] = crash
+    return crash
+
+
+def _close_inherited(memory: tuple[int, list[CrashFile], dict[int, CrashFile]]) -> None:
+    """In a child that forks in turn: close its parent's memory files, all but its own."""
+    own = _armed[0] if _armed is not None else -1
+    for crash in [*memory[1], *memory[2].values()]:
+        if crash[0] != own:
+            _close(crash[0])
+
+
+def _new_memory_file(pid: int) -> CrashFile | None:
+    assert _memfd_create is not None
     try:
-        fd = _out_of_the_way(os.open(path, _FLAGS, 0o600))
+        fd = _out_of_the_way(_memfd_create("forksafe-crash", _MFD_CLOEXEC))
     except OSError:
         return None
     try:
@@ -254,33 +296,136 @@ def open_spare() -> CrashFile | None:
     except OSError:
         os.close(fd)
         return None
-    crash = (fd, info.st_dev, info.st_ino, path, pid, prepared[1])
-    _spares[get_ident()] = crash
-    return crash
+    return (fd, info.st_dev, info.st_ino, "", pid, "")
 
 
-def release_spare(crash: CrashFile, forked: bool) -> None:
-    """Parent side, right after the fork: the child holds the file now, or nobody does."""
-    if _spares.get(get_ident()) is crash:
-        del _spares[get_ident()]
+def release_spare(crash: CrashFile) -> None:
+    """Parent side, when the fork failed: nobody will write to ``crash``."""
+    _forget_spare(crash)
+    if not crash[3]:
+        _recycle(crash)
+        return
     try:
         os.close(crash[0])
-        if not forked:
-            os.unlink(crash[3])
+        os.unlink(crash[3])
     except OSError:
         return
 
 
-def name_spare(crash: CrashFile, child_pid: int) -> None:
-    """Give the child's crash file its name, ``<child pid>.crash``, for whoever reads it."""
+def adopt_spare(crash: CrashFile, child_pid: int) -> None:
+    """Parent side, after the fork: ``crash`` is child ``child_pid``'s now.
+
+    A named file gets the child's name, and the parent's descriptor closes; the
+    parent keeps a memory file's descriptor, to read it when it reaps the
+    child (``take_memory_crash``). Done before this thread forks again.
+    """
+    _forget_spare(crash)
+    if not crash[3]:
+        memory = _memory
+        if memory is not None and memory[0] == crash[4]:
+            memory[2][child_pid] = crash
+        return
     try:
+        os.close(crash[0])
         os.rename(crash[3], crash[5] + str(child_pid) + ".crash")
     except OSError:
         return
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=prepare)
+def _forget_spare(crash: CrashFile) -> None:
+    ident = get_ident()
+    if _spares.get(ident) is crash:
+        del _spares[ident]
+
+
+def take_memory_crash(child_pid: int, limit: int) -> str | None:
+    """What child ``child_pid`` left in its memory file (up to ``limit`` bytes), if it had one.
+
+    None when it had none (its crash file has a name); "" when it left nothing.
+    An empty file is kept for the next child; a written one is closed, never
+    reused (a grandchild that inherited it could still write to it).
+    """
+    memory = _memory
+    if memory is None or memory[0] != os.getpid():
+        return None
+    crash = memory[2].pop(child_pid, None)
+    if crash is None:
+        return None
+    fd = crash[0]
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if not size:
+            _recycle(crash)
+            return ""
+        data = os.pread(fd, min(size, limit), 0)
+        os.close(fd)
+    except OSError:
+        return ""
+    return data.decode("utf-8", "replace").strip()
+
+
+def _recycle(crash: CrashFile) -> None:
+    memory = _memory
+    if memory is not None and memory[0] == crash[4] and len(memory[1]) < MAX_FREE:
+        memory[1].append(crash)
+        return
+    _close(crash[0])
+
+
+def forget_gone_children() -> int:
+    """Close the memory files of children gone unseen (reaped by code the guard does not
+    wrap); how many. Called now and then (``forksafe._outcome.on_forked``).
+
+    A child is closed for only when it was already gone the time before: one
+    just reaped through the guard is being read by the thread that reaped it.
+    """
+    global _gone
+    memory = _memory
+    if memory is None or memory[0] != os.getpid():
+        return 0
+    gone = {pid for pid in list(memory[2]) if not os.path.exists(f"/proc/{pid}")}
+    closed = 0
+    for pid in gone & _gone:
+        crash = memory[2].pop(pid, None)
+        if crash is not None:
+            _close(crash[0])
+            closed += 1
+    _gone = gone - _gone
+    return closed
+
+
+def close_memory_files() -> None:
+    """Close every memory file this process holds (``uninstall``: no reaped child is read
+    after it)."""
+    global _memory
+    memory = _memory
+    if memory is None or memory[0] != os.getpid():
+        return
+    _memory = None
+    for crash in [*memory[1], *memory[2].values()]:
+        _close(crash[0])
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        return
+
+
+_memfd_create: Callable[[str, int], int] | None = getattr(os, "memfd_create", None)
+_MFD_CLOEXEC: int = getattr(os, "MFD_CLOEXEC", 0)
+#: Children whose memory file the parent holds at once; beyond that, named files.
+#: Every child inherits these descriptors (close-on-exec, above HIGH_FD) and
+#: closes them only if it forks in turn, so both bounds are small.
+MAX_HELD = 32
+#: Empty memory files kept for the next children.
+MAX_FREE = 4
+#: (owner pid, empty memory files, child pid -> its memory file). A child that forks
+#: starts its own: the inherited ones are its parent's.
+_memory: tuple[int, list[CrashFile], dict[int, CrashFile]] | None = None
+#: Children found gone by the last ``forget_gone_children``.
+_gone: set[int] = set()
 
 
 #: The crash file's descriptor is moved to this number or above. faulthandler

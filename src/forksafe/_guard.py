@@ -219,6 +219,9 @@ _fresh: list[Any] | None = None
 # saw. Stamped with the pid so that a child, which inherits them as they were
 # at the fork, need not write to them: a page less to copy in every child.
 _local = thread_local()
+# Whether a fork only the hooks saw ever happened here: until then, the hook after
+# every fork need not look at _local (one object less touched per fork).
+_hooks_judged = False
 
 _child_module: types.ModuleType | None = None
 _outcome_module: types.ModuleType | None = None
@@ -259,6 +262,8 @@ def uninstall() -> None:
     _flush_pending()
     _config = None
     _defer_records = False
+    if _child_module is not None:
+        _child_module.close_memory_files()
     for name, original in list(_originals.items()):
         owner, attr = _owner(name)
         if owner is not None and getattr(owner, attr, None) is _wrappers.get(name):
@@ -620,11 +625,14 @@ def _wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
         # child's, which every child copies (forksafe._child.arm).
         child = _child_module
         spare = None
+        timeout = _config.hang_timeout
         if child is not None:
             try:
-                spare = child.open_spare()
+                spare = child.open_spare(timeout)
             except Exception as exc:
                 _report_failure("forksafe._child.open_spare", exc)
+        if timeout is not None:
+            _hang_helper_before_fork(timeout)
         local.busy = getpid()
         try:
             # A fork we warned about: CPython's own generic warning adds nothing now.
@@ -633,12 +641,10 @@ def _wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
         except BaseException:
             local.busy = 0
             if spare is not None and child is not None:
-                child.release_spare(spare, False)
+                child.release_spare(spare)
             raise
         if pid:  # the child leaves .busy alone: it holds the parent's pid, not its own
             local.busy = 0
-            if spare is not None and child is not None:
-                child.release_spare(spare, True)
             if _defer_records:
                 _pending.append((decision, pid, spare))
             else:
@@ -714,8 +720,9 @@ def _wrap_wait(original: Callable[..., WaitResult]) -> Callable[..., WaitResult]
         if pid > 0 and _config is not None:
             if _pending:
                 _flush_pending()
-            if pid in _children:
-                _reaped(pid, result[1])
+            event = _children.get(pid)
+            if event is not None:
+                _reaped(event, result[1])
         return result
 
     return _copy_identity(wait, original)  # type: ignore[no-any-return]
@@ -734,10 +741,11 @@ def _wrap_waitid(original: Callable[..., Any]) -> Callable[..., Any]:
             return result
         if _pending:
             _flush_pending()
-        if pid in _children:
+        event = _children.get(pid)
+        if event is not None:
             status = _wait_status(result.si_code, result.si_status)
             if status is not None:
-                _reaped(pid, status)
+                _reaped(event, status)
         return result
 
     return _copy_identity(waitid, original)  # type: ignore[no-any-return]
@@ -756,6 +764,7 @@ def _wait_status(code: int, value: int) -> int | None:
 
 def _run(fork: Callable[[], Any], decision: _Decision) -> Any:
     """Call the real fork with the hooks told to stand aside for this thread."""
+    _prepare_followers()
     _local.busy = os.getpid()
     try:
         if decision.action in ("warned", "refused"):
@@ -969,7 +978,7 @@ def _record_fork(decision: _Decision, pid: int | None, spare: Any = None) -> Non
     if spare is not None and pid is not None:
         child = _child_module
         if child is not None:
-            child.name_spare(spare, pid)
+            child.adopt_spare(spare, pid)
     event = _Lazy.ForkEvent(os.getpid(), pid, decision.time, decision.mechanism, decision.site,
                             decision.action, decision.report)
     _record(event)
@@ -982,12 +991,12 @@ def _record_fork(decision: _Decision, pid: int | None, spare: Any = None) -> Non
             _report_failure("forksafe._outcome.on_forked", exc)
 
 
-def _reaped(pid: int, status: int) -> None:
+def _reaped(event: ForkEvent, status: int) -> None:
     follower = _outcome_module
     if follower is None or not (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
         return
     try:
-        follower.on_reaped(pid, status)
+        follower.on_reaped(event.child_pid, status, event=event)
     except Exception as exc:
         _report_failure("forksafe._outcome.on_reaped", exc)
 
@@ -1034,6 +1043,23 @@ def _children_of_this_thread() -> set[int] | None:
         return None
 
 
+def _prepare_followers() -> None:
+    """The follower's own before-fork work (it registers no fork hooks of its own)."""
+    config = _config
+    timeout = None if config is None else config.hang_timeout
+    child = _child_module
+    if child is not None:
+        child.prepare(timeout)
+    if timeout is not None:
+        _hang_helper_before_fork(timeout)
+
+
+def _hang_helper_before_fork(timeout: float) -> None:
+    follower = _outcome_module
+    if follower is not None:
+        follower.before_fork(timeout)
+
+
 def _before_fork() -> None:
     """A fork that no wrapper saw is about to happen in this thread."""
     if _config is None or getattr(_local, "busy", 0) == os.getpid() or sys.is_finalizing():
@@ -1041,6 +1067,9 @@ def _before_fork() -> None:
     try:
         caller = sys._getframe(1)
         decision = _judge("unwrapped-fork", caller, refusable=False)
+        _prepare_followers()
+        global _hooks_judged
+        _hooks_judged = True
         _local.pending = (os.getpid(), decision, _children_of_this_thread())
         _announce(decision, refusable=False)
     except Exception as exc:  # an exception here would only be printed as unraisable
@@ -1048,6 +1077,8 @@ def _before_fork() -> None:
 
 
 def _after_fork_parent() -> None:
+    if not _hooks_judged:
+        return
     pending = getattr(_local, "pending", None)
     if pending is None:
         return

@@ -89,6 +89,7 @@ def on_forked(event: ForkEvent, hang_timeout: float | None) -> None:
     _forks += 1
     if _forks % SWEEP_EVERY == 1:  # the first fork of each process, then every 256th
         sweep()
+        _child.forget_gone_children()
         if _forks == 1:
             # And at exit: children that exec'd, or that subprocess reaped, are gone by then.
             import atexit
@@ -101,25 +102,17 @@ def on_forked(event: ForkEvent, hang_timeout: float | None) -> None:
     _hang.client(hang_timeout).watch(event)
 
 
-def _before_fork() -> None:
-    """At-fork hook: with a hang timeout, have the hang helper running before any fork.
+def before_fork(timeout: float) -> None:
+    """With a hang timeout, have the hang helper running before the fork.
 
     ``on_forked`` starts it after a fork, which is too late for one case: a
     ``subprocess`` ``preexec_fn`` child that hangs before ``exec``. Its parent is
     stuck in ``Popen`` until the child execs, so ``on_forked`` never runs; the
     child can only announce itself (``_child._announce_from_preexec``) to a
-    helper that already runs. Registered when the guard imports this module,
-    which it does before its first fork; costs one attribute look-up per fork
-    once the helper runs, and nothing without a hang timeout.
+    helper that already runs. The guard calls this before each fork it sees
+    when a hang timeout is set.
     """
     try:
-        # First what is cheapest and most common: no guard, or no hang timeout. This
-        # hook runs before every fork of the process once registered.
-        guard = sys.modules.get("forksafe._guard")
-        config = guard._config if guard is not None else None
-        timeout = getattr(config, "hang_timeout", None)
-        if timeout is None:
-            return
         hang = sys.modules.get("forksafe._hang")
         running = getattr(hang, "_client", None)
         if running is not None and running.owner == os.getpid() and (
@@ -132,10 +125,6 @@ def _before_fork() -> None:
         _hang.client(timeout).start()
     except Exception:  # a hook must never stop the fork
         return
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork)
 
 
 #: Every this many forks, crash files of children that are gone and left nothing are removed.
@@ -206,36 +195,37 @@ def on_reaped(
     pid: int,
     status: int,
     *,
+    event: ForkEvent | None = None,
     _event_for_child: Callable[[int], ForkEvent | None] | None = None,
     _set_outcome: Callable[[int, Outcome], None] | None = None,
     _directory: str | None = None,
 ) -> None:
     """Called when the guarded child ``pid`` was reaped with raw wait ``status``.
 
+    ``event`` is the fork's event, when the caller has it at hand.
+
     This runs for every child of a program that forks per request, so the
     common case (the child exited, no hang monitor) takes few steps: each
     function called and object made is a page written in the parent
     (copy-on-write, see ``forksafe._guard``).
     """
-    if _event_for_child is None or _set_outcome is None:
-        guard = sys.modules["forksafe._guard"]  # the caller
-        _event_for_child = _event_for_child or guard.event_for_child
-        _set_outcome = _set_outcome or guard.set_outcome
-    event = _event_for_child(pid)
     if event is None:
-        return
-    if _directory is None:
-        prepared = _child._prepared
-        if prepared is not None and prepared[0] == os.getpid() and prepared[1]:
-            prefix = prepared[1]
-        else:
-            prefix = os.path.join(state_dir(), "")
-    else:
-        prefix = os.path.join(_directory, "")
-    traceback = _take_crash_text(prefix + str(pid) + ".crash")
+        if _event_for_child is None:
+            _event_for_child = sys.modules["forksafe._guard"].event_for_child
+        event = _event_for_child(pid)
+        if event is None:
+            return
+    if _set_outcome is None:
+        _set_outcome = sys.modules["forksafe._guard"].set_outcome
+    held = _child.take_memory_crash(pid, MAX_CRASH_BYTES) if _directory is None else None
     # A hang marker is written only by a hang monitor: `forksafe run`'s, or the
     # helper a hang timeout starts. Without either there is nothing to look for.
-    hung = take_hung_marker(pid, directory=prefix) if _hangs_watched() else None
+    watched = _hangs_watched()
+    prefix = ""
+    if held is None or watched:
+        prefix = _state_prefix(_directory)
+    traceback = _take_crash_text(prefix + str(pid) + ".crash") if held is None else held or None
+    hung = take_hung_marker(pid, directory=prefix) if watched else None
     if hung is None and traceback is None and os.WIFEXITED(status):
         outcome = Outcome("exited", os.WEXITSTATUS(status), None, None, None)
     else:
@@ -248,6 +238,16 @@ def on_reaped(
         _stderr(ECHO.format(pid=pid, traceback=traceback))
     if (outcome.status == "hung" or outcome.signal in CRASH_SIGNALS) and _warns():
         warn(outcome.diagnosis or f"child {pid} {outcome.status}", event)
+
+
+def _state_prefix(directory: str | None) -> str:
+    """``directory``, else this process's state directory, with a trailing separator."""
+    if directory is None:
+        prepared = _child._prepared
+        if prepared is not None and prepared[0] == os.getpid() and prepared[1]:
+            return prepared[1]
+        directory = state_dir()
+    return os.path.join(directory, "")
 
 
 def _hangs_watched() -> bool:

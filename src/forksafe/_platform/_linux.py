@@ -62,9 +62,10 @@ class _PhdrInfo(ctypes.Structure):
     ]
 
 
-#: The same callback, given the info structure's address as a plain int.
-_ADDRESS_CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p
+#: The same callback, given the info structure as an array of 64-bit words: the
+#: cheapest way for Python to read its two counters (``images_version``).
+_COUNTERS_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_size_t, ctypes.c_void_p
 )
 
 #: A mapping from /proc/self/maps: start, end, permissions, path ("" if anonymous).
@@ -89,7 +90,7 @@ class LinuxPlatform:
         # A thread's start routine never changes: (tid, start time) -> stack libraries.
         self._owners: dict[tuple[int, str], tuple[str, ...]] = {}
         self._maps: tuple[str, list[_Span]] = ("", [])
-        self._version: tuple[Callable[..., int], Any, Any] | None = None
+        self._version: tuple[Callable[..., int], Any] | None = None
 
     # -- images ---------------------------------------------------------------
 
@@ -103,38 +104,37 @@ class LinuxPlatform:
             self._exe = os.path.realpath(sys.executable)
         return self._iterate
 
-    def images_version(self) -> tuple[int, int] | None:
-        """glibc's counts of images loaded and unloaded so far, or None if unknown.
+    def images_version(self) -> int | None:
+        """glibc's counts of images loaded and unloaded so far, as one number; None if unknown.
 
         Equal answers mean the same set of images (nothing was ``dlopen``ed or
-        ``dlclose``d in between). The callback is made once: a ctypes callback
-        costs an executable thunk each time it is created, and this runs on
-        every guarded fork.
+        ``dlclose``d in between). This runs on every guarded fork, where each
+        object made is a page written (copy-on-write), so the callback is made
+        once, reads the two counters through the pointer it is given and
+        returns them packed into the ``int`` that ``dl_iterate_phdr`` passes
+        back: no structure, no ``memmove`` call, no result written anywhere.
         """
         if self._version is None:
             libc = ctypes.CDLL(None)
             iterate = libc.dl_iterate_phdr
-            iterate.argtypes = [_ADDRESS_CALLBACK, ctypes.c_void_p]
+            iterate.argtypes = [_COUNTERS_CALLBACK, ctypes.c_void_p]
             iterate.restype = ctypes.c_int
-            out = (ctypes.c_ulonglong * 3)()  # adds, subs, and 1 once they were read
-            target = ctypes.addressof(out)
-            offset = _PhdrInfo.dlpi_adds.offset
             counted = ctypes.sizeof(_PhdrInfo)
-            copy = ctypes.memmove
+            adds = _PhdrInfo.dlpi_adds.offset // ctypes.sizeof(ctypes.c_ulonglong)
 
-            # Plain addresses in, one memmove: no ctypes structure or pointer object is
-            # made per call, so the call writes to as little memory as it can.
-            def first(info: int, size: int, data: object) -> int:
-                if size >= counted:
-                    copy(target, info + offset, 16)
-                    out[2] = 1
-                return 1  # the first image is enough
+            def first(info: Any, size: int, data: object) -> int:
+                if size < counted:
+                    return -1
+                added: int = info[adds]
+                removed: int = info[adds + 1]
+                if added >= 1 << 15 or removed >= 1 << 15:
+                    return -1  # does not fit: unknown, so no report is reused
+                return (added << 16 | removed) + 1  # the first image is enough
 
-            self._version = (iterate, _ADDRESS_CALLBACK(first), out)
-        call, callback, counters = self._version
-        counters[2] = 0
-        call(callback, None)
-        return (counters[0], counters[1]) if counters[2] else None
+            self._version = (iterate, _COUNTERS_CALLBACK(first))
+        call, callback = self._version
+        packed: int = call(callback, None)
+        return packed if packed > 0 else None
 
     def loaded_libraries(self) -> list[LoadedLibrary]:
         self._iterator()
