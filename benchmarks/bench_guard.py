@@ -2,8 +2,8 @@
 
 Per-fork overhead: a process of ~100 MB (resident, touched) forks, the child
 ``_exit``s at once, the parent waits — thousands of times — with and without
-the guard, alternating rounds in one run (``_common.interleaved``) so that both
-sides see the same machine. Cases, as issue 3 asks:
+the guard, alternating fork by fork in one run (see ``fork_case``) so that
+both sides see the same machine. Cases, as issue 3 asks:
 
 * a clean process, default policy ``warn``: target <= 1.05x the bare fork;
 * 10 idle Python threads, policy ``log``: target <= 1.10x;
@@ -12,9 +12,11 @@ sides see the same machine. Cases, as issue 3 asks:
 No-fork overhead: a workload that never forks (JSON, regular expressions, a
 few thread starts) with and without the guard installed: target <= 1.01x.
 
-The follower's hooks (``_outcome.on_forked``/``on_reaped``, ``_child.arm``) run
-as in production (no hang timeout is set); one extra line shows the clean case
-without them, to tell the guard's own cost from the follower's.
+The follower (crash capture: ``_child.arm``, ``_outcome.on_reaped``) runs as in
+production with no hang timeout and outside ``forksafe run``, where crash files
+are reused memory files; one extra line per case shows it left out, to tell the
+guard's own cost from the follower's. Each line also prints the minor page
+faults per fork, the deterministic side of the cost.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ import json
 import os
 import re
 import resource
+import statistics
 import sys
 import threading
+import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,12 +49,15 @@ def ballast(megabytes: int) -> bytearray:
     return data
 
 
-def forks(n: int) -> None:
+def forks(n: int, fork: Callable[[], int] | None = None,
+          waitpid: Callable[[int, int], object] | None = None) -> None:
+    fork = fork or os.fork  # looked up now: the guard replaces os.fork
+    waitpid = waitpid or os.waitpid
     for _ in range(n):
-        pid = os.fork()
+        pid = fork()
         if pid == 0:
             os._exit(0)
-        os.waitpid(pid, 0)
+        waitpid(pid, 0)
 
 
 def no_fork_workload() -> None:
@@ -69,68 +77,93 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * PAGE / MB
 
 
-def fork_case(name: str, policy: str, rounds: int, per_round: int, target: float | None,
+def fork_case(name: str, policy: str, pairs: int, target: float | None,
               *, follower: bool = True) -> float:
-    """Bare forks against guarded forks; ``follower=False`` leaves out the child follower."""
+    """Bare forks against guarded forks, alternating one by one; returns the added seconds.
+
+    ``follower=False`` leaves out the child follower. The guard stays installed
+    throughout; a bare fork calls the original ``os.fork`` and ``os.waitpid``
+    with the guard switched off (its at-fork hooks, registered for good, then
+    return at once), a guarded one goes through the wrappers. Each pair is
+    measured back to back and the ratio is 1 + median(guarded - bare) /
+    median(bare): the machine's slow drifts, which dwarf the difference when
+    whole rounds are compared, cancel out within a pair.
+    """
     from forksafe import _guard
 
+    forksafe.install(policy)
     _guard._load_followers()
     modules = (_guard._child_module, _guard._outcome_module)
+    if not follower:
+        _guard._child_module = _guard._outcome_module = None
+    config = _guard._config
+    fork, waitpid = _guard._originals["os.fork"], _guard._originals["os.waitpid"]
+    clock = time.perf_counter_ns
 
-    def setup() -> None:
-        forksafe.install(policy)
-        if not follower:
-            _guard._child_module = _guard._outcome_module = None
+    def bare() -> int:
+        _guard._config = None
+        start = clock()
+        pid = fork()
+        if pid == 0:
+            os._exit(0)
+        waitpid(pid, 0)
+        took = clock() - start
+        _guard._config = config
+        return took
 
-    def teardown() -> None:
+    def guarded() -> int:
+        start = clock()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        return clock() - start
+
+    try:
+        for _ in range(20):  # settle
+            bare(), guarded()
+        bases, extras = [], []
+        for _ in range(pairs):
+            base = bare()
+            bases.append(base)
+            extras.append(guarded() - base)
+        base_s, extra_s = statistics.median(bases) / 1e9, statistics.median(extras) / 1e9
+        print(line(name, base_s, base_s + extra_s, target), flush=True)
+        # The deterministic side of the cost: pages first written after a fork (each one a
+        # copy-on-write fault), in the parent and in the child, per fork.
+        _guard._config = None
+        bare_faults = faults_per_fork(min(pairs, 200), fork, waitpid)
+        _guard._config = config
+        guarded_faults = faults_per_fork(min(pairs, 200))
+    finally:
         forksafe.uninstall()
         _guard._child_module, _guard._outcome_module = modules
-
-    base, cand = interleaved(lambda: forks(per_round), lambda: forks(per_round), rounds,
-                             setup_candidate=setup, teardown_candidate=teardown)
-    print(line(name, base / per_round, cand / per_round, target), flush=True)
-    # The deterministic side of the cost: pages first written after a fork (each one a
-    # copy-on-write fault), in the parent and in the child, per fork.
-    bare = faults_per_fork(per_round)
-    setup()
-    try:
-        guarded = faults_per_fork(per_round)
-    finally:
-        teardown()
-    print(f"{'':4}minor faults per fork (parent + child): bare {bare[0]:.0f} + {bare[1]:.0f}, "
-          f"forksafe {guarded[0]:.0f} + {guarded[1]:.0f}", flush=True)
-    return (cand - base) / per_round
+    print(f"{'':4}minor faults per fork (parent + child): bare {bare_faults[0]:.0f} + "
+          f"{bare_faults[1]:.0f}, forksafe {guarded_faults[0]:.0f} + {guarded_faults[1]:.0f}",
+          flush=True)
+    return extra_s
 
 
-def faults_per_fork(n: int) -> tuple[float, float]:
+def faults_per_fork(n: int, fork: Callable[[], int] = os.fork,
+                    waitpid: Callable[[int, int], object] = os.waitpid) -> tuple[float, float]:
     """Minor page faults per fork cycle in the parent and in the child."""
-    forks(2)  # settle: the first forks after a change write more
+    forks(2, fork, waitpid)  # settle: the first forks after a change write more
     before = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
               resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt)
-    forks(n)
+    forks(n, fork, waitpid)
     return ((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before[0]) / n,
             (resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt - before[1]) / n)
 
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    rounds, per_round = (5, 20) if quick else (15, 100)
+    pairs = 100 if quick else 1500
     heap = ballast(100)
-    print(f"resident memory: {rss_mb():.0f} MB; {rounds} rounds x {per_round} forks per side")
-    print("(times are per fork: fork + child _exit + parent waitpid)")
-    # The follower's modules register fork hooks when imported, for good: from then on
-    # the baseline's bare forks run them too. Say how much that adds to the baseline.
-    from forksafe import _guard
-
-    pristine = faults_per_fork(per_round)
-    _guard._load_followers()
-    hooked = faults_per_fork(per_round)
-    print(f"baseline forks run forksafe's permanent fork hooks once loaded: minor faults per "
-          f"bare fork {pristine[0]:.0f} + {pristine[1]:.0f} before, "
-          f"{hooked[0]:.0f} + {hooked[1]:.0f} after")
-    fork_case("clean process, policy warn", "warn", rounds, per_round, 1.05)
-    fork_case("  the same, child follower left out", "warn", rounds, per_round, None,
-              follower=False)
+    print(f"resident memory: {rss_mb():.0f} MB; {pairs} bare/guarded fork pairs per line")
+    print("(times are per fork: fork + child _exit + parent waitpid; ratio = 1 + median "
+          "extra / median bare)")
+    fork_case("clean process, policy warn", "warn", pairs, 1.05)
+    fork_case("  the same, child follower left out", "warn", pairs, None, follower=False)
 
     stop = threading.Event()
     threads: list[threading.Thread] = []
@@ -146,10 +179,9 @@ def main() -> None:
     with_observed_threads()
     for n, target in ((10, 1.10), (100, None)):
         grow_to(n)
-        extra[n] = fork_case(f"{n} idle threads, policy log", "log", rounds, per_round,
-                             target)
+        extra[n] = fork_case(f"{n} idle threads, policy log", "log", pairs, target)
         if n == 10:
-            fork_case("  the same, child follower left out", "log", rounds, per_round, None,
+            fork_case("  the same, child follower left out", "log", pairs, None,
                       follower=False)
     forksafe.unobserve()
     print(f"growth 10 -> 100 threads: guard adds {extra[10] * 1e6:.0f} us -> "

@@ -17,6 +17,7 @@ import sqlite3
 import sys
 import tempfile
 import threading
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,8 +48,8 @@ def connections(database: str) -> None:
 def _pass_through() -> None:
     original = sqlite3.connect
 
-    def connect(*args: object, **kwargs: object) -> sqlite3.Connection:
-        return original(*args, **kwargs)  # type: ignore[arg-type]
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        return original(*args, **kwargs)
 
     connect.__wrapped__ = original  # type: ignore[attr-defined]
     sqlite3.connect = connect

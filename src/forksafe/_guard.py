@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import os
 import sys
+from _operator import itemgetter
 from _thread import RLock, get_native_id
 from _thread import _local as thread_local
 
@@ -73,7 +74,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import types
     from collections import deque
-    from typing import Any, Callable, Tuple
+    from typing import Any, Callable, NamedTuple, Tuple
 
     from forksafe._report import ForkEvent, Hazard, Outcome, Report, Site
     from forksafe._sink import Sink
@@ -168,23 +169,33 @@ class Config:
 _LEVELS = {"warning": 20, "error": 30}  # forksafe._report.Severity values
 
 
-class _Decision:
-    """The guard's verdict on one fork, taken before the fork.
+if TYPE_CHECKING:
+    class _Decision(NamedTuple):
+        """The guard's verdict on one fork, taken before the fork."""
 
-    ``forksafe._child`` reads one from the ``decision`` local of the
-    ``_execute_child`` wrapper in a ``preexec_fn`` child: keep the names.
-    """
+        mechanism: str
+        site: Site | None
+        frame: types.FrameType | None  # the user's frame, for the warning's attribution
+        report: Report
+        action: str
+        time: float
+else:
+    class _Decision(tuple):
+        """The guard's verdict on one fork, taken before the fork.
 
-    __slots__ = ("action", "frame", "mechanism", "report", "site", "time")
+        ``forksafe._child`` reads one from the ``decision`` local of the
+        ``_execute_child`` wrapper in a ``preexec_fn`` child: keep the names.
+        A tuple with C-level field getters, made with ``tuple.__new__``
+        (``_decision``): an ``__init__`` or a named tuple's ``__new__`` is
+        Python code, a function and a code object written to on every fork.
+        (``typing`` and ``collections`` are not imported here at all.)
+        """
 
-    def __init__(self, *, mechanism: str, site: Site | None, frame: types.FrameType | None,
-                 report: Report, action: str, time: float) -> None:
-        self.mechanism = mechanism
-        self.site = site
-        self.frame = frame  # the user's frame, for the warning's attribution
-        self.report = report
-        self.action = action
-        self.time = time
+        __slots__ = ()
+        mechanism, site, frame, report, action, time = (
+            property(itemgetter(i)) for i in range(6))
+
+_decision = tuple.__new__
 
 
 # --- state -----------------------------------------------------------------------
@@ -222,6 +233,7 @@ _local = thread_local()
 # Whether a fork only the hooks saw ever happened here: until then, the hook after
 # every fork need not look at _local (one object less touched per fork).
 _hooks_judged = False
+_forks = 0  # forks recorded by this process (the follower wants every 256th)
 
 _child_module: types.ModuleType | None = None
 _outcome_module: types.ModuleType | None = None
@@ -426,6 +438,7 @@ class _Lazy:
     check: Callable[..., Report]
     fork_check: Callable[..., Report]
     is_library_file: Callable[[str], bool]
+    library_files: dict[str, bool]
     time: Callable[[], float]
     ForkEvent: type[ForkEvent]
     Report: type[Report]
@@ -438,12 +451,13 @@ def _load_followers() -> None:
     import time
 
     from forksafe._check import check, fork_check
-    from forksafe._frames import is_library_file
+    from forksafe._frames import _LIBRARY_FILES, is_library_file
     from forksafe._report import ForkEvent, Report, Site
 
     _Lazy.check = check
     _Lazy.fork_check = fork_check
     _Lazy.is_library_file = is_library_file
+    _Lazy.library_files = _LIBRARY_FILES
     _Lazy.time = time.time
     _Lazy.ForkEvent = ForkEvent
     _Lazy.Report = Report
@@ -820,8 +834,7 @@ def _judge(
             line = user.f_lineno
             if (last is not None and last[0] is report and last[1] is config
                     and last[2] == refusable and last[3] is code and last[4] == line):
-                return _Decision(mechanism=mechanism, site=last[5], frame=user, report=report,
-                                 action=last[6], time=stamp)
+                return _decision(_Decision, (mechanism, last[5], user, report, last[6], stamp))
         else:
             more = extra(report)
             if more:
@@ -849,8 +862,7 @@ def _judge(
     site = lazy.Site(user.f_code.co_filename, user.f_lineno, user.f_code.co_name)
     if extra is None:
         _last_judged = (report, config, refusable, user.f_code, user.f_lineno, site, action)
-    return _Decision(mechanism=mechanism, site=site, frame=user, report=report, action=action,
-                     time=stamp)
+    return _decision(_Decision, (mechanism, site, user, report, action, stamp))
 
 
 def _announce(decision: _Decision, *, refusable: bool) -> None:
@@ -908,10 +920,14 @@ def _warn_at(message: str, target: types.FrameType | None) -> None:
 def _locate(caller: types.FrameType, mechanism: str) -> tuple[str, types.FrameType]:
     """The mechanism, named by the library frames above ``caller``, and the user's frame."""
     is_library_file = _Lazy.is_library_file
+    known = _Lazy.library_files  # its answers so far: a call less on every fork
     frame: types.FrameType | None = caller
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not is_library_file(filename):
+        library = known.get(filename)
+        if library is None:
+            library = is_library_file(filename)
+        if not library:
             return mechanism, frame
         for suffix, function, name in _MECHANISMS:
             if filename.endswith(suffix) and function in (None, frame.f_code.co_name):
@@ -982,9 +998,12 @@ def _record_fork(decision: _Decision, pid: int | None, spare: Any = None) -> Non
     event = _Lazy.ForkEvent(os.getpid(), pid, decision.time, decision.mechanism, decision.site,
                             decision.action, decision.report)
     _record(event)
+    global _forks
+    _forks += 1
     config = _config
     follower = _outcome_module
-    if follower is not None and pid is not None and config is not None:
+    if follower is not None and pid is not None and config is not None and (
+            config.hang_timeout is not None or _forks % follower.SWEEP_EVERY == 1):
         try:
             follower.on_forked(event, config.hang_timeout)
         except Exception as exc:

@@ -78,23 +78,27 @@ _FILE_LINE = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<fun
 
 
 def on_forked(event: ForkEvent, hang_timeout: float | None) -> None:
-    """Called in the parent right after a successful guarded fork.
+    """Called in the parent after a guarded fork: after each one with a hang timeout,
+    else after the first and every ``SWEEP_EVERY``-th (the guard counts: a call
+    less on every other fork).
 
-    With a hang timeout, hands the child to a hang monitor: ``forksafe run``'s
-    own when the process runs under it, else a helper process started on first
-    use (a process, not a thread, so that forksafe adds no thread - itself a
-    fork hazard - to the program it watches).
+    Tidies the state directory now and then; with a hang timeout, hands the
+    child to a hang monitor: ``forksafe run``'s own when the process runs under
+    it, else a helper process started on first use (a process, not a thread,
+    so that forksafe adds no thread - itself a fork hazard - to the program it
+    watches).
     """
-    global _forks
+    global _forks, _tidy_at_exit
     _forks += 1
-    if _forks % SWEEP_EVERY == 1:  # the first fork of each process, then every 256th
+    if hang_timeout is None or _forks % SWEEP_EVERY == 1:
         sweep()
         _child.forget_gone_children()
-        if _forks == 1:
+        if not _tidy_at_exit:
             # And at exit: children that exec'd, or that subprocess reaped, are gone by then.
             import atexit
 
             atexit.register(_sweep_at_exit)
+            _tidy_at_exit = True
     if hang_timeout is None or event.child_pid is None or _supervised():
         return
     from forksafe import _hang
@@ -130,6 +134,7 @@ def before_fork(timeout: float) -> None:
 #: Every this many forks, crash files of children that are gone and left nothing are removed.
 SWEEP_EVERY = 256
 _forks = 0
+_tidy_at_exit = False
 
 
 def sweep(directory: str | None = None, *, _now: float | None = None) -> int:
@@ -220,14 +225,20 @@ def on_reaped(
     held = _child.take_memory_crash(pid, MAX_CRASH_BYTES) if _directory is None else None
     # A hang marker is written only by a hang monitor: `forksafe run`'s, or the
     # helper a hang timeout starts. Without either there is nothing to look for.
-    watched = _hangs_watched()
+    # _hangs_watched(), with the commonest answer (no hang timeout, no `forksafe run`)
+    # read from what it cached, without calling it.
+    config = getattr(sys.modules.get("forksafe._guard"), "_config", None)
+    supervisor = _supervisor
+    watched = (getattr(config, "hang_timeout", None) is not None or supervisor is None
+               or supervisor[0] != os.getpid() or supervisor[1] != "") and _hangs_watched()
     prefix = ""
     if held is None or watched:
         prefix = _state_prefix(_directory)
     traceback = _take_crash_text(prefix + str(pid) + ".crash") if held is None else held or None
     hung = take_hung_marker(pid, directory=prefix) if watched else None
     if hung is None and traceback is None and os.WIFEXITED(status):
-        outcome = Outcome("exited", os.WEXITSTATUS(status), None, None, None)
+        code = os.WEXITSTATUS(status)
+        outcome = _EXITED.get(code) or _EXITED.setdefault(code, Outcome("exited", code))
     else:
         outcome = outcome_for(event, status, traceback, hung)
     _set_outcome(pid, outcome)
@@ -567,6 +578,8 @@ def _warns() -> bool:
 
 
 _supervisor: tuple[int, str] | None = None
+#: A plain exit's outcome, one per exit code: an object less per reaped child.
+_EXITED: dict[int, Outcome] = {}
 
 
 def _supervised() -> bool:
