@@ -361,3 +361,29 @@ def test_a_child_gone_unseen_loses_its_memory_file_only_the_second_time_round() 
         _child._memory, _child._gone = saved
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def test_warming_faulthandler_up_leaves_the_program_as_it_was(tmp_path: pathlib.Path) -> None:
+    """The guard's one-time warm-up (so that children allocate nothing) leaves faulthandler
+    off and every signal handler as it was (a program's own faulthandler is left alone:
+    test_outcome's faulthandler tests)."""
+    s = run_scenario("""
+import faulthandler, json, os, signal, sys
+import forksafe
+from forksafe import _child
+got = []
+signal.signal(signal.SIGSEGV, lambda *a: got.append("segv"))  # a program's own handler
+watched = [signal.SIGSEGV, signal.SIGFPE, signal.SIGABRT, signal.SIGBUS, signal.SIGILL,
+           _child.DUMP_SIGNAL]
+before = [repr(signal.getsignal(n)) for n in watched]
+forksafe.install("warn")
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+after = [repr(signal.getsignal(n)) for n in watched]
+os.kill(os.getpid(), signal.SIGSEGV)  # still the program's handler
+print("FORKSAFE-RESULT:" + json.dumps({"warm": _child._warm, "same": before == after,
+      "enabled": faulthandler.is_enabled(), "got": got}))
+""", tmp_path, timeout=60)
+    assert s.result == {"warm": True, "same": True, "enabled": False, "got": ["segv"]}

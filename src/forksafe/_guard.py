@@ -465,6 +465,8 @@ def _load_followers() -> None:
     _followers_loaded = True
     _child_module = _optional("forksafe._child")
     _outcome_module = _optional("forksafe._outcome")
+    if _child_module is not None:
+        _child_module.warm_up()
     if sys.version_info >= (3, 12):
         _silence_cpython_duplicate()
 
