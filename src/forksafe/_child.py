@@ -1,15 +1,17 @@
 """The little that runs in a forked child right after a guarded fork.
 
 A forked child may inherit locks held by threads that do not exist in it, so
-everything here is a handful of system calls: open one file, and point
-``faulthandler`` at it. ``faulthandler`` is the right tool because its handlers
-are C signal handlers that write the Python traceback of every thread without
-taking the GIL or any lock, so they work in a child that crashed inside C code,
-or that is stuck in C code holding the GIL.
+everything here is a handful of system calls: point ``faulthandler`` at a crash
+file (opened by the parent before an ``os.fork``, by the child itself after
+other kinds of fork; see ``open_spare``). ``faulthandler`` is the right tool
+because its handlers are C signal handlers that write the Python traceback of
+every thread without taking the GIL or any lock, so they work in a child that
+crashed inside C code, or that is stuck in C code holding the GIL.
 
-The file is ``<state dir>/<child pid>.crash``. It survives the child's death,
-and the parent (``forksafe._outcome.on_reaped``) or the supervising
-``forksafe run`` reads it and removes it. Three signals write into it:
+The file survives the child's death. It is ``<state dir>/<child pid>.crash``
+when a hang monitor or ``forksafe run`` may look for it, which reads and
+removes it, else a memory file the parent reads when it reaps the child
+(``forksafe._outcome.on_reaped``). Three signals write into it:
 
 * the fatal signals ``faulthandler.enable`` covers (SIGSEGV, SIGBUS, SIGILL,
   SIGFPE, SIGABRT): traceback, then the signal's default action, so the child
@@ -290,22 +292,18 @@ def open_spare(hang_timeout: float | None) -> CrashFile | None:
                 _close_inherited(memory)
             memory = _memory = (pid, [], {})
         if len(memory[2]) < MAX_HELD:
-            crash = memory[1].pop() if memory[1] else _new_memory_file(pid)
+            crash = memory[1].pop() if memory[1] else _opened(
+                lambda: _memfd_create("forksafe-crash", _MFD_CLOEXEC),
+                "", pid, "")
     if crash is None:
-        if prepared[1] is None:
+        prefix = prepared[1]
+        if prefix is None:
             return None
         _spare_count += 1
-        path = f"{prepared[1]}{pid}-{_spare_count}.spare"
-        try:
-            fd = _out_of_the_way(os.open(path, _FLAGS, 0o600))
-        except OSError:
+        path = f"{prefix}{pid}-{_spare_count}.spare"
+        crash = _opened(lambda: os.open(path, _FLAGS, 0o600), path, pid, prefix)
+        if crash is None:
             return None
-        try:
-            info = os.fstat(fd)
-        except OSError:
-            os.close(fd)
-            return None
-        crash = (fd, info.st_dev, info.st_ino, path, pid, prepared[1])
     _spares[get_ident()] = crash
     return crash
 
@@ -318,10 +316,10 @@ def _close_inherited(memory: tuple[int, list[CrashFile], dict[int, CrashFile]]) 
             _close(crash[0])
 
 
-def _new_memory_file(pid: int) -> CrashFile | None:
-    assert _memfd_create is not None
+def _opened(opener: Callable[[], int], path: str, pid: int, prefix: str) -> CrashFile | None:
+    """A crash file from ``opener``, moved out of the program's way and known by inode."""
     try:
-        fd = _out_of_the_way(_memfd_create("forksafe-crash", _MFD_CLOEXEC))
+        fd = _out_of_the_way(opener())
     except OSError:
         return None
     try:
@@ -329,7 +327,7 @@ def _new_memory_file(pid: int) -> CrashFile | None:
     except OSError:
         os.close(fd)
         return None
-    return (fd, info.st_dev, info.st_ino, "", pid, "")
+    return (fd, info.st_dev, info.st_ino, path, pid, prefix)
 
 
 def release_spare(crash: CrashFile) -> None:

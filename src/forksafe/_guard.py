@@ -641,7 +641,8 @@ def _wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
         # child's, which every child copies (forksafe._child.arm).
         child = _child_module
         spare = None
-        timeout = _config.hang_timeout
+        config = _config  # read once: another thread may uninstall meanwhile
+        timeout = config.hang_timeout if config is not None else None
         if child is not None:
             try:
                 spare = child.open_spare(timeout)
