@@ -144,9 +144,13 @@ def fork_case(name: str, policy: str, pairs: int, target: float | None,
     return extra_s
 
 
-def faults_per_fork(n: int, fork: Callable[[], int] = os.fork,
-                    waitpid: Callable[[int, int], object] = os.waitpid) -> tuple[float, float]:
-    """Minor page faults per fork cycle in the parent and in the child."""
+def faults_per_fork(n: int, fork: Callable[[], int] | None = None,
+                    waitpid: Callable[[int, int], object] | None = None) -> tuple[float, float]:
+    """Minor page faults per fork cycle in the parent and in the child.
+
+    ``os.fork`` and ``os.waitpid`` are looked up at each call (``forks``): the
+    guard replaces them.
+    """
     forks(2, fork, waitpid)  # settle: the first forks after a change write more
     before = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt,
               resource.getrusage(resource.RUSAGE_CHILDREN).ru_minflt)

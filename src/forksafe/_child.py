@@ -292,9 +292,11 @@ def open_spare(hang_timeout: float | None) -> CrashFile | None:
                 _close_inherited(memory)
             memory = _memory = (pid, [], {})
         if len(memory[2]) < MAX_HELD:
-            crash = memory[1].pop() if memory[1] else _opened(
-                lambda: _memfd_create("forksafe-crash", _MFD_CLOEXEC),
-                "", pid, "")
+            try:
+                crash = memory[1].pop()  # atomic: two forking threads never share one
+            except IndexError:
+                crash = _opened(lambda: _memfd_create("forksafe-crash", _MFD_CLOEXEC),
+                                "", pid, "")
     if crash is None:
         prefix = prepared[1]
         if prefix is None:
@@ -389,9 +391,9 @@ def take_memory_crash(child_pid: int, limit: int) -> str | None:
             _recycle(crash)
             return ""
         data = os.pread(fd, min(size, limit), 0)
-        os.close(fd)
     except OSError:
-        return ""
+        data = b""
+    _close(fd)
     return data.decode("utf-8", "replace").strip()
 
 
