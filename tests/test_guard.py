@@ -999,3 +999,28 @@ def test_waitid_answers_become_the_wait_status_they_stand_for() -> None:
     assert os.WTERMSIG(killed) == signal.SIGSEGV and not os.WCOREDUMP(killed)
     assert dumped is not None and os.WTERMSIG(dumped) == signal.SIGABRT and os.WCOREDUMP(dumped)
     assert _guard._wait_status(os.CLD_STOPPED, signal.SIGSTOP) is None
+
+
+def test_outcomes_reach_the_history_and_survive_the_child_map_bound(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A reaped child's outcome is in history() and event_for_child(), also after the
+    bounded child map forgot its pid."""
+    code = PRELUDE + """
+forksafe.install("log")
+_guard.CHILDREN_SIZE = 2
+pids = []
+for code in range(5):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(30 + code)
+    os.waitpid(pid, 0)
+    pids.append(pid)
+last = _guard.event_for_child(pids[-1])
+out(codes=[e.outcome.exit_code if e.outcome else None for e in _guard.history()],
+    last=last.outcome.exit_code, forgotten=_guard.event_for_child(pids[0]) is None)
+"""
+    s = run_scenario(code, tmp_path)
+    assert s.result["codes"] == [30, 31, 32, 33, 34]
+    assert s.result["last"] == 34
+    assert s.result["forgotten"] is True
