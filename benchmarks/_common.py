@@ -8,6 +8,7 @@ reports the ratio of their medians.
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from typing import Callable
 
@@ -52,3 +53,25 @@ def line(name: str, base: float, cand: float, target: float | None = None) -> st
         verdict = f"  (target <= {target:.2f}x: {'ok' if ratio <= target else 'MISSED'})"
     times = f"base {base * 1e3:9.3f} ms  forksafe {cand * 1e3:9.3f} ms"
     return f"{name:40} {times}  {ratio:6.3f}x{verdict}"
+
+
+class IdleThreads:
+    """Python threads that wait and do nothing, as many as asked, until ``stop()``."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def grow_to(self, n: int) -> None:
+        while len(self._threads) < n:
+            t = threading.Thread(target=self._stop.wait, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """End and join them all; the pool can grow again afterwards."""
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self._threads.clear()
+        self._stop.clear()

@@ -16,11 +16,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import median_time
+from _common import IdleThreads, median_time
 
 import forksafe
 from forksafe import _check
@@ -49,19 +48,11 @@ def bare_fork() -> None:
 
 def main() -> None:
     forksafe.observe()
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
-
-    def grow_to(n: int) -> None:
-        while len(threads) < n:
-            t = threading.Thread(target=stop.wait, daemon=True)
-            t.start()
-            threads.append(t)
-
+    idle = IdleThreads()
     with tempfile.TemporaryDirectory() as tmp:
         load_libraries(100 - len(current().loaded_libraries()), tmp)
         print(f"loaded libraries: {len(current().loaded_libraries())}")
-        grow_to(100)
+        idle.grow_to(100)
         forksafe.check()  # warm caches as a long-running process would have them
         fork = median_time(bare_fork, 200)
         # The full check: every probe runs (what a changed process costs).
@@ -73,19 +64,15 @@ def main() -> None:
         reused = median_time(forksafe.check, 200)
         print(f"  the same process unchanged (report reused): median {reused * 1e3:.3f} ms")
         print("growth with the number of Python threads (ratio to 1 thread):")
-        stop.set()
-        for t in threads:
-            t.join()
-        threads.clear()
-        stop.clear()
+        idle.stop()
         first = None
         for n in (1, 10, 100, 1000):
-            grow_to(n)
+            idle.grow_to(n)
             cost = median_time(lambda: _check.check(_reuse=False), 50 if n < 1000 else 15)
             first = first or cost
             print(f"  {n:5} threads: {cost * 1e3:8.3f} ms  {cost / first:7.1f}x"
                   f"  ({cost / n * 1e6:.1f} us per thread)")
-        stop.set()
+        idle.stop()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import interleaved, line
+from _common import IdleThreads, interleaved, line
 
 import forksafe
 
@@ -169,20 +169,12 @@ def main() -> None:
     fork_case("clean process, policy warn", "warn", pairs, 1.05)
     fork_case("  the same, child follower left out", "warn", pairs, None, follower=False)
 
-    stop = threading.Event()
-    threads: list[threading.Thread] = []
-
-    def grow_to(n: int) -> None:
-        while len(threads) < n:
-            t = threading.Thread(target=stop.wait, daemon=True)
-            t.start()
-            threads.append(t)
-
+    idle = IdleThreads()
     extra: dict[int, float] = {}
     with_observed_threads = forksafe.observe  # thread origins known, as under install()
     with_observed_threads()
     for n, target in ((10, 1.10), (100, None)):
-        grow_to(n)
+        idle.grow_to(n)
         extra[n] = fork_case(f"{n} idle threads, policy log", "log", pairs, target)
         if n == 10:
             fork_case("  the same, child follower left out", "log", pairs, None,
@@ -191,9 +183,7 @@ def main() -> None:
     print(f"growth 10 -> 100 threads: guard adds {extra[10] * 1e6:.0f} us -> "
           f"{extra[100] * 1e6:.0f} us per fork "
           f"({extra[100] / extra[10] if extra[10] > 0 else float('inf'):.1f}x)")
-    stop.set()
-    for t in threads:
-        t.join()
+    idle.stop()
 
     base, cand = interleaved(no_fork_workload, no_fork_workload, 40 if quick else 200,
                              setup_candidate=lambda: forksafe.install("warn"),
