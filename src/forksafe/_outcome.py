@@ -225,12 +225,7 @@ def on_reaped(
     held = _child.take_memory_crash(pid, MAX_CRASH_BYTES) if _directory is None else None
     # A hang marker is written only by a hang monitor: `forksafe run`'s, or the
     # helper a hang timeout starts. Without either there is nothing to look for.
-    # _hangs_watched(), with the commonest answer (no hang timeout, no `forksafe run`)
-    # read from what it cached, without calling it.
-    config = getattr(sys.modules.get("forksafe._guard"), "_config", None)
-    supervisor = _supervisor
-    watched = (getattr(config, "hang_timeout", None) is not None or supervisor is None
-               or supervisor[0] != os.getpid() or supervisor[1] != "") and _hangs_watched()
+    watched = _hangs_watched()
     prefix = ""
     if held is None or watched:
         prefix = _state_prefix(_directory)
