@@ -23,8 +23,8 @@ looks = {}
 def look(label):
     fresh = _check.check(_reuse=False)
     public = _check.check()
-    first = _check.fork_check()
-    second = _check.fork_check()
+    first = _check.fork_check(watch=True)  # as the guard calls it
+    second = _check.fork_check(watch=True)
     looks[label] = {
         "summaries": sorted(h.summary for h in fresh.hazards),
         "kinds": sorted(h.kind for h in fresh.hazards),
@@ -234,3 +234,39 @@ emit(looks=looks)
     assert looks["clean"]["reused"]
     assert looks["raw thread"]["kinds"], "the unknown thread is reported"
     assert not looks["raw thread"]["reused"] and not looks["raw thread again"]["reused"]
+
+
+def test_the_images_version_is_read_again_only_when_the_address_space_changed(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The guard's fingerprint skips its ctypes call while the address-space size is the
+    same; mapping memory (as loading a library does) makes it read the version again."""
+    s = run_scenario("""
+import json, mmap, sys
+from forksafe import _check
+from forksafe._platform import current
+platform = current()
+real = platform.images_version_reader()
+calls = []
+def counting():
+    calls.append(1)
+    return real()
+_check._reader = (platform, counting)
+def fingerprint():
+    return _check._fingerprint(platform, sys._current_frames, True)
+first, second = fingerprint(), fingerprint()
+unchanged = len(calls)
+block = mmap.mmap(-1, 64 << 20)
+third = fingerprint()
+mapped = len(calls)
+fourth = fingerprint()
+unwatched = _check._fingerprint(platform, sys._current_frames)
+_check.close_files()
+print("FORKSAFE-RESULT:" + json.dumps({"unchanged": unchanged, "mapped": mapped,
+      "after": len(calls), "same": first == second == third == fourth == unwatched,
+      "closed": _check._vm[1]}))
+""", tmp_path)
+    assert s.result["unchanged"] == 1, "one read, then the size vouched for it"
+    assert s.result["mapped"] == 2, "a new mapping: read again"
+    assert s.result["after"] == 3, "without watching, always read"
+    assert s.result["same"] and s.result["closed"] == -1

@@ -248,7 +248,7 @@ def test_a_crash_file_opened_by_the_parent_gets_the_childs_name_and_traceback(
 spare = _child.open_spare(None)
 pid = os.fork()
 if pid == 0:
-    _child.arm(os.getppid(), None)
+    _child.arm(os.getppid(), None, spare)
     os.write(1, (json.dumps({"same_fd": _child._armed[0] == spare[0]}) + "\\n").encode())
     ctypes.string_at(0)  # crash-line
 _child.adopt_spare(spare, pid)
@@ -284,6 +284,8 @@ _guard._load_followers()
 def failing():
     raise BlockingIOError(11, "Resource temporarily unavailable")
 fork = _guard._wrap_fork(failing)
+from forksafe import _check
+_check.fork_check(watch=True)  # opens the check's own descriptor, kept while installed
 before = sorted(os.listdir("/proc/self/fd"))
 try:
     fork()

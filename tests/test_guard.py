@@ -388,15 +388,26 @@ out(child=json.loads(os.read(r, 4096)))
 
 
 def test_wrapped_fork_is_not_counted_twice_by_the_hooks(tmp_path: pathlib.Path) -> None:
-    """A fork through the wrapper runs the at-fork hooks too, yet gives one event and one arm."""
+    """A fork through the wrapper runs the at-fork hooks too, yet gives one event and one arm.
+
+    Its child is armed by C calls the parent prepared (``_child_calls``): no
+    Python ``arm()`` runs there ("P"), and yet faulthandler points at its file.
+    """
     code = PRELUDE + """
+import faulthandler
 import forksafe._child
 forksafe.install("log")
 marks = os.pipe()
-forksafe._child.arm = lambda parent, timeout: os.write(marks[1], b"A")
+real_arm = forksafe._child.arm
+def arm(*args):
+    os.write(marks[1], b"P")
+    real_arm(*args)
+forksafe._child.arm = arm
 for _ in range(3):
     pid = os.fork()
     if pid == 0:
+        armed = forksafe._child._armed is not None and faulthandler.is_enabled()
+        os.write(marks[1], b"A" if armed else b"-")
         os._exit(0)
     os.waitpid(pid, 0)
 os.close(marks[1])
@@ -571,6 +582,7 @@ def fail(*args, **kwargs):
 forksafe._check.check = forksafe._check.fork_check = fail
 forksafe._outcome.on_forked = fail
 forksafe._child.arm = fail
+forksafe._child.memory_armer = lambda crash: None  # so that every child runs arm()
 forksafe.install("raise")
 codes = []
 for _ in range(2):
@@ -595,7 +607,7 @@ def test_own_lock_is_reset_in_the_child(tmp_path: pathlib.Path) -> None:
 forksafe.install("log")
 held, release = threading.Event(), threading.Event()
 def hog():
-    with _guard._lock:
+    with _guard._st.lock:
         held.set()
         release.wait()
 t = threading.Thread(target=hog)
@@ -641,7 +653,7 @@ for _ in range({forks}):
     os.waitpid(pid, 0)
     pids.append(pid)
 h = _guard.history()
-print({MARK!r} + json.dumps({{"n": len(h), "children": len(_guard._children),
+print({MARK!r} + json.dumps({{"n": len(h), "children": len(_guard._st.children),
       "last": h[-1].child_pid == pids[-1], "first": h[0].child_pid == pids[100],
       "oldest_gone": _guard.event_for_child(pids[0]) is None}}))
 """
@@ -720,7 +732,9 @@ def test_parent_pid_and_hang_timeout_reach_the_child(tmp_path: pathlib.Path) -> 
     code = PRELUDE + """
 import forksafe._child
 r, w = os.pipe()
-forksafe._child.arm = lambda parent, timeout: os.write(w, json.dumps([parent, timeout]).encode())
+def arm(parent, timeout, spare=None):
+    os.write(w, json.dumps([parent, timeout]).encode())
+forksafe._child.arm = arm
 forksafe.install("log", hang_timeout=1.5)
 pid = os.fork()
 if pid == 0:
@@ -1024,3 +1038,52 @@ out(codes=[e.outcome.exit_code if e.outcome else None for e in _guard.history()]
     assert s.result["codes"] == [30, 31, 32, 33, 34]
     assert s.result["last"] == 34
     assert s.result["forgotten"] is True
+
+
+def test_exited_children_are_recorded_in_batches_yet_none_is_lost(tmp_path: pathlib.Path) -> None:
+    """Forks and reaps of children that exited are queued and recorded by the batch: the
+    queue stays bounded, and every fork reaches the history with its exit code."""
+    code = PRELUDE + """
+forksafe.install("log")
+longest, codes = 0, {}
+for n in range(3 * _guard.QUEUE_SIZE // 2 + 2):  # not a whole number of batches
+    pid = os.fork()
+    if pid == 0:
+        os._exit(n % 7)
+    os.waitpid(pid, 0)
+    codes[pid] = n % 7
+    longest = max(longest, len(_guard._st.queue))
+queued = len(_guard._st.queue)
+recorded = {e.child_pid: e.outcome.exit_code for e in _guard.history()}
+out(longest=longest, queued=queued, same=recorded == codes, left=len(_guard._st.queue))
+"""
+    s = run_scenario(code, tmp_path)
+    assert 0 < s.result["longest"] <= _guard.QUEUE_SIZE
+    assert s.result["queued"] > 0, "recorded by the batch, not one by one"
+    assert s.result["same"] and s.result["left"] == 0
+
+
+def test_a_crashed_child_is_reported_when_it_is_reaped_not_batched(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A child killed by a signal is no batch item: its warning comes from its own wait."""
+    code = PRELUDE + """
+import ctypes
+forksafe.install("warn")
+for _ in range(3):  # a few clean children queued first
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+pid = os.fork()
+if pid == 0:
+    ctypes.string_at(0)
+os.waitpid(pid, 0)
+at_wait = [w["text"] for w in _seen if w["category"] == "ForkSafetyWarning"]
+out(at_wait=at_wait, queued=len(_guard._st.queue), pid=pid)
+"""
+    s = run_scenario(code, tmp_path)
+    assert len(s.result["at_wait"]) == 1 and "SIGSEGV" in s.result["at_wait"][0]
+    assert s.result["queued"] == 0, "the queue before it was recorded first, in order"
+    [crashed] = [e for e in s.result["events"] if e["child_pid"] == s.result["pid"]]
+    assert crashed["outcome"]["signal"] == "SIGSEGV"

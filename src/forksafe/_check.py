@@ -28,7 +28,7 @@ import types
 import warnings
 from _thread import get_ident
 from _weakref import ref
-from typing import Callable, Tuple
+from typing import Any, Callable, Tuple
 
 from forksafe._errors import ForkSafetyWarning
 from forksafe._platform import Platform, current
@@ -71,6 +71,7 @@ def check(
 def fork_check(
     current_frames: Callable[[], dict[int, types.FrameType]] = sys._current_frames,
     *,
+    watch: bool = False,
     _stacklevel: int = 2,
 ) -> Report:
     """``check()`` for the guard: an unchanged process gets the very same ``Report`` back.
@@ -78,10 +79,13 @@ def fork_check(
     Its ``time`` is then that of the check that computed it, whose answer
     still holds; the guard keeps the time of each fork in its own event. One
     object less per fork is a page less to copy (see ``forksafe._guard``).
+    ``watch``: keep a descriptor open to watch the address-space size, which
+    spares most forks a ctypes call (``_fingerprint``); the guard does, until
+    ``uninstall()`` closes it (``close_files``).
     """
     platform = _current or current()
     try:
-        key = _fingerprint(platform, current_frames)
+        key = _fingerprint(platform, current_frames, watch)
     except Exception:  # an odd thread object, say: then simply no reuse
         key = None
     last = _last
@@ -136,6 +140,51 @@ def _run_probes(
     return report
 
 
+#: (platform, its ``images_version_reader()``): looked up once, not on every fork.
+_reader: tuple[Platform, Callable[[], int]] | None = None
+#: [pid, its /proc/<pid>/statm descriptor, the address-space size that was read
+#: there as b"<pages> ", the images version read right after]: see _fingerprint.
+#: pid 0: nothing read (or /proc unusable), the version is read every time.
+_vm: list[Any] = [0, -1, b"", 0]
+_VM_BUFFERS = [bytearray(64)]
+
+
+def _read_images(read: Callable[[], int], pid: int) -> int:
+    """The images version, and the address-space size it goes with (see ``_fingerprint``).
+
+    The size is read first: an image loaded in between then shows as a
+    changed size at the next look, which reads the version again.
+    """
+    vm = _vm
+    try:
+        if vm[0] != pid:
+            vm[0] = 0
+            if vm[1] >= 0:  # the parent's, inherited: ours reads the parent's numbers
+                os.close(vm[1])
+                vm[1] = -1
+            vm[1] = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        os.preadv(vm[1], _VM_BUFFERS, 0)
+        buffer = _VM_BUFFERS[0]
+        size = bytes(buffer[: buffer.index(b" ") + 1])
+    except (OSError, ValueError):
+        vm[0] = 0
+        return read()
+    images = read()
+    vm[:] = [pid, vm[1], size, images]
+    return images
+
+
+def close_files() -> None:
+    """Close the descriptor ``_fingerprint`` keeps open (``forksafe.uninstall()``)."""
+    fd = _vm[1]
+    _vm[:] = [0, -1, b"", 0]
+    if fd < 0:
+        return
+    try:
+        os.close(fd)
+    except OSError:  # closed behind our back: nothing left to do
+        return
+
 _probe_list: list[tuple[str, Probe]] = []
 #: The platform, once known: one call less per fork than asking current().
 _current: Platform | None = None
@@ -148,7 +197,9 @@ def _all_probes() -> list[tuple[str, Probe]]:
 
 
 def _fingerprint(
-    platform: Platform, current_frames: Callable[[], dict[int, types.FrameType]]
+    platform: Platform,
+    current_frames: Callable[[], dict[int, types.FrameType]],
+    watch: bool = False,
 ) -> Fingerprint | None:
     """What a reusable report depends on, or None when it cannot be told cheaply.
 
@@ -156,9 +207,13 @@ def _fingerprint(
     reference (equal while the same object lives; no thread is kept alive),
     and its stack by the code object and line of every frame.
     """
-    version = getattr(platform, "images_version", None)
-    if version is None:
-        return None
+    global _reader
+    reader = _reader
+    if reader is None or reader[0] is not platform:
+        make = getattr(platform, "images_version_reader", None)
+        if make is None:
+            return None
+        reader = _reader = (platform, make())
     modules = sys.modules
     if "sqlite3" in modules:
         return None
@@ -176,8 +231,24 @@ def _fingerprint(
         return None  # a thread Python does not know: a native one, to be looked at
     me = get_ident()
     caller = active.get(me)
-    images = version()
-    if caller is None or images is None:
+    pid = os.getpid()
+    # The images version is a ctypes call, ~17 pages written per fork (each a
+    # copy-on-write fault; forksafe._guard); the size of the address space, read
+    # from /proc into a buffer, ~3. Loading or unloading an image maps or unmaps
+    # it, so while the size stays the same, so does the version read with it.
+    vm = _vm
+    if watch and vm[0] == pid:
+        try:
+            os.preadv(vm[1], _VM_BUFFERS, 0)
+        except OSError:
+            vm[0] = 0
+    if watch and vm[0] == pid and _VM_BUFFERS[0].startswith(vm[2]):
+        images: int = vm[3]
+    elif watch:
+        images = _read_images(reader[1], pid)
+    else:
+        images = reader[1]()
+    if caller is None or images <= 0:
         return None
     try:
         cwd = os.getcwd()
@@ -186,10 +257,10 @@ def _fingerprint(
     # _name, not the name property: a Python call less on every fork (forksafe._guard)
     name = caller._name  # type: ignore[attr-defined]
     if len(active) == 1:  # the caller alone: no stacks to look at
-        return (os.getpid(), me, name, images, cwd)
+        return (pid, me, name, images, cwd)
     frames = current_frames()
     frames.pop(me, None)  # our own frame would refer back to this table
-    parts: list[object] = [os.getpid(), me, name, images, cwd]
+    parts: list[object] = [pid, me, name, images, cwd]
     dummy = threading._DummyThread
     for ident, thread in list(active.items()):
         if ident == me:

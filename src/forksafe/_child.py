@@ -36,7 +36,7 @@ import signal
 import stat
 import sys
 import types
-from _thread import get_ident
+from functools import partial
 from typing import Callable, Optional, Tuple
 
 try:  # imported here, in the parent: a forked child must not load extension modules
@@ -108,8 +108,6 @@ CrashFile = Tuple[int, Optional[int], Optional[int], str, int, str]
 #: The crash file this process's faulthandler writes to, once armed. A child that
 #: forks again inherits it; its own child closes it after re-arming.
 _armed: CrashFile | None = None
-#: Crash files the parent opened for the child it is about to fork, by forking thread.
-_spares: dict[int, CrashFile] = {}
 _spare_count = 0
 #: Whether faulthandler was on before forksafe armed this process (the program's own
 #: choice, e.g. pytest's or PYTHONFAULTHANDLER): None until armed.
@@ -217,19 +215,20 @@ _getsignal = _signal.getsignal
 _SIG_DFL = _signal.SIG_DFL
 
 
-def arm(parent_pid: int, hang_timeout: float | None) -> None:
+def arm(parent_pid: int, hang_timeout: float | None, spare: CrashFile | None = None) -> None:
     """Prepare this freshly forked child so that its death or hang can be explained.
 
     Called by the guard in the child, after it reset forksafe's own locks.
-    When the parent opened the crash file for it (``open_spare``), only
-    ``faulthandler`` is pointed at it; otherwise the child opens its own, on
-    what the parent prepared (``prepare``). Every page the child writes is
+    When the parent opened the crash file for it (``open_spare``; the guard
+    passes it as ``spare``), only ``faulthandler`` is pointed at it;
+    otherwise the child opens its own, on what the parent prepared
+    (``prepare``). Every page the child writes is
     copied, and a file opened in Python is a few dozen of them: a tenth of a
     bare fork of a 100 MB process. Never raises: a child that cannot be armed
     runs exactly as it would without us.
     """
     global _armed
-    crash: CrashFile | None = _spares.get(get_ident()) if _spares else None
+    crash = spare
     try:
         if crash is not None and crash[4] == parent_pid:
             fd = crash[0]
@@ -263,7 +262,26 @@ def arm(parent_pid: int, hang_timeout: float | None) -> None:
         _announce_from_preexec(parent_pid)
 
 
-def open_spare(hang_timeout: float | None) -> CrashFile | None:
+def memory_armer(crash: CrashFile) -> tuple[Callable[[], object], ...] | None:
+    """Parent side: ``arm`` for the child about to be forked with memory file ``crash``,
+    as calls the child can make without running Python (``forksafe._guard``
+    runs them there: see its ``_child_calls``); None when ``arm`` must do it.
+
+    That is: point ``faulthandler`` at the file, and mark it armed, as ``arm``
+    does for such a file. Not for a named file, nor in a process that is
+    itself an armed child: its child has an inherited file to close first.
+    """
+    if crash[3] or _armed is not None:
+        return None
+    fd = crash[0]
+    calls: list[Callable[[], object]] = [partial(faulthandler.enable, fd, True)]
+    if _SIGTRAP is not None:
+        calls.append(partial(faulthandler.register, _SIGTRAP, fd, True, True))
+    calls.append(partial(setattr, sys.modules[__name__], "_armed", crash))
+    return tuple(calls)
+
+
+def open_spare(hang_timeout: float | None, pid: int | None = None) -> CrashFile | None:
     """Parent side, right before a fork whose child's pid it will learn: its crash file.
 
     Opening the file in the parent spares the child the work (see ``arm``).
@@ -277,7 +295,8 @@ def open_spare(hang_timeout: float | None) -> CrashFile | None:
     names it for the child. None when crash files are off.
     """
     global _spare_count, _memory
-    pid = os.getpid()
+    if pid is None:
+        pid = os.getpid()
     prepared = _prepared
     if prepared is None or prepared[0] != pid or hang_timeout is not None:
         prepare(hang_timeout)
@@ -306,7 +325,6 @@ def open_spare(hang_timeout: float | None) -> CrashFile | None:
         crash = _opened(lambda: os.open(path, _FLAGS, 0o600), path, pid, prefix)
         if crash is None:
             return None
-    _spares[get_ident()] = crash
     return crash
 
 
@@ -334,7 +352,6 @@ def _opened(opener: Callable[[], int], path: str, pid: int, prefix: str) -> Cras
 
 def release_spare(crash: CrashFile) -> None:
     """Parent side, when the fork failed: nobody will write to ``crash``."""
-    _forget_spare(crash)
     if not crash[3]:
         _recycle(crash)
         return
@@ -352,7 +369,6 @@ def adopt_spare(crash: CrashFile, child_pid: int) -> None:
     parent keeps a memory file's descriptor, to read it when it reaps the
     child (``take_memory_crash``). Done before this thread forks again.
     """
-    _forget_spare(crash)
     if not crash[3]:
         memory = _memory
         if memory is not None and memory[0] == crash[4]:
@@ -363,12 +379,6 @@ def adopt_spare(crash: CrashFile, child_pid: int) -> None:
         os.rename(crash[3], crash[5] + str(child_pid) + ".crash")
     except OSError:
         return
-
-
-def _forget_spare(crash: CrashFile) -> None:
-    ident = get_ident()
-    if _spares.get(ident) is crash:
-        del _spares[ident]
 
 
 def take_memory_crash(child_pid: int, limit: int) -> str | None:
@@ -452,8 +462,10 @@ _MFD_CLOEXEC: int = getattr(os, "MFD_CLOEXEC", 0)
 #: Every child inherits these descriptors (close-on-exec, above HIGH_FD) and
 #: closes them only if it forks in turn, so both bounds are small.
 MAX_HELD = 32
-#: Empty memory files kept for the next children.
-MAX_FREE = 4
+#: Empty memory files kept for the next children. The guard hands back the files of
+#: exited children by the batch (``forksafe._guard.QUEUE_SIZE``: two entries per
+#: child), so this holds a batch with room to spare.
+MAX_FREE = 20
 #: (owner pid, empty memory files, child pid -> its memory file). A child that forks
 #: starts its own: the inherited ones are its parent's.
 _memory: tuple[int, list[CrashFile], dict[int, CrashFile]] | None = None

@@ -58,7 +58,8 @@ from __future__ import annotations
 
 import os
 import sys
-from _operator import itemgetter
+from _functools import partial  # type: ignore[import-not-found,unused-ignore]  # no stubs
+from _operator import itemgetter, methodcaller
 from _thread import RLock, get_native_id
 from _thread import _local as thread_local
 
@@ -74,12 +75,15 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import types
     from collections import deque
-    from typing import Any, Callable, NamedTuple, Tuple
+    from typing import Any, Callable, NamedTuple, Optional, Tuple, Union
 
     from forksafe._report import ForkEvent, Hazard, Outcome, Report, Site
     from forksafe._sink import Sink
 
     WaitResult = Tuple[Any, ...]
+    #: A queued fork, ``(decision, child pid, spare crash file)``, or a queued reap,
+    #: ``(child pid, wait status)``; see ``_flush_pending``.
+    Queued = Union[Tuple["_Decision", Optional[int], Any], Tuple[int, int]]
 else:
     from _collections import deque  # the C deque, without importing `collections`
 
@@ -88,6 +92,9 @@ FAIL_ON = ("warning", "error")
 #: Fork events kept per process (``history()``), and children remembered by pid.
 HISTORY_SIZE = 1000
 CHILDREN_SIZE = 1000
+#: Queued forks and reaps (two per child) recorded in one go, when nobody outside
+#: the process waits for them (see ``_flush_pending``).
+QUEUE_SIZE = 32
 
 FORK_WARNING = (
     "forksafe: {mechanism} at {where} forked (pid {pid}, thread {thread!r}) while that was "
@@ -209,27 +216,80 @@ _quiet_filter: Any = None
 _hooks_registered = False
 _failures: set[str] = set()
 
-# History and the child map are changed under ``_lock``, an RLock (a signal
-# handler that forks may interrupt its own thread inside it). The child gets a
-# fresh one: whatever thread held the parent's is gone.
-_lock = RLock()
-_history: deque[ForkEvent] = deque(maxlen=HISTORY_SIZE)
-_children: dict[int, ForkEvent] = {}
-# Forks not yet recorded (see the module docstring). A deque: append and popleft
-# are atomic, so it needs no lock. Bounded by the flush before every fork.
-_pending: deque[tuple[_Decision, int | None, Any]] = deque()
-# Whether forks are queued rather than recorded at once: nobody outside this
-# process waits for them (no report file, no hang timeout). Set by install().
+class _State:
+    """The record of the forks of process ``pid``; read it through ``_own_state()``.
+
+    ``history`` and ``children`` (the event of each child, by pid) change under
+    ``lock``, an RLock (a signal handler that forks may interrupt its own
+    thread inside it). ``queue`` holds forks and reaps not yet recorded (see
+    the module docstring): a deque, whose append and popleft are atomic, so
+    it needs no lock.
+
+    A forked child inherits its parent's state, lock included, held perhaps
+    by a thread that does not exist in the child. It makes its own when it
+    first needs one (``_own_state``), not in an at-fork hook: most children
+    never need one, and every object a child touches is a page it copies
+    (module docstring). ``parent`` is then the inherited state, kept and not
+    freed — freeing a thousand events would write to every page they live
+    on — and ``successor``, on the inherited state in the child's memory,
+    settles which new state wins if two threads of the child race to make it.
+    """
+
+    __slots__ = ("children", "history", "lock", "parent", "pid", "queue", "successor")
+
+    def __init__(self, pid: int, parent: _State | None = None) -> None:
+        self.pid = pid
+        self.lock = RLock()
+        self.history: deque[ForkEvent] = deque(maxlen=HISTORY_SIZE)
+        self.children: dict[int, ForkEvent] = {}
+        self.queue: deque[Queued] = deque()
+        self.parent = parent
+        self.successor: list[_State] = []
+
+
+_st = _State(os.getpid())
+
+
+def _own_state(pid: int | None = None) -> _State:
+    """This process's state (``pid``: this process's pid, when the caller has it)."""
+    global _st
+    st = _st
+    if pid is None:
+        pid = os.getpid()
+    if st.pid == pid:
+        return st
+    st.successor.append(_State(pid, st))  # atomic: the first one appended wins
+    _st = st.successor[0]
+    return _st
+# Whether forks and reaps are queued rather than recorded at once: nobody outside
+# this process waits for them (no report file, no hang timeout). Set by install().
 _defer_records = False
-_inherited: Any = None  # in a child: the parent's history, kept unfreed (see below)
-# A child's own lock, history, child map and queue, made in the parent before it
-# forks, so that the child only swaps them in (see _after_fork_child).
-_fresh: list[Any] | None = None
-# .busy: the pid of the process whose wrapper is inside the real fork on this
-# thread; .pending: (pid, decision, children before) for a fork only the hooks
-# saw. Stamped with the pid so that a child, which inherits them as they were
-# at the fork, need not write to them: a page less to copy in every child.
-_local = thread_local()
+
+
+class _Local(thread_local):
+    """Per-thread fork state; class attributes are every thread's defaults.
+
+    ``busy``: the pid of the process whose wrapper is inside the real fork on
+    this thread; ``pending``: (pid, decision, children before) for a fork only
+    the hooks saw. Stamped with the pid so that a child, which inherits them as
+    they were at the fork, need not write to them: a page less to copy in every
+    child. ``spare``: the crash file ``os.fork``'s wrapper opened for the child
+    it is forking (``forksafe._child.open_spare``), None outside that fork: the
+    child finds it here without a lookup that could be stale. ``decision``: that
+    fork's decision, kept here across the fork (see the wrapper).
+    ``after_fork_child``: what the child of this thread's fork runs (the
+    at-fork hook calls it): ``_after_fork_child``, unless the wrapper set C
+    calls for the child (``_child_calls``).
+    """
+
+    busy = 0
+    pending: Any = None
+    spare: Any = None
+    decision: Any = None
+    after_fork_child: Callable[[], object]
+
+
+_local = _Local()
 # Whether a fork only the hooks saw ever happened here: until then, the hook after
 # every fork need not look at _local (one object less touched per fork).
 _hooks_judged = False
@@ -276,6 +336,9 @@ def uninstall() -> None:
     _defer_records = False
     if _child_module is not None:
         _child_module.close_memory_files()
+    check = sys.modules.get("forksafe._check")
+    if check is not None:
+        check.close_files()
     for name, original in list(_originals.items()):
         owner, attr = _owner(name)
         if owner is not None and getattr(owner, attr, None) is _wrappers.get(name):
@@ -340,33 +403,39 @@ def installed() -> Config | None:
 def history() -> list[ForkEvent]:
     """This process's recent fork events, oldest first (at most ``HISTORY_SIZE``)."""
     _flush_pending()
-    with _lock:
-        return list(_history)
+    st = _own_state()
+    with st.lock:
+        return list(st.history)
 
 
 def event_for_child(pid: int) -> ForkEvent | None:
     """The event of the fork that created child ``pid``, while it is remembered."""
-    if _pending:
-        _flush_pending()
-    return _children.get(pid)
+    _flush_pending()
+    return _own_state().children.get(pid)
 
 
 def set_outcome(pid: int, outcome: Outcome) -> None:
     """Attach ``outcome`` to child ``pid``'s event and append it to the report file."""
-    if _pending:
-        _flush_pending()
-    with _lock:
-        event = _children.get(pid)
+    _flush_pending()
+    _attach_outcome(pid, outcome)
+
+
+def _attach_outcome(pid: int, outcome: Outcome) -> None:
+    """``set_outcome`` for a queue being flushed, which must not flush it again."""
+    st = _own_state()
+    with st.lock:
+        event = st.children.get(pid)
         if event is not None:
             # Spelled out rather than dataclasses.replace(), which reads every field's
             # Field object: pages written on every reaped child (module docstring).
             updated = type(event)(event.parent_pid, event.child_pid, event.time,
                                   event.mechanism, event.site, event.action,
                                   event.report, outcome)
-            _children[pid] = updated
-            for i in range(len(_history) - 1, -1, -1):
-                if _history[i] is event:
-                    _history[i] = updated
+            st.children[pid] = updated
+            history = st.history
+            for i in range(len(history) - 1, -1, -1):
+                if history[i] is event:
+                    history[i] = updated
                     break
     if _sink is not None:  # no record built for nobody: it is called for every child
         emit({"type": "outcome", "parent_pid": os.getpid(), "child_pid": pid,
@@ -467,6 +536,8 @@ def _load_followers() -> None:
     _outcome_module = _optional("forksafe._outcome")
     if _child_module is not None:
         _child_module.warm_up()
+    if _outcome_module is not None:
+        _outcome_module.tidy_at_exit()
     if sys.version_info >= (3, 12):
         _silence_cpython_duplicate()
 
@@ -643,27 +714,49 @@ def _wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
         spare = None
         config = _config  # read once: another thread may uninstall meanwhile
         timeout = config.hang_timeout if config is not None else None
+        me = getpid()
         if child is not None:
             try:
-                spare = child.open_spare(timeout)
+                spare = child.open_spare(timeout, me)
             except Exception as exc:
                 _report_failure("forksafe._child.open_spare", exc)
+        calls: Callable[[], object] = _after_fork_child
         if timeout is not None:
             _hang_helper_before_fork(timeout)
-        local.busy = getpid()
+        elif spare is not None and child is not None:
+            cached = _calls_cache.get(id(spare))
+            calls = (cached[1] if cached is not None and cached[0] is spare
+                     else _child_calls(spare, child))
+            del cached
+        local.after_fork_child = calls
+        local.busy = me
+        local.spare = spare
+        local.decision = decision
+        # A fork we warned about: CPython's own generic warning adds nothing now.
+        quiet = decision.action == "warned"
+        # In the child this frame ends with the fork, and every object it still
+        # refers to is written to (released) there: a page copied for each. So
+        # the thread-local keeps them for the parent.
+        del decision, spare, child, config, timeout, calls
         try:
-            # A fork we warned about: CPython's own generic warning adds nothing now.
-            pid: int = (_quiet.call(original) if decision.action == "warned"
-                        else original())
+            pid: int = _quiet.call(original) if quiet else original()
         except BaseException:
+            spare = local.spare
             local.busy = 0
+            local.spare = local.decision = None
+            local.after_fork_child = _after_fork_child
+            child = _child_module
             if spare is not None and child is not None:
                 child.release_spare(spare)
             raise
         if pid:  # the child leaves .busy alone: it holds the parent's pid, not its own
+            decision, spare = local.decision, local.spare
             local.busy = 0
+            local.spare = local.decision = None
+            local.after_fork_child = _after_fork_child
             if _defer_records:
-                _pending.append((decision, pid, spare))
+                st = _st
+                (st if st.pid == me else _own_state(me)).queue.append((decision, pid, spare))
             else:
                 _forked(decision, pid, spare)
         return pid
@@ -731,15 +824,25 @@ def _guarded(
 
 
 def _wrap_wait(original: Callable[..., WaitResult]) -> Callable[..., WaitResult]:
+    exited = os.WIFEXITED
+    getpid = os.getpid
+
     def wait(*args: Any, **kwargs: Any) -> WaitResult:
         result = original(*args, **kwargs)
         pid = result[0]
         if pid > 0 and _config is not None:
-            if _pending:
+            status = result[1]
+            if _defer_records and exited(status):
+                # A child that exited has nothing urgent to say: queued with its
+                # fork, both recorded in one go (see _flush_pending).
+                st = _st  # _own_state(), spelled out: a call less per child
+                queue = (st if st.pid == getpid() else _own_state()).queue
+                queue.append((pid, status))
+                if len(queue) >= QUEUE_SIZE:
+                    _flush_pending()
+            else:
                 _flush_pending()
-            event = _children.get(pid)
-            if event is not None:
-                _reaped(event, result[1])
+                _reap(pid, status)
         return result
 
     return _copy_identity(wait, original)  # type: ignore[no-any-return]
@@ -756,13 +859,10 @@ def _wrap_waitid(original: Callable[..., Any]) -> Callable[..., Any]:
         pid = result.si_pid
         if options & getattr(os, "WNOWAIT", 0):  # only a peek: the child is reaped later
             return result
-        if _pending:
-            _flush_pending()
-        event = _children.get(pid)
-        if event is not None:
-            status = _wait_status(result.si_code, result.si_status)
-            if status is not None:
-                _reaped(event, status)
+        _flush_pending()
+        status = _wait_status(result.si_code, result.si_status)
+        if status is not None:
+            _reap(pid, status)
         return result
 
     return _copy_identity(waitid, original)  # type: ignore[no-any-return]
@@ -817,17 +917,19 @@ def _judge(
 ) -> _Decision:
     if not _followers_loaded:
         _load_followers()
-    if _pending:
+    st = _st  # _own_state(), spelled out: a call less per fork
+    if len((st if st.pid == os.getpid() else _own_state()).queue) >= QUEUE_SIZE:
         _flush_pending()
-    global _last_judged, _fresh
-    if _fresh is None:
-        _fresh = [RLock(), deque(maxlen=HISTORY_SIZE), {}, deque()]
+    global _last_judged
     lazy = _Lazy
     config = _config or Config()
-    mechanism, user = _locate(caller, mechanism)
+    if lazy.library_files.get(caller.f_code.co_filename) is False:
+        user = caller  # forked from the user's own code, seen before: a call less
+    else:
+        mechanism, user = _locate(caller, mechanism)
     stamp = lazy.time()
     try:
-        report = lazy.fork_check()
+        report = lazy.fork_check(watch=True)
         if extra is None:
             # The same report (an unchanged process, see forksafe._check) under the
             # same configuration from the same line: the same verdict and the same
@@ -958,13 +1060,15 @@ def _event(decision: _Decision, child_pid: int | None) -> ForkEvent:
 
 
 def _record(event: ForkEvent) -> None:
-    with _lock:
-        _history.append(event)
+    st = _own_state()
+    with st.lock:
+        st.history.append(event)
         if event.child_pid is not None:
-            _children.pop(event.child_pid, None)  # a recycled pid moves to the end
-            _children[event.child_pid] = event
-            while len(_children) > CHILDREN_SIZE:
-                del _children[next(iter(_children))]
+            children = st.children
+            children.pop(event.child_pid, None)  # a recycled pid moves to the end
+            children[event.child_pid] = event
+            while len(children) > CHILDREN_SIZE:
+                del children[next(iter(children))]
     if _sink is not None:
         emit({"type": "fork", **event.to_dict(), "command": list(getattr(sys, "argv", []))})
 
@@ -976,20 +1080,30 @@ def _forked(decision: _Decision, pid: int | None, spare: Any = None) -> None:
     for it (``forksafe._child.open_spare``).
     """
     if _defer_records:
-        _pending.append((decision, pid, spare))
+        _own_state().queue.append((decision, pid, spare))
         return
     _flush_pending()
     _record_fork(decision, pid, spare)
 
 
 def _flush_pending() -> None:
-    """Record the queued forks, oldest first; safe from any thread."""
-    while True:
+    """Record the queued forks and reaps, oldest first; safe from any thread.
+
+    Queued by the dozen, recorded in one go: the code that records them, and
+    the objects it touches, are then written to once per flush rather than
+    once per fork — pages the parent copies when it writes to them while a
+    child lives (module docstring).
+    """
+    queue = _own_state().queue
+    while queue:
         try:
-            decision, pid, spare = _pending.popleft()
+            item = queue.popleft()
         except IndexError:
             return
-        _record_fork(decision, pid, spare)
+        if len(item) == 3:
+            _record_fork(*item)
+        else:
+            _reap(*item)
 
 
 def _record_fork(decision: _Decision, pid: int | None, spare: Any = None) -> None:
@@ -1013,12 +1127,16 @@ def _record_fork(decision: _Decision, pid: int | None, spare: Any = None) -> Non
             _report_failure("forksafe._outcome.on_forked", exc)
 
 
-def _reaped(event: ForkEvent, status: int) -> None:
+def _reap(pid: int, status: int) -> None:
+    """Child ``pid`` was reaped with wait ``status``: the follower says how it ended."""
     follower = _outcome_module
     if follower is None or not (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
         return
+    event = _own_state().children.get(pid)
+    if event is None:
+        return
     try:
-        follower.on_reaped(event.child_pid, status, event=event)
+        follower.on_reaped(pid, status, event=event, _set_outcome=_attach_outcome)
     except Exception as exc:
         _report_failure("forksafe._outcome.on_reaped", exc)
 
@@ -1052,8 +1170,9 @@ def _register_hooks() -> None:
     global _hooks_registered
     if _hooks_registered:
         return
+    # The child's hook is C: what it runs is chosen per thread (see _child_calls).
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
-                        after_in_child=_after_fork_child)
+                        after_in_child=partial(methodcaller("after_fork_child"), _local))
     _hooks_registered = True
 
 
@@ -1084,8 +1203,9 @@ def _hang_helper_before_fork(timeout: float) -> None:
 
 def _before_fork() -> None:
     """A fork that no wrapper saw is about to happen in this thread."""
-    if _config is None or getattr(_local, "busy", 0) == os.getpid() or sys.is_finalizing():
+    if _config is None or _local.busy == os.getpid() or sys.is_finalizing():
         return
+    _local.after_fork_child = _after_fork_child  # in a child: not its own fork's calls
     try:
         caller = sys._getframe(1)
         decision = _judge("unwrapped-fork", caller, refusable=False)
@@ -1101,7 +1221,7 @@ def _before_fork() -> None:
 def _after_fork_parent() -> None:
     if not _hooks_judged:
         return
-    pending = getattr(_local, "pending", None)
+    pending = _local.pending
     if pending is None:
         return
     _local.pending = None
@@ -1118,31 +1238,60 @@ def _after_fork_parent() -> None:
 
 
 def _after_fork_child() -> None:
-    """In every child of a guarded fork: reset our state, then arm the child once.
+    """In a child of a guarded fork: arm it, once (but see ``_child_calls`` for the
+    commonest child, which runs no Python at all).
 
-    Every page the child writes is copied (copy-on-write) and a new object is a
-    page written, so the child makes none: it swaps in the lock, history, child
-    map and queue the parent made for it (``_judge``), and keeps the parent's
-    in their place, unfreed — freeing a thousand events would write to every
-    page they live on. Whatever thread held the parent's lock is gone; the
-    fresh one was never taken.
+    Nothing else: the child makes its own fork record when it needs one
+    (``_own_state``), and takes no lock here.
     """
-    global _lock, _history, _children, _pending, _inherited, _fresh
     config = _config
     if config is None:
         return
-    fresh = _fresh
-    if fresh is None:  # a fork no wrapper or hook judged: make them here
-        fresh = [RLock(), deque(maxlen=HISTORY_SIZE), {}, deque()]
-    (_lock, _history, _children, _pending, fresh[0], fresh[1], fresh[2], fresh[3]) = (
-        fresh[0], fresh[1], fresh[2], fresh[3], _lock, _history, _children, _pending)
-    _inherited, _fresh = fresh, None
     child = _child_module
     if child is not None:
         try:
-            child.arm(os.getppid(), config.hang_timeout)
+            child.arm(os.getppid(), config.hang_timeout, _local.spare)
         except Exception as exc:
             _write_fd2(HOOK_FAILED.format(what="forksafe._child.arm", error=exc))
+
+
+_Local.after_fork_child = staticmethod(_after_fork_child)
+
+#: Consumes an iterator in C, keeping nothing.
+_SINK: deque[object] = deque(maxlen=0)
+_CALL = methodcaller("__call__")
+#: id(spare) -> (spare, the calls its child runs); see _child_calls.
+_calls_cache: dict[int, tuple[Any, Callable[[], object]]] = {}
+
+
+def _child_calls(spare: Any, child: types.ModuleType) -> Callable[[], object]:
+    """What the child of ``os.fork``'s wrapper runs instead of ``_after_fork_child``,
+    when the parent opened a memory file for it: the same work, as C calls.
+
+    That child, the commonest of all, then runs no Python before it returns
+    from ``os.fork``: ``_after_fork_child`` and the Python it calls wrote ~20
+    pages in every child (each copied: a Python call writes its function and
+    code objects, and each object it touches), ~70 us per fork of a 100 MB
+    process. The calls arm the child (``forksafe._child.memory_armer``): they
+    are ``functools.partial`` objects, run in order by a ``map`` that a
+    zero-length ``deque`` consumes. The map is used up in each child's copy
+    of memory only, never in the parent, so one serves every child forked
+    with this spare (kept in ``_calls_cache``). The at-fork hook finds them
+    per thread (``_local``), so a fork in another thread runs its own; the
+    wrapper sets them right before the fork and puts ``_after_fork_child``
+    back right after, and a fork in a child that no wrapper saw puts it back
+    in ``_before_fork`` (in the child, the used-up map does nothing). When
+    arming cannot be done this way (``memory_armer`` says None), the calls
+    are just ``_after_fork_child``.
+    """
+    armer = child.memory_armer(spare)
+    calls: Callable[[], object] = _after_fork_child
+    if armer is not None:
+        calls = partial(_SINK.extend, map(_CALL, armer))
+    if len(_calls_cache) >= 64:  # spares are few: at most MAX_FREE + MAX_HELD at once
+        _calls_cache.clear()
+    _calls_cache[id(spare)] = (spare, calls)
+    return calls
 
 
 def _write_fd2(line: str) -> None:

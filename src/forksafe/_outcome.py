@@ -88,17 +88,12 @@ def on_forked(event: ForkEvent, hang_timeout: float | None) -> None:
     so that forksafe adds no thread - itself a fork hazard - to the program it
     watches).
     """
-    global _forks, _tidy_at_exit
+    global _forks
     _forks += 1
     if hang_timeout is None or _forks % SWEEP_EVERY == 1:
         sweep()
         _child.forget_gone_children()
-        if not _tidy_at_exit:
-            # And at exit: children that exec'd, or that subprocess reaped, are gone by then.
-            import atexit
-
-            atexit.register(_sweep_at_exit)
-            _tidy_at_exit = True
+        tidy_at_exit()
     if hang_timeout is None or event.child_pid is None or _supervised():
         return
     from forksafe import _hang
@@ -184,6 +179,23 @@ def _finished(pid: str) -> bool:
 _LEFTOVERS = ("crash", "spare", "hung", "hung.tmp")
 #: Seconds after which a dead process's traceback or hang marker is no longer awaited.
 STALE_AFTER = 600.0
+
+
+def tidy_at_exit() -> None:
+    """Sweep the state directory when the process exits (once registered, idempotent):
+    children that exec'd, or that subprocess reaped, are gone by then.
+
+    The guard asks for it before its first fork, not at the first fork it
+    records: it may record them in one go only at exit (``_sweep_at_exit``
+    flushes its queue first), and an exit handler registered while the
+    process exits never runs.
+    """
+    global _tidy_at_exit
+    if not _tidy_at_exit:
+        import atexit
+
+        atexit.register(_sweep_at_exit)
+        _tidy_at_exit = True
 
 
 def _sweep_at_exit() -> None:

@@ -20,7 +20,8 @@ import ctypes
 import os
 import sys
 import threading
-from typing import Any, Callable
+from functools import partial
+from typing import Callable
 
 from forksafe._platform import LoadedLibrary, OSThread
 
@@ -62,10 +63,9 @@ class _PhdrInfo(ctypes.Structure):
     ]
 
 
-#: The same callback, given the info structure as an array of 64-bit words: the
-#: cheapest way for Python to read its two counters (``images_version``).
-_COUNTERS_CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_size_t, ctypes.c_void_p
+#: The callback of ``images_version_reader``, given the info structure's address.
+_ADDRESS_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p
 )
 
 #: A mapping from /proc/self/maps: start, end, permissions, path ("" if anonymous).
@@ -90,7 +90,7 @@ class LinuxPlatform:
         # A thread's start routine never changes: (tid, start time) -> stack libraries.
         self._owners: dict[tuple[int, str], tuple[str, ...]] = {}
         self._maps: tuple[str, list[_Span]] = ("", [])
-        self._version: tuple[Callable[..., int], Any] | None = None
+        self._version: Callable[[], int] | None = None
 
     # -- images ---------------------------------------------------------------
 
@@ -108,33 +108,46 @@ class LinuxPlatform:
         """glibc's counts of images loaded and unloaded so far, as one number; None if unknown.
 
         Equal answers mean the same set of images (nothing was ``dlopen``ed or
-        ``dlclose``d in between). This runs on every guarded fork, where each
-        object made is a page written (copy-on-write), so the callback is made
-        once, reads the two counters through the pointer it is given and
-        returns them packed into the ``int`` that ``dl_iterate_phdr`` passes
-        back: no structure, no ``memmove`` call, no result written anywhere.
+        ``dlclose``d in between).
+        """
+        packed = self.images_version_reader()()
+        return packed if packed > 0 else None
+
+    def images_version_reader(self) -> Callable[[], int]:
+        """``images_version`` as a call without arguments (made once), <= 0 when unknown.
+
+        It runs on every guarded fork, where each object made or touched is a
+        page written (copy-on-write), so: a ``partial`` (C, no Python frame)
+        of ``dl_iterate_phdr`` with a callback made once, which stops at the
+        first image and returns the two counters packed into the ``int`` that
+        ``dl_iterate_phdr`` passes back. The callback gets the info structure's
+        address as an ``int`` and reads the counters through a pointer object
+        made once that overlays a ``c_void_p`` (set to that address): no
+        ctypes object per call. One thread at a time runs it: glibc holds its
+        loader lock around the callbacks.
         """
         if self._version is None:
             libc = ctypes.CDLL(None)
             iterate = libc.dl_iterate_phdr
-            iterate.argtypes = [_COUNTERS_CALLBACK, ctypes.c_void_p]
+            iterate.argtypes = [_ADDRESS_CALLBACK, ctypes.c_void_p]
             iterate.restype = ctypes.c_int
             counted = ctypes.sizeof(_PhdrInfo)
             adds = _PhdrInfo.dlpi_adds.offset // ctypes.sizeof(ctypes.c_ulonglong)
+            address = ctypes.c_void_p()
+            words = ctypes.POINTER(ctypes.c_ulonglong).from_buffer(address)
 
-            def first(info: Any, size: int, data: object) -> int:
+            def first(info: int, size: int, data: object) -> int:
                 if size < counted:
                     return -1
-                added: int = info[adds]
-                removed: int = info[adds + 1]
+                address.value = info
+                added: int = words[adds]
+                removed: int = words[adds + 1]
                 if added >= 1 << 15 or removed >= 1 << 15:
                     return -1  # does not fit: unknown, so no report is reused
                 return (added << 16 | removed) + 1  # the first image is enough
 
-            self._version = (iterate, _COUNTERS_CALLBACK(first))
-        call, callback = self._version
-        packed: int = call(callback, None)
-        return packed if packed > 0 else None
+            self._version = partial(iterate, _ADDRESS_CALLBACK(first), None)
+        return self._version
 
     def loaded_libraries(self) -> list[LoadedLibrary]:
         self._iterator()
