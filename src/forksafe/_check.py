@@ -26,7 +26,7 @@ import sys
 import threading
 import types
 import warnings
-from _thread import get_ident
+from _thread import allocate_lock, get_ident
 from _weakref import ref
 from typing import Any, Callable, Tuple
 
@@ -146,7 +146,9 @@ _reader: tuple[Platform, Callable[[], int]] | None = None
 #: there as b"<pages> ", the images version read right after]: see _fingerprint.
 #: pid 0: nothing read (or /proc unusable), the version is read every time.
 _vm: list[Any] = [0, -1, b"", 0]
-_VM_BUFFERS = [bytearray(64)]
+#: pid -> the lock under which _read_images updates _vm: taken without waiting (a
+#: fork path must never block), and made anew by a child, whose copy may be held.
+_vm_locks: dict[int, Any] = {}
 
 
 def _read_images(read: Callable[[], int], pid: int) -> int:
@@ -155,23 +157,29 @@ def _read_images(read: Callable[[], int], pid: int) -> int:
     The size is read first: an image loaded in between then shows as a
     changed size at the next look, which reads the version again.
     """
-    vm = _vm
+    lock = _vm_locks.get(pid) or _vm_locks.setdefault(pid, allocate_lock())
+    if not lock.acquire(False):  # never waits: another thread is at it, read directly
+        return read()
     try:
+        vm = _vm
         if vm[0] != pid:
             vm[0] = 0
+            for other in [p for p in _vm_locks if p != pid]:  # inherited from the parent
+                _vm_locks.pop(other, None)
             if vm[1] >= 0:  # the parent's, inherited: ours reads the parent's numbers
                 os.close(vm[1])
                 vm[1] = -1
             vm[1] = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-        os.preadv(vm[1], _VM_BUFFERS, 0)
-        buffer = _VM_BUFFERS[0]
-        size = bytes(buffer[: buffer.index(b" ") + 1])
+        data = os.pread(vm[1], 32, 0)
+        size = data[: data.index(b" ") + 1]
+        images = read()
+        vm[:] = [pid, vm[1], size, images]
+        return images
     except (OSError, ValueError):
-        vm[0] = 0
+        _vm[0] = 0
         return read()
-    images = read()
-    vm[:] = [pid, vm[1], size, images]
-    return images
+    finally:
+        lock.release()
 
 
 def close_files() -> None:
@@ -237,12 +245,13 @@ def _fingerprint(
     # from /proc into a buffer, ~3. Loading or unloading an image maps or unmaps
     # it, so while the size stays the same, so does the version read with it.
     vm = _vm
+    size = b""
     if watch and vm[0] == pid:
         try:
-            os.preadv(vm[1], _VM_BUFFERS, 0)
+            size = os.pread(vm[1], 32, 0)  # its own buffer: other threads read too
         except OSError:
             vm[0] = 0
-    if watch and vm[0] == pid and _VM_BUFFERS[0].startswith(vm[2]):
+    if watch and vm[0] == pid and size.startswith(vm[2]):
         images: int = vm[3]
     elif watch:
         images = _read_images(reader[1], pid)
