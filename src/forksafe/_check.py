@@ -146,6 +146,10 @@ _reader: tuple[Platform, Callable[[], int]] | None = None
 #: there as b"<pages> ", the images version read right after]: see _fingerprint.
 #: pid 0: nothing read (or /proc unusable), the version is read every time.
 _vm: list[Any] = [0, -1, b"", 0]
+_MODULES = sys.modules
+_ACTIVE: dict[int, threading.Thread] = threading._active  # type: ignore[attr-defined]
+_LIMBO: dict[object, threading.Thread] = threading._limbo  # type: ignore[attr-defined]
+_lstat, _getpid, _pread, _getcwd = os.lstat, os.getpid, os.pread, os.getcwd
 #: pid -> the lock under which _read_images updates _vm: taken without waiting (a
 #: fork path must never block), and made anew by a child, whose copy may be held.
 _vm_locks: dict[int, Any] = {}
@@ -222,45 +226,44 @@ def _fingerprint(
         if make is None:
             return None
         reader = _reader = (platform, make())
-    modules = sys.modules
+    # Module attributes bound once (_MODULES, _lstat, ...): each module object
+    # looked up is one more object written to (its reference count) per fork.
+    modules = _MODULES
     if "sqlite3" in modules:
         return None
     events = modules.get("asyncio.events")
     if events is not None and events._get_running_loop() is not None:
         return None
-    active: dict[int, threading.Thread] = threading._active  # type: ignore[attr-defined]
-    if threading._limbo:  # type: ignore[attr-defined]
+    active = _ACTIVE
+    if _LIMBO:
         return None  # a thread is starting
     try:
-        os_threads = os.lstat("/proc/self/task").st_nlink - 2  # procfs: 2 + one per thread
+        os_threads = _lstat("/proc/self/task").st_nlink - 2  # procfs: 2 + one per thread
     except OSError:
         return None
     if os_threads != len(active):
         return None  # a thread Python does not know: a native one, to be looked at
     me = get_ident()
     caller = active.get(me)
-    pid = os.getpid()
+    pid = _getpid()
     # The images version is a ctypes call, ~17 pages written per fork (each a
     # copy-on-write fault; forksafe._guard); the size of the address space, read
     # from /proc into a buffer, ~3. Loading or unloading an image maps or unmaps
     # it, so while the size stays the same, so does the version read with it.
-    vm = _vm
-    size = b""
-    if watch and vm[0] == pid:
-        try:
-            size = os.pread(vm[1], 32, 0)  # its own buffer: other threads read too
-        except OSError:
-            vm[0] = 0
-    if watch and vm[0] == pid and size.startswith(vm[2]):
-        images: int = vm[3]
-    elif watch:
-        images = _read_images(reader[1], pid)
-    else:
+    if not watch:
         images = reader[1]()
+    else:
+        vm = _vm
+        try:
+            # Its own bytes, not a shared buffer: other threads read it too.
+            same = vm[0] == pid and _pread(vm[1], 32, 0).startswith(vm[2])
+        except OSError:
+            same = False
+        images = vm[3] if same else _read_images(reader[1], pid)
     if caller is None or images <= 0:
         return None
     try:
-        cwd = os.getcwd()
+        cwd = _getcwd()
     except OSError:
         return None
     # _name, not the name property: a Python call less on every fork (forksafe._guard)
