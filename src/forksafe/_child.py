@@ -218,14 +218,13 @@ _SIG_DFL = _signal.SIG_DFL
 def arm(parent_pid: int, hang_timeout: float | None, spare: CrashFile | None = None) -> None:
     """Prepare this freshly forked child so that its death or hang can be explained.
 
-    Called by the guard in the child, after it reset forksafe's own locks.
+    Called by the guard in the child (unless ``memory_armer``'s calls do it).
     When the parent opened the crash file for it (``open_spare``; the guard
-    passes it as ``spare``), only ``faulthandler`` is pointed at it;
-    otherwise the child opens its own, on what the parent prepared
-    (``prepare``). Every page the child writes is
-    copied, and a file opened in Python is a few dozen of them: a tenth of a
-    bare fork of a 100 MB process. Never raises: a child that cannot be armed
-    runs exactly as it would without us.
+    passes it as ``spare``), only ``faulthandler`` is pointed at it; otherwise
+    the child opens its own, on what the parent prepared (``prepare``). Every
+    page the child writes is copied, and a file opened in Python is a few
+    dozen of them: a tenth of a bare fork of a 100 MB process. Never raises: a
+    child that cannot be armed runs exactly as it would without us.
     """
     global _armed
     crash = spare
@@ -367,7 +366,7 @@ def adopt_spare(crash: CrashFile, child_pid: int) -> None:
 
     A named file gets the child's name, and the parent's descriptor closes; the
     parent keeps a memory file's descriptor, to read it when it reaps the
-    child (``take_memory_crash``). Done before this thread forks again.
+    child (``take_memory_crash``). Done when the guard records the fork.
     """
     if not crash[3]:
         memory = _memory

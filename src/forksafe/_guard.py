@@ -24,9 +24,11 @@ A fork through a wrapper sets a thread-local flag so that the hooks, which run
 inside the real ``fork()``, do not count it twice.
 
 In the child, the ``after_in_child`` hook runs for *every* fork the guard
-sees (wrapped or not) and is the only place the child side happens: it
-replaces forksafe's own lock, forgets the parent's history and arms
-``forksafe._child`` exactly once per fork. It takes no lock.
+sees (wrapped or not) and is the only place the child side happens: it arms
+``forksafe._child`` exactly once per fork — for ``os.fork``'s wrapper with a
+memory crash file without running Python (``_child_calls``). It takes no
+lock; the child makes its own fork record when it first needs one
+(``_own_state``).
 
 The policy decision lives in ``_judge`` (check, then policy) and
 ``_announce`` (warn or raise), both before the fork; the record of a fork is
@@ -41,9 +43,10 @@ pools): recording the event, handing it to the follower and freeing the
 check's objects right after the fork cost ~300 page copies per fork, which
 on a 100 MB process made a guarded fork 1.2x a bare one. So without a report
 file or a hang timeout — when nobody outside this process waits for the event
-— the parent only queues ``(decision, pid)`` and records it later, when it is
-cheap and still in time: after a ``wait*`` call returns, before the next fork,
-and whenever the history or a child's event is asked for. Before the fork, the
+— the parent only queues ``(decision, pid)``, and the ``wait*`` wrappers queue
+the reaps of children that exited; both are recorded ``QUEUE_SIZE`` at a time
+(a child killed by a signal at once, at its own wait), and whenever the
+history or a child's event is asked for, and at exit. Before the fork, the
 same reasoning: an unchanged process gets its last report back
 (``forksafe._check.fork_check``), and a fork from the same line under the same
 configuration reuses the last verdict and ``Site``; the ``os.fork`` wrapper
@@ -261,6 +264,8 @@ def _own_state(pid: int | None = None) -> _State:
     st.successor.append(_State(pid, st))  # atomic: the first one appended wins
     _st = st.successor[0]
     return _st
+
+
 # Whether forks and reaps are queued rather than recorded at once: nobody outside
 # this process waits for them (no report file, no hang timeout). Set by install().
 _defer_records = False
