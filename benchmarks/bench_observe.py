@@ -4,9 +4,11 @@ Three workloads run alternately with observation off (baseline) and on,
 in the same process: 100k logging calls, starting and joining 2,000 threads,
 10k sqlite3 connect/close (a file database and ``:memory:``). Target: <= 1.02x.
 
-A last line puts the connection numbers in proportion: the same in-memory loop
+Two last lines put the connection numbers in proportion: the same in-memory loop
 with ``connect`` wrapped by a Python function that only passes the call on, the
-floor of any Python-level wrapper, before it records anything.
+floor of any Python-level wrapper, before it records anything; and with the
+observation layer's Python wrapper, used where the C recorder
+(``forksafe._speedups``) was not built.
 """
 
 from __future__ import annotations
@@ -85,6 +87,18 @@ def main() -> None:
             lambda: connections(":memory:"), lambda: connections(":memory:"), rounds,
             _pass_through, _restore)
         print(line("  the same, a pass-through wrapper only", base * SLICES, cand * SLICES))
+        _ledger.observe()
+        kind = type(sqlite3.connect).__name__
+        _ledger.unobserve()
+        built = kind == "Recorder"
+        print("(connect recorded by " + ("the C recorder, forksafe._speedups)" if built else
+                                         "the Python wrapper: forksafe._speedups not built)"))
+        _ledger.SPEEDUPS = False
+        base, cand = interleaved(
+            lambda: connections(":memory:"), lambda: connections(":memory:"), rounds,
+            _ledger.observe, _ledger.unobserve)
+        _ledger.SPEEDUPS = True
+        print(line("  the same, the Python wrapper", base * SLICES, cand * SLICES))
 
 
 if __name__ == "__main__":

@@ -67,9 +67,9 @@ def test_connection_origins_stay_bounded(tmp_path: pathlib.Path) -> None:
     """Connections opened forever: a bounded table that keeps the live connections' origins."""
     s = run_scenario("""
         import forksafe, sqlite3, sys
-        forksafe.observe()
         from forksafe import _ledger
         _ledger.MAX_CONNECTIONS = 64  # the real bound (4096) works alike, only slower to fill
+        forksafe.observe()  # which reads the bound
         main = sqlite3.connect(":memory:")  # long-lived, like an app's main connection
         keep = [sqlite3.connect(":memory:") for _ in range(10)]
         closed, sizes = [], []
@@ -231,3 +231,48 @@ def test_sqlite3_imported_while_observing_keeps_its_own_loader(tmp_path: pathlib
     assert s.result["loaders"] == ["SourceFileLoader", "SourceFileLoader"]
     assert s.result["files"] == "PosixPath"
     assert s.result["wrapped"] is True
+
+
+def test_the_c_recorder_is_built_here_and_records_what_the_python_wrapper_does(
+    tmp_path: pathlib.Path,
+) -> None:
+    """The test install compiles forksafe._speedups; with it and without it (the Python
+    wrapper), connections get the same origins, from the first file and the next ones,
+    and a connect that fails records nothing."""
+    import shutil
+    import sysconfig
+
+    import pytest
+
+    compiler = (sysconfig.get_config_var("CC") or "").split()[:1]
+    if not compiler or shutil.which(compiler[0]) is None:
+        pytest.skip(f"no C compiler ({compiler}): the Python wrapper is the only one")
+    results = {}
+    for speedups in (True, False):
+        s = run_scenario(f"""
+            import sqlite3, forksafe
+            from forksafe import _ledger
+            _ledger.SPEEDUPS = {speedups}
+            forksafe.observe()
+            def open_two():
+                first = sqlite3.connect(":memory:")  # FIRST
+                second = sqlite3.connect(":memory:", timeout=1.0)  # SECOND
+                return first, second
+            first, second = open_two()
+            try:
+                sqlite3.connect(":memory:", no_such_argument=1)
+                failed = False
+            except TypeError:
+                failed = True
+            lines = [[(site.line, site.function) for site in _ledger.sites(
+                _ledger.connection_origin(c))] for c in (first, second)]
+            emit(kind=type(sqlite3.connect).__name__, lines=lines, failed=failed,
+                 entries=len(_ledger._connection_origins),
+                 wrapped=sqlite3.connect.__wrapped__ is _ledger._chain["original"])
+        """, tmp_path)
+        results[speedups] = s.result
+        expected = [[[s.line_of("FIRST"), "open_two"]], [[s.line_of("SECOND"), "open_two"]]]
+        assert s.result["lines"] == expected
+        assert s.result["failed"] and s.result["entries"] == 2 and s.result["wrapped"]
+    assert results[True]["kind"] == "Recorder"
+    assert results[False]["kind"] == "function"

@@ -13,10 +13,12 @@ wraps exactly two entry points:
 
 The connect wrapper is the hot path of a program that connects per request, so
 it stores only the caller's code object and instruction offset (the line is
-worked out when a report needs it). An address is reused once its connection
-is freed, so entries are validated *when a check looks at them*, not when they
-are made: the first lookup of a live connection binds its entry to a weak
-reference that dies with that connection (see ``_token_maker``), and each
+worked out when a report needs it), and is C when the package was built with
+its optional extension (``forksafe._speedups``, see ``_origin_layer``). An
+address is reused once its connection is freed, so entries are validated
+*when a check looks at them*, not when they are made: the first lookup of a
+live connection binds its entry to a weak reference that dies with that
+connection (see ``_token_maker``), and each
 check drops the entries of connections that are gone. A connection made later
 at the same address without going through the wrapper is therefore not given
 a dead one's origin — unless the dead one was both opened and freed since the
@@ -389,22 +391,35 @@ def _rebuild(sqlite3: types.ModuleType) -> None:
         _chain.clear()
 
 
+#: Whether observation may use the C recorder (``forksafe._speedups``) when it was
+#: built; tests turn it off to check the Python wrapper gives the same answers.
+SPEEDUPS = True
+
+
 def _origin_layer(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``original`` wrapped to record where each connection is opened.
+
+    The hot path of a program that connects per request. The C recorder
+    (``forksafe._speedups``, built with the package when a compiler is there)
+    costs ~1% of an in-memory connect; this Python wrapper ~3.5%, of which
+    ~1% is any Python function that merely passes the call on
+    (``benchmarks/bench_observe.py``). Both store the same entries; what is
+    not the user's code seen before goes to ``_record_slow``.
+    """
+    recorder = _speedups_recorder(original) if SPEEDUPS else None
+    if recorder is not None:
+        return recorder
     origins = _connection_origins
     getframe = sys._getframe
 
     def connect(*args: Any, **kwargs: Any) -> Any:
-        # The hot path of a program that connects per request: a frame pointer,
-        # one dict lookup, a tuple and one dict store (benchmarks/bench_observe.py).
         connection = original(*args, **kwargs)
         frame = getframe(1)
         code = frame.f_code
         if _known_files.get(code.co_filename) is False:  # the user's code, seen before
             origins[id(connection)] = (code, frame.f_lasti, None)
-        elif _is_library(code.co_filename):
-            origins[id(connection)] = (_raw_frames(frame), -1, None)
         else:
-            origins[id(connection)] = (code, frame.f_lasti, None)
+            _record_slow(connection, frame)
         if len(origins) > MAX_CONNECTIONS:
             _prune(origins)
         return connection
@@ -412,6 +427,32 @@ def _origin_layer(original: Callable[..., Any]) -> Callable[..., Any]:
     connect.__wrapped__ = original  # type: ignore[attr-defined]
     connect.__doc__ = original.__doc__
     return connect
+
+
+def _speedups_recorder(original: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The C recorder around ``original``, or None when it was not built (or fails)."""
+    try:
+        from forksafe._speedups import Recorder
+    except ImportError:
+        return None
+    try:
+        recorder: Callable[..., Any] = Recorder(original, _connection_origins, _known_files,
+                                                _record_slow, _prune, MAX_CONNECTIONS)
+        recorder.__wrapped__ = original  # type: ignore[attr-defined]
+        recorder.__doc__ = original.__doc__
+    except Exception:  # an odd build: the Python wrapper does the same
+        return None
+    return recorder
+
+
+def _record_slow(connection: object, frame: types.FrameType) -> None:
+    """A connection opened from a file not seen before, or from a library: a library's
+    caller is not where the user opened it, so the frames above it are kept too."""
+    code = frame.f_code
+    if _is_library(code.co_filename):
+        _connection_origins[id(connection)] = (_raw_frames(frame), -1, None)
+    else:
+        _connection_origins[id(connection)] = (code, frame.f_lasti, None)
 
 
 def _prune(origins: dict[int, Entry]) -> None:
