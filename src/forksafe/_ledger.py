@@ -128,10 +128,17 @@ def observe() -> None:
         return
     original_start = threading.Thread.start
     state = _state
+    getframe = sys._getframe
 
     def start(self: threading.Thread) -> None:
         if state.get("thread_wrapper") is start:  # left in place by unobserve(): a no-op
-            setattr(self, _ORIGIN_ATTR, _raw_frames(sys._getframe(1)))
+            frame = getframe(1)
+            code = frame.f_code
+            if _known_files.get(code.co_filename) is False:  # the user's code, seen before
+                # _raw_frames(frame), spelled out for the commonest case: a call less.
+                self._forksafe_started_at = ((code, frame.f_lineno),)  # type: ignore[attr-defined]
+            else:
+                setattr(self, _ORIGIN_ATTR, _raw_frames(frame))
         original_start(self)
 
     start.__wrapped__ = original_start  # type: ignore[attr-defined]
