@@ -197,6 +197,7 @@ def close_files() -> None:
     except OSError:  # closed behind our back: nothing left to do
         return
 
+
 _probe_list: list[tuple[str, Probe]] = []
 #: The platform, once known: one call less per fork than asking current().
 _current: Platform | None = None

@@ -136,7 +136,7 @@ def observe() -> None:
             code = frame.f_code
             if _known_files.get(code.co_filename) is False:  # the user's code, seen before
                 # _raw_frames(frame), spelled out for the commonest case: a call less.
-                self._forksafe_started_at = ((code, frame.f_lineno),)  # type: ignore[attr-defined]
+                setattr(self, _ORIGIN_ATTR, ((code, frame.f_lineno),))
             else:
                 setattr(self, _ORIGIN_ATTR, _raw_frames(frame))
         original_start(self)
@@ -437,7 +437,12 @@ def _origin_layer(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _speedups_recorder(original: Callable[..., Any]) -> Callable[..., Any] | None:
-    """The C recorder around ``original``, or None when it was not built (or fails)."""
+    """The C recorder around ``original``, or None when it was not built (or fails).
+
+    It holds ``_known_files`` as it is now: should ``_bind`` replace that dict
+    later, the recorder only sends every connect to ``_record_slow``, which
+    reads the current one (slower, never wrong).
+    """
     try:
         from forksafe._speedups import Recorder
     except ImportError:
