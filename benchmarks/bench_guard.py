@@ -89,31 +89,31 @@ def fork_case(name: str, policy: str, pairs: int, target: float | None,
     return at once), a guarded one goes through the wrappers. Each pair is
     measured back to back, so that the machine's slow drifts, which dwarf the
     difference when whole rounds are compared, cancel out within a pair. The
-    guard records forks by the batch (``_guard.QUEUE_SIZE``), so one guarded
+    guard records forks by the batch (``_forkpath.QUEUE_SIZE``), so one guarded
     fork in several carries the others' recording: the extra cost is the mean
     over a block of ``BLOCK`` pairs, and the ratio is 1 + median(block means)
     / median(bare).
     """
-    from forksafe import _guard
+    from forksafe import _forkpath
 
     forksafe.install(policy)
-    _guard._load_followers()
-    modules = (_guard._child_module, _guard._outcome_module)
+    _forkpath.load()
+    modules = (_forkpath.child_side, _forkpath.follower)
     if not follower:
-        _guard._child_module = _guard._outcome_module = None
-    config = _guard._config
-    fork, waitpid = _guard._originals["os.fork"], _guard._originals["os.waitpid"]
+        _forkpath.set_followers(None, None)
+    config = _forkpath.config
+    fork, waitpid = os.fork.__wrapped__, os.waitpid.__wrapped__  # type: ignore[attr-defined]
     clock = time.perf_counter_ns
 
     def bare() -> int:
-        _guard._config = None
+        _forkpath.config = None
         start = clock()
         pid = fork()
         if pid == 0:
             os._exit(0)
         waitpid(pid, 0)
         took = clock() - start
-        _guard._config = config
+        _forkpath.config = config
         return took
 
     def guarded() -> int:
@@ -139,13 +139,13 @@ def fork_case(name: str, policy: str, pairs: int, target: float | None,
         print(line(name, base_s, base_s + extra_s, target), flush=True)
         # The deterministic side of the cost: pages first written after a fork (each one a
         # copy-on-write fault), in the parent and in the child, per fork.
-        _guard._config = None
+        _forkpath.config = None
         bare_faults = faults_per_fork(min(pairs, 200), fork, waitpid)
-        _guard._config = config
+        _forkpath.config = config
         guarded_faults = faults_per_fork(min(pairs, 200))
     finally:
         forksafe.uninstall()
-        _guard._child_module, _guard._outcome_module = modules
+        _forkpath.set_followers(*modules)
     print(f"{'':4}minor faults per fork (parent + child): bare {bare_faults[0]:.0f} + "
           f"{bare_faults[1]:.0f}, forksafe {guarded_faults[0]:.0f} + {guarded_faults[1]:.0f}",
           flush=True)

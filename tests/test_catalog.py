@@ -67,7 +67,7 @@ def test_every_runtime_explains_itself() -> None:
 
 
 def test_design_md_error_runtimes_are_errors_when_active() -> None:
-    """The runtimes DESIGN.md calls documented crashers are errors when active."""
+    """The runtimes documented to crash or hang a forked child are errors when active."""
     for key in ("gnu-openmp", "grpc", "cuda", "libdispatch", "apple-frameworks", "apple-sqlite"):
         assert _catalog.find(key).active is Severity.ERROR, key
     assert _catalog.find("openblas").active is Severity.INFO

@@ -21,7 +21,7 @@ import os, sys, threading, time
 from forksafe import _check
 looks = {}
 def look(label):
-    fresh = _check.check(_reuse=False)
+    fresh = _check.check_with(reuse=False)
     public = _check.check()
     first = _check.fork_check(watch=True)  # as the guard calls it
     second = _check.fork_check(watch=True)

@@ -28,8 +28,8 @@ def test_failing_probe_is_reported_once_and_the_check_goes_on() -> None:
     probes = [("broken", broken), ("fine", fine)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first = _check.check(_probes=probes)
-        second = _check.check(_probes=probes)
+        first = _check.check_with(probes=probes)
+        second = _check.check_with(probes=probes)
     assert [h.kind for h in first.hazards] == ["probe-error", "thread"]
     assert first.hazards[0].severity is Severity.INFO
     assert "probe exploded" in first.hazards[0].summary
@@ -42,7 +42,7 @@ def test_failing_probe_is_reported_once_and_the_check_goes_on() -> None:
 
 def test_report_names_the_calling_thread() -> None:
     """The report records which thread would survive the fork."""
-    report = _check.check(_probes=[])
+    report = _check.check_with(probes=[])
     assert report.thread == "MainThread"
     assert report.hazards == ()
 
@@ -59,5 +59,5 @@ def test_a_failing_fingerprint_means_a_fresh_check_not_an_error(
     first = _check.fork_check()
     second = _check.fork_check()
     assert first is not second
-    assert first.hazards == second.hazards == _check.check(_reuse=False).hazards
+    assert first.hazards == second.hazards == _check.check_with(reuse=False).hazards
     assert not [h for h in first.hazards if h.kind == "probe-error"]

@@ -17,7 +17,7 @@ from forksafe import _child
 
 CHILD = """
 import json, os, signal, ctypes, sys
-from forksafe import _child
+from forksafe import _child, _statedir
 os.environ["FORKSAFE_STATE_DIR"] = {state!r}
 
 def fork_and(action, hang_timeout=None):
@@ -27,7 +27,7 @@ def fork_and(action, hang_timeout=None):
         action()
         os._exit(0)
     _, status = os.waitpid(pid, 0)
-    path = _child.crash_path(pid)
+    path = _statedir.crash_path(pid)
     text = open(path).read() if os.path.exists(path) else None
     return {{"signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
              "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
@@ -190,7 +190,7 @@ def test_a_reused_descriptor_number_is_not_closed(tmp_path: pathlib.Path) -> Non
     """Safe twin: a program that closed our crash file and reused its number keeps its file."""
     s = scenario("""
 def middle():
-    fd = _child._armed[0]
+    fd = _child.armed()[0]
     os.close(fd)
     mine = os.open({mine!r}, os.O_WRONLY | os.O_CREAT, 0o600)
     os.dup2(mine, fd)  # the program's file now has our old number
@@ -230,7 +230,7 @@ def test_the_crash_file_descriptor_is_kept_out_of_the_programs_way(
     get its number; the traceback still lands in it."""
     s = scenario("""
 def crash():
-    os.write(1, (json.dumps({"fd": _child._armed[0]}) + "\\n").encode())
+    os.write(1, (json.dumps({"fd": _child.armed()[0]}) + "\\n").encode())
     ctypes.string_at(0)
 r = fork_and(crash)
 print("FORKSAFE-RESULT:" + json.dumps(r))
@@ -249,7 +249,7 @@ spare = _child.open_spare(None)
 pid = os.fork()
 if pid == 0:
     _child.arm(os.getppid(), None, spare)
-    os.write(1, (json.dumps({"same_fd": _child._armed[0] == spare[0]}) + "\\n").encode())
+    os.write(1, (json.dumps({"same_fd": _child.armed()[0] == spare[0]}) + "\\n").encode())
     ctypes.string_at(0)  # crash-line
 _child.adopt_spare(spare, pid)
 _, status = os.waitpid(pid, 0)
@@ -258,7 +258,7 @@ try:
     parent_fd_open = True
 except OSError:
     parent_fd_open = False
-path = _child.crash_path(pid)
+path = _statedir.crash_path(pid)
 print("FORKSAFE-RESULT:" + json.dumps({"signal": os.WTERMSIG(status), "crash": open(path).read(),
       "mode": oct(os.stat(path).st_mode & 0o777), "files": os.listdir({state!r}),
       "parent_fd_open": parent_fd_open, "pid": pid}))
@@ -278,12 +278,12 @@ def test_a_spare_crash_file_is_gone_when_the_fork_fails(tmp_path: pathlib.Path) 
     """A fork that raises (EAGAIN, say) leaves no crash file and no open descriptor."""
     s = scenario("""
 import forksafe
-from forksafe import _guard
+from forksafe import _forkpath
 forksafe.install("warn")
-_guard._load_followers()
+_forkpath.load()
 def failing():
     raise BlockingIOError(11, "Resource temporarily unavailable")
-fork = _guard._wrap_fork(failing)
+fork = _forkpath.wrap_fork(failing)
 from forksafe import _check
 _check.fork_check(watch=True)  # opens the check's own descriptor, kept while installed
 before = sorted(os.listdir("/proc/self/fd"))
@@ -307,14 +307,14 @@ def test_without_a_reader_by_name_crash_files_are_reused_memory_files(
     s = run_scenario("""
 import ctypes, json, os, sys
 import forksafe
-from forksafe import _child, _guard
+from forksafe import _child, _guard, _statedir
 forksafe.install("log")
 def fork(crash):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        st = os.fstat(_child._armed[0])
-        os.write(w, json.dumps([os.readlink(f"/proc/self/fd/{_child._armed[0]}"),
+        st = os.fstat(_child.armed()[0])
+        os.write(w, json.dumps([os.readlink(f"/proc/self/fd/{_child.armed()[0]}"),
                                 st.st_ino]).encode())
         if crash:
             ctypes.string_at(0)  # crash-line
@@ -326,7 +326,7 @@ def fork(crash):
     outcome = _guard.event_for_child(pid).outcome
     return seen, outcome.traceback
 runs = [fork(False), fork(False), fork(True), fork(False)]
-state = _child.state_dir()
+state = _statedir.state_dir()
 files = sorted(n for n in os.listdir(state) if n.split(".")[0].split("-")[0] == str(os.getpid()))
 forksafe.uninstall()
 left = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")

@@ -43,7 +43,7 @@ from forksafe._doctor import (
     WARN_PARTLY,
     WARN_VISIBLE,
     Distribution,
-    doctor,
+    doctor_with,
     expected_default,
     fork_warning_line,
     sqlite_line,
@@ -55,12 +55,12 @@ DEFAULT_FILTERS_312 = [
     ("ignore", None, PendingDeprecationWarning, None, 0),
 ]
 FAKES: dict[str, Any] = {
-    "_sqlite": {"version": "3.45.0", "module": "/py/_sqlite3.so", "images": ["/py/_sqlite3.so"]},
-    "_distributions": [],
-    "_start_method": ("fork", None),
-    "_filters": DEFAULT_FILTERS_312,
-    "_frozen": lambda: 0,
-    "_environ": {},
+    "sqlite": {"version": "3.45.0", "module": "/py/_sqlite3.so", "images": ["/py/_sqlite3.so"]},
+    "distributions": [],
+    "start_method": ("fork", None),
+    "filters": DEFAULT_FILTERS_312,
+    "frozen": lambda: 0,
+    "environ": {},
 }
 
 
@@ -70,7 +70,7 @@ def checks(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_report_shape_is_the_documented_one() -> None:
     """schema, python, platform, counts and checks with id/title/verdict/summary/fix/data."""
-    report = doctor(**FAKES)
+    report = doctor_with(**FAKES)
     assert report["schema"] == SCHEMA == "forksafe-doctor/1"
     assert set(report) == {"schema", "forksafe", "python", "platform", "counts", "checks"}
     assert set(report["python"]) == {"version", "implementation", "executable"}
@@ -106,17 +106,17 @@ DATA_KEYS = {
 
 @pytest.mark.parametrize("variant", [
     {},
-    {"_sqlite": {"missing": True}, "_version": (3, 11), "_platform": "darwin"},
-    {"_sqlite": {"error": "exit status 1"}, "_version": (3, 13),
-     "_environ": {"OBJC_DISABLE_INITIALIZE_FORK_SAFETY": "YES", "GRPC_ENABLE_FORK_SUPPORT": "1",
+    {"sqlite": {"missing": True}, "version": (3, 11), "platform": "darwin"},
+    {"sqlite": {"error": "exit status 1"}, "version": (3, 13),
+     "environ": {"OBJC_DISABLE_INITIALIZE_FORK_SAFETY": "YES", "GRPC_ENABLE_FORK_SUPPORT": "1",
                   "https_proxy": "http://p:1"},
-     "_distributions": [Distribution("grpcio", ("grpc",), ("grpc/_cython/cygrpc.so",))]},
-    {"_sqlite": None, "_distributions": None, "_start_method": None, "_filters": None,
-     "_frozen": None, "_environ": None},
+     "distributions": [Distribution("grpcio", ("grpc",), ("grpc/_cython/cygrpc.so",))]},
+    {"sqlite": None, "distributions": None, "start_method": None, "filters": None,
+     "frozen": None, "environ": None},
 ], ids=["fakes", "old-python-no-sqlite", "problems", "this-machine"])
 def test_json_keys_are_pinned(variant: dict[str, Any]) -> None:
     """Every check's keys and data keys are exactly the documented ones, whatever is found."""
-    report = doctor(**{**FAKES, **variant})
+    report = doctor_with(**{**FAKES, **variant})
     assert set(report) == {"schema", "forksafe", "python", "platform", "counts", "checks"}
     assert set(report["counts"]) == {OK, NOTE, PROBLEM}
     for check in report["checks"]:
@@ -230,7 +230,7 @@ def test_frozen_application_is_never_run_to_inspect_sqlite(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """In a frozen app sys.executable is the app: the doctor says so instead of running it."""
-    from forksafe._remedies._interpreter import FROZEN
+    from forksafe._interpreter import FROZEN
 
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     monkeypatch.setattr(subprocess, "run",
@@ -254,14 +254,14 @@ def test_expected_default_start_methods(version: tuple[int, int], platform: str,
 
 def test_start_method_verdicts() -> None:
     """fork is a note explaining 3.14; fork forced on macOS is a problem; spawn is fine."""
-    report = checks(doctor(**FAKES))["start-method"]
+    report = checks(doctor_with(**FAKES))["start-method"]
     assert (report["verdict"], report["fix"]) == (NOTE, START_FORK_FIX)
     assert report["summary"] == START_FORK.format(how=" (this platform's default)")
     assert report["data"]["default_in_3_14"] == expected_default((3, 14), sys.platform)
-    forced = doctor(**{**FAKES, "_start_method": ("spawn", "fork"), "_platform": "darwin"})
+    forced = doctor_with(**{**FAKES, "start_method": ("spawn", "fork"), "platform": "darwin"})
     assert (checks(forced)["start-method"]["verdict"],
             checks(forced)["start-method"]["fix"]) == (PROBLEM, START_FORK_MACOS_FIX)
-    spawn = doctor(**{**FAKES, "_start_method": ("spawn", None), "_platform": "darwin"})
+    spawn = doctor_with(**{**FAKES, "start_method": ("spawn", None), "platform": "darwin"})
     assert checks(spawn)["start-method"]["verdict"] == OK
 
 
@@ -320,7 +320,7 @@ def test_environment_is_reported_by_name_never_by_value() -> None:
     environ = {"OBJC_DISABLE_INITIALIZE_FORK_SAFETY": "SECRET-1", "OMP_NUM_THREADS": "SECRET-2",
                "GRPC_ENABLE_FORK_SUPPORT": "true", "no_proxy": "SECRET-3",
                "HTTPS_PROXY": "http://user:SECRET-4@proxy:1", "AWS_SECRET_ACCESS_KEY": "SECRET-5"}
-    report = doctor(**{**FAKES, "_environ": environ, "_platform": "darwin"})
+    report = doctor_with(**{**FAKES, "environ": environ, "platform": "darwin"})
     assert "SECRET" not in json.dumps(report)
     assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(report)
     by_id = checks(report)
@@ -331,24 +331,24 @@ def test_environment_is_reported_by_name_never_by_value() -> None:
     poll = by_id["env:GRPC_POLL_STRATEGY"]
     assert (poll["verdict"], poll["summary"], poll["fix"]) == (
         PROBLEM, ENV_POLL_MISSING, ENV_POLL_FIX)
-    linux = checks(doctor(**{**FAKES, "_environ": environ, "_platform": "linux"}))
+    linux = checks(doctor_with(**{**FAKES, "environ": environ, "platform": "linux"}))
     assert linux["env:OBJC_DISABLE_INITIALIZE_FORK_SAFETY"]["summary"] == ENV_OBJC_OTHER
 
 
 def test_macos_without_proxy_variables_points_at_patch_urllib() -> None:
     """On macOS urllib would ask the system in-process: the doctor says so and names the fix."""
-    proxy = checks(doctor(**{**FAKES, "_platform": "darwin"}))["env:no_proxy"]
+    proxy = checks(doctor_with(**{**FAKES, "platform": "darwin"}))["env:no_proxy"]
     assert (proxy["summary"], proxy["fix"]) == (ENV_NO_PROXY_MAC_UNSET, ENV_NO_PROXY_MAC_FIX)
 
 
 def test_grpc_without_fork_support_is_a_note_only_when_installed() -> None:
     """GRPC_ENABLE_FORK_SUPPORT matters only where grpcio is installed."""
     grpcio = Distribution("grpcio", ("grpc",), ("grpc/_cython/cygrpc.cpython-311-x86_64.so",))
-    with_grpc = checks(doctor(**{**FAKES, "_distributions": [grpcio]}))
+    with_grpc = checks(doctor_with(**{**FAKES, "distributions": [grpcio]}))
     line = with_grpc["env:GRPC_ENABLE_FORK_SUPPORT"]
     assert (line["verdict"], line["summary"], line["fix"]) == (
         NOTE, ENV_GRPC_OFF.format(state="not set"), ENV_GRPC_FIX)
-    assert checks(doctor(**FAKES))["env:GRPC_ENABLE_FORK_SUPPORT"]["verdict"] == OK
+    assert checks(doctor_with(**FAKES))["env:GRPC_ENABLE_FORK_SUPPORT"]["verdict"] == OK
 
 
 def test_installed_runtimes_are_judged_by_the_catalog() -> None:
@@ -361,7 +361,7 @@ def test_installed_runtimes_are_judged_by_the_catalog() -> None:
         Distribution("numpy", ("numpy",), ("numpy.libs/libscipy_openblas64_-ff651d7f.so",)),
         Distribution("requests", ("requests",), ("requests/__init__.py",)),
     ]
-    by_id = checks(doctor(**{**FAKES, "_distributions": dists}))
+    by_id = checks(doctor_with(**{**FAKES, "distributions": dists}))
     from forksafe._catalog import find
 
     assert by_id["runtime:grpcio:grpc"]["verdict"] == NOTE
@@ -369,7 +369,7 @@ def test_installed_runtimes_are_judged_by_the_catalog() -> None:
     assert by_id["runtime:scikit-learn:gnu-openmp"]["data"]["imports"] == ["sklearn"]
     assert by_id["runtime:numpy:openblas"]["verdict"] == OK
     assert not [i for i in by_id if i.startswith("runtime:requests")]
-    assert checks(doctor(**FAKES))["runtimes"]["summary"] == RUNTIMES_NONE
+    assert checks(doctor_with(**FAKES))["runtimes"]["summary"] == RUNTIMES_NONE
 
 
 def test_real_installed_distributions_are_read_from_metadata() -> None:
@@ -381,7 +381,7 @@ def test_real_installed_distributions_are_read_from_metadata() -> None:
 
 def test_gc_freeze_advice_and_detection(tmp_path: pathlib.Path) -> None:
     """Without gc.freeze() the doctor advises it; after it, the line is ok with the count."""
-    assert checks(doctor(**FAKES))["gc-freeze"]["fix"] == GC_FIX
+    assert checks(doctor_with(**FAKES))["gc-freeze"]["fix"] == GC_FIX
     s = run_scenario("""
         import gc, forksafe
         gc.freeze()
@@ -420,7 +420,7 @@ def test_cli_text_json_and_exit_codes() -> None:
 def test_doctor_warns_about_nothing(recwarn: pytest.WarningsRecorder) -> None:
     """Running the doctor in-process emits no warning of its own."""
     warnings.simplefilter("always")
-    doctor(**{**FAKES, "_sqlite": None})
+    doctor_with(**{**FAKES, "sqlite": None})
     assert [str(w.message) for w in recwarn] == []
 
 

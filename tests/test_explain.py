@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 from forksafe._cli import REPORT_FOREIGN, REPORT_UNREADABLE
-from forksafe._render import QUIET_FORKS, render_run
+from forksafe._render.runs import QUIET_FORKS
+from forksafe._runreport import render_run
 
 CRASH = """
 import ctypes, os, threading, time

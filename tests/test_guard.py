@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 
 from conftest import MARK, run_scenario
-from forksafe import _guard, _hook
+from forksafe import _config, _forkpath, _guard, _record
 
 # Shared by every scenario: record warnings, and print the guard's view as JSON.
 PRELUDE = f"""
 import json, os, sys, threading, time, warnings
 import forksafe
-from forksafe import _guard
+from forksafe import _forkpath, _guard
 warnings.simplefilter("always")
 _seen = []
 _show = warnings.showwarning
@@ -406,7 +406,7 @@ forksafe._child.arm = arm
 for _ in range(3):
     pid = os.fork()
     if pid == 0:
-        armed = forksafe._child._armed is not None and faulthandler.is_enabled()
+        armed = forksafe._child.armed() is not None and faulthandler.is_enabled()
         os.write(marks[1], b"A" if armed else b"-")
         os._exit(0)
     os.waitpid(pid, 0)
@@ -607,7 +607,7 @@ def test_own_lock_is_reset_in_the_child(tmp_path: pathlib.Path) -> None:
 forksafe.install("log")
 held, release = threading.Event(), threading.Event()
 def hog():
-    with _guard._st.lock:
+    with _forkpath.own_state().lock:
         held.set()
         release.wait()
 t = threading.Thread(target=hog)
@@ -642,7 +642,7 @@ out(status=status)
 
 def test_history_and_child_map_stay_bounded(tmp_path: pathlib.Path) -> None:
     """After more forks than the bounds, only the newest events are kept."""
-    forks = _guard.HISTORY_SIZE + 100
+    forks = _record.HISTORY_SIZE + 100
     code = PRELUDE + f"""
 forksafe.install("log")
 pids = []
@@ -653,12 +653,12 @@ for _ in range({forks}):
     os.waitpid(pid, 0)
     pids.append(pid)
 h = _guard.history()
-print({MARK!r} + json.dumps({{"n": len(h), "children": len(_guard._st.children),
+print({MARK!r} + json.dumps({{"n": len(h), "children": len(_forkpath.own_state().children),
       "last": h[-1].child_pid == pids[-1], "first": h[0].child_pid == pids[100],
       "oldest_gone": _guard.event_for_child(pids[0]) is None}}))
 """
     s = run_scenario(code, tmp_path, timeout=120)
-    assert s.result == {"n": _guard.HISTORY_SIZE, "children": _guard.CHILDREN_SIZE,
+    assert s.result == {"n": _record.HISTORY_SIZE, "children": _record.CHILDREN_SIZE,
                         "last": True, "first": True, "oldest_gone": True}
 
 
@@ -781,18 +781,20 @@ out(warned=warned, logged=logged, bare=[w["category"] for w in _seen])
 def test_bad_arguments_are_one_clear_error() -> None:
     """install() rejects a bad policy, level or timeout with a message naming the choices."""
     with pytest.raises(ValueError, match="expected one of: log, warn, raise"):
-        _guard.Config.make("loud", "error", None, None)
+        _config.Config.make("loud", "error", None, None)
     with pytest.raises(ValueError, match="expected one of: warning, error"):
-        _guard.Config.make("warn", "info", None, None)
+        _config.Config.make("warn", "info", None, None)
     with pytest.raises(ValueError, match="not a positive number"):
-        _guard.Config.make("warn", "error", -1.0, None)
+        _config.Config.make("warn", "error", -1.0, None)
     assert _guard.installed() is None  # nothing was installed in the test runner
 
 
 def test_env_messages_name_the_variable() -> None:
     """The hook's error texts name the environment variable and the accepted values."""
-    assert "FORKSAFE_POLICY" in _hook.BAD_POLICY.format(name=_hook.ENV_POLICY, value="x")
-    assert "log, warn, raise, off" in _hook.BAD_POLICY
+    config, [problem] = _config.from_environment({"FORKSAFE_POLICY": "x"})
+    assert config is None
+    assert "FORKSAFE_POLICY" in problem
+    assert "log, warn, raise, off" in problem
 
 
 def _lines(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -1005,14 +1007,14 @@ def test_waitid_answers_become_the_wait_status_they_stand_for() -> None:
     import os
     import signal
 
-    exited = _guard._wait_status(os.CLD_EXITED, 3)
-    killed = _guard._wait_status(os.CLD_KILLED, signal.SIGSEGV)
-    dumped = _guard._wait_status(os.CLD_DUMPED, signal.SIGABRT)
+    exited = _forkpath.wait_status(os.CLD_EXITED, 3)
+    killed = _forkpath.wait_status(os.CLD_KILLED, signal.SIGSEGV)
+    dumped = _forkpath.wait_status(os.CLD_DUMPED, signal.SIGABRT)
     assert exited is not None and os.WIFEXITED(exited) and os.WEXITSTATUS(exited) == 3
     assert killed is not None and os.WIFSIGNALED(killed)
     assert os.WTERMSIG(killed) == signal.SIGSEGV and not os.WCOREDUMP(killed)
     assert dumped is not None and os.WTERMSIG(dumped) == signal.SIGABRT and os.WCOREDUMP(dumped)
-    assert _guard._wait_status(os.CLD_STOPPED, signal.SIGSTOP) is None
+    assert _forkpath.wait_status(os.CLD_STOPPED, signal.SIGSTOP) is None
 
 
 def test_outcomes_reach_the_history_and_survive_the_child_map_bound(
@@ -1022,7 +1024,8 @@ def test_outcomes_reach_the_history_and_survive_the_child_map_bound(
     bounded child map forgot its pid."""
     code = PRELUDE + """
 forksafe.install("log")
-_guard.CHILDREN_SIZE = 2
+import forksafe._record
+forksafe._record.CHILDREN_SIZE = 2
 pids = []
 for code in range(5):
     pid = os.fork()
@@ -1046,19 +1049,19 @@ def test_exited_children_are_recorded_in_batches_yet_none_is_lost(tmp_path: path
     code = PRELUDE + """
 forksafe.install("log")
 longest, codes = 0, {}
-for n in range(3 * _guard.QUEUE_SIZE // 2 + 2):  # not a whole number of batches
+for n in range(3 * _forkpath.QUEUE_SIZE // 2 + 2):  # not a whole number of batches
     pid = os.fork()
     if pid == 0:
         os._exit(n % 7)
     os.waitpid(pid, 0)
     codes[pid] = n % 7
-    longest = max(longest, len(_guard._st.queue))
-queued = len(_guard._st.queue)
+    longest = max(longest, len(_forkpath.own_state().queue))
+queued = len(_forkpath.own_state().queue)
 recorded = {e.child_pid: e.outcome.exit_code for e in _guard.history()}
-out(longest=longest, queued=queued, same=recorded == codes, left=len(_guard._st.queue))
+out(longest=longest, queued=queued, same=recorded == codes, left=len(_forkpath.own_state().queue))
 """
     s = run_scenario(code, tmp_path)
-    assert 0 < s.result["longest"] <= _guard.QUEUE_SIZE
+    assert 0 < s.result["longest"] <= _forkpath.QUEUE_SIZE
     assert s.result["queued"] > 0, "recorded by the batch, not one by one"
     assert s.result["same"] and s.result["left"] == 0
 
@@ -1080,7 +1083,7 @@ if pid == 0:
     ctypes.string_at(0)
 os.waitpid(pid, 0)
 at_wait = [w["text"] for w in _seen if w["category"] == "ForkSafetyWarning"]
-out(at_wait=at_wait, queued=len(_guard._st.queue), pid=pid)
+out(at_wait=at_wait, queued=len(_forkpath.own_state().queue), pid=pid)
 """
     s = run_scenario(code, tmp_path)
     assert len(s.result["at_wait"]) == 1 and "SIGSEGV" in s.result["at_wait"][0]

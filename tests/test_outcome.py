@@ -16,18 +16,46 @@ import warnings
 import pytest
 
 from conftest import run_scenario
-from forksafe import _outcome
+from forksafe import _outcome, _statedir
+from forksafe._config import Config
+from forksafe._diagnose import blame, diagnose_death, outcome_for
 from forksafe._errors import ForkSafetyWarning
-from forksafe._outcome import (
+from forksafe._render.outcomes import (
+    AS_ERROR,
+    CALLED_FROM,
     CLEAN_FORK,
     KILLED,
     NATIVE_THREAD,
     NO_TRACEBACK,
-    blame,
-    diagnose_death,
-    outcome_for,
 )
-from forksafe._report import ForkEvent, Hazard, Outcome, Report, Severity, Site
+from forksafe._report import CRASH_SIGNALS, ForkEvent, Hazard, Outcome, Report, Severity, Site
+
+
+class FakeGuard:
+    """The guard as a follower sees it (forksafe._seam.GuardLink), with its children's
+    events given and the outcomes attached kept."""
+
+    def __init__(self, events: dict[int, ForkEvent]) -> None:
+        self.events = events
+        self.recorded: dict[int, Outcome] = {}
+
+    def config(self) -> Config | None:
+        return None
+
+    def event_for_child(self, pid: int) -> ForkEvent | None:
+        return self.events.get(pid)
+
+    def attach_outcome(self, pid: int, outcome: Outcome) -> None:
+        self.recorded[pid] = outcome
+
+    def flush(self) -> None:
+        return None
+
+    def emit(self, record: dict[str, object]) -> None:
+        return None
+
+    def report_path(self) -> str | None:
+        return None
 
 # -- units: the diagnosis from an event and a wait status ----------------------------
 
@@ -79,7 +107,7 @@ def test_crash_inside_the_standard_library_names_the_callers_line() -> None:
              f'  File "{stdlib}/ctypes/__init__.py", line 519 in string_at\n'
              f'  File "/app/app.py", line 12 in main\n')
     text = diagnose_death(event(THREAD), "SIGSEGV", trace)
-    assert " in ctypes/__init__.py:519 (string_at)" + _outcome.CALLED_FROM.format(
+    assert " in ctypes/__init__.py:519 (string_at)" + CALLED_FROM.format(
         frame="/app/app.py:12 (main)") in text
 
 
@@ -122,10 +150,10 @@ def test_a_child_stopped_by_its_parent_gets_no_diagnosis(sig: int) -> None:
 
 
 def test_crash_signal_lists_agree() -> None:
-    """The summary's idea of a crash is the diagnosis's idea of a crash."""
-    from forksafe import _render
-
-    assert _render._CRASH_SIGNALS == _outcome.CRASH_SIGNALS
+    """The summary's idea of a crash is the diagnosis's idea of a crash: one list."""
+    for name in CRASH_SIGNALS:
+        assert Outcome("signaled", signal=name).crashed
+    assert not Outcome("signaled", signal="SIGTERM").crashed
 
 
 def test_exit_codes_and_hung_markers() -> None:
@@ -141,12 +169,11 @@ def test_on_reaped_records_warns_at_the_caller_and_removes_the_crash_file(
         tmp_path: pathlib.Path) -> None:
     """on_reaped reads and removes the crash file, records the outcome, warns at our line."""
     (tmp_path / "4242.crash").write_text(TRACE)
-    recorded: dict[int, Outcome] = {}
+    guard = FakeGuard({4242: event(GRPC)})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _outcome.on_reaped(4242, segv(), _event_for_child={4242: event(GRPC)}.get,
-                           _set_outcome=recorded.__setitem__, _directory=str(tmp_path))  # here
-    assert recorded[4242].signal == "SIGSEGV"
+        _outcome.on_reaped(4242, segv(), link=guard, directory=str(tmp_path))  # here
+    assert guard.recorded[4242].signal == "SIGSEGV"
     assert not (tmp_path / "4242.crash").exists()
     [w] = caught
     assert w.category is ForkSafetyWarning
@@ -155,21 +182,19 @@ def test_on_reaped_records_warns_at_the_caller_and_removes_the_crash_file(
 
 def test_stopping_signals_are_recorded_but_not_warned(tmp_path: pathlib.Path) -> None:
     """Safe twin: SIGTERM/SIGKILL (Pool.terminate, OOM) are outcomes, not warnings."""
-    recorded: dict[int, Outcome] = {}
+    guard = FakeGuard({4242: event(GRPC)})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            _outcome.on_reaped(4242, sig, _event_for_child={4242: event(GRPC)}.get,
-                               _set_outcome=recorded.__setitem__, _directory=str(tmp_path))
-            assert recorded[4242].signal == signal.Signals(sig).name
+            _outcome.on_reaped(4242, sig, link=guard, directory=str(tmp_path))
+            assert guard.recorded[4242].signal == signal.Signals(sig).name
 
 
 def test_unknown_child_is_ignored(tmp_path: pathlib.Path) -> None:
     """A pid the guard did not fork is none of our business."""
-    recorded: dict[int, Outcome] = {}
-    _outcome.on_reaped(1, segv(), _event_for_child=lambda pid: None,
-                       _set_outcome=recorded.__setitem__, _directory=str(tmp_path))
-    assert recorded == {}
+    guard = FakeGuard({})
+    _outcome.on_reaped(1, segv(), link=guard, directory=str(tmp_path))
+    assert guard.recorded == {}
 
 
 # -- real reproductions ------------------------------------------------------------
@@ -394,7 +419,7 @@ result(got=list(got), outcome=outcome(pid))
 """, tmp_path)
     assert s.result["got"] == [s.result["got"][0], signal.SIGSEGV]
     assert s.result["outcome"]["signal"] == "SIGSEGV"
-    assert _outcome.AS_ERROR.split("{")[0] in s.stderr and CLEAN_FORK in s.stderr
+    assert AS_ERROR.split("{")[0] in s.stderr and CLEAN_FORK in s.stderr
     assert "failed" not in s.stderr, "not reported as a failure of forksafe"
 
 
@@ -453,7 +478,7 @@ def test_healthy_process_pool_has_no_diagnosis(tmp_path: pathlib.Path,
 
 def test_crash_signals_cover_the_issue_list() -> None:
     """The signals that count as crashes include SIGTRAP, which faulthandler does not handle."""
-    assert {"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGTRAP"} <= _outcome.CRASH_SIGNALS
+    assert {"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGTRAP"} <= CRASH_SIGNALS
     assert os.WIFSIGNALED(segv())
 
 
@@ -467,7 +492,7 @@ def test_sweep_removes_only_empty_files_of_vanished_processes(tmp_path: pathlib.
     (tmp_path / f"{dead}-3.spare").write_text("")  # its parent died before naming it
     (tmp_path / f"{os.getpid()}-4.spare").write_text("")  # ours: about to be named
     (tmp_path / "notes.txt").write_text("")
-    assert _outcome.sweep(str(tmp_path)) == 2
+    assert _statedir.sweep(str(tmp_path)) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f"{dead + 1}.crash", f"{dead + 2}.hung", f"{os.getpid()}.crash",
          f"{os.getpid()}-4.spare", "notes.txt"])
@@ -478,8 +503,8 @@ def test_sweep_removes_stale_evidence_nobody_collected(tmp_path: pathlib.Path) -
     dead = 2**22 + 4321
     for name in (f"{dead}.crash", f"{dead}.hung", f"{dead}.hung.tmp", f"{os.getpid()}.crash"):
         (tmp_path / name).write_text(TRACE)
-    later = time.time() + _outcome.STALE_AFTER + 1
-    assert _outcome.sweep(str(tmp_path), _now=later) == 3
+    later = time.time() + _statedir.STALE_AFTER + 1
+    assert _statedir.sweep(str(tmp_path), now=later) == 3
     assert [p.name for p in tmp_path.iterdir()] == [f"{os.getpid()}.crash"]
 
 

@@ -380,8 +380,8 @@ def test_failing_thread_list_becomes_one_probe_error(fresh_failures: None) -> No
     fake.thread_error = OSError(darwin.THREADS_FAILED.format(code=5))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = _check.check(_platform=platform_for(fake), _probes=[("native", native.probe)])
-        _check.check(_platform=platform_for(fake), _probes=[("native", native.probe)])
+        report = _check.check_with(platform=platform_for(fake), probes=[("native", native.probe)])
+        _check.check_with(platform=platform_for(fake), probes=[("native", native.probe)])
     [hazard] = report.hazards
     assert hazard.kind == "probe-error"
     assert darwin.THREADS_FAILED.format(code=5) in hazard.summary
@@ -419,7 +419,7 @@ def test_missing_macos_interfaces_fail_once_with_a_clear_error(fresh_failures: N
         platform.threads(frozenset(), [])
     assert second.value is first.value
     with pytest.warns(ForkSafetyWarning, match="macOS interfaces"):
-        report = _check.check(_platform=platform, _probes=[("native", native.probe)])
+        report = _check.check_with(platform=platform, probes=[("native", native.probe)])
     assert [h.kind for h in report.hazards] == ["probe-error"]
 
 
@@ -435,7 +435,7 @@ def no_sqlite_use(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def native_hazards(fake: FakeMach) -> list[Hazard]:
-    report = _check.check(_platform=platform_for(fake), _probes=[("native", native.probe)])
+    report = _check.check_with(platform=platform_for(fake), probes=[("native", native.probe)])
     return list(report.hazards)
 
 
@@ -628,7 +628,7 @@ out["absent"] = platform.call_flag("/usr/lib/libnot-loaded.dylib", "_dispatch_is
 ctypes.c_uint32.in_dll(lib, "mach_task_self_").value = 0x207  # as after a fork
 out["after_fork"] = len(platform.threads(frozenset(), libs))
 out["outstanding"] = lib.fake_outstanding()
-hazards = _check.check(_platform=platform, _probes=[("native", native.probe)]).hazards
+hazards = _check.check_with(platform=platform, probes=[("native", native.probe)]).hazards
 out["hazards"] = [[h.kind, str(h.severity), h.evidence.get("runtime"),
                    [t["name"] for t in h.evidence.get("threads", [])]] for h in hazards]
 """, fake_libsystem, tmp_path)

@@ -16,8 +16,8 @@ import pytest
 
 import forksafe
 from conftest import run_scenario
+from forksafe._interpreter import FROZEN, NOT_PYTHON, interpreter_problem
 from forksafe._remedies import proxies
-from forksafe._remedies._interpreter import FROZEN, NOT_PYTHON, interpreter_problem
 from forksafe._remedies.proxies import (
     EXITED,
     HELPER,
@@ -89,25 +89,26 @@ def test_helper_reads_system_settings_out_of_process(tmp_path: pathlib.Path) -> 
     s = run_scenario(f"""
         import os, sys, forksafe
         sys.path.insert(0, {str(fake)!r})  # importing _scproxy here would succeed and show
-        seams = dict(_platform="darwin", _helper={command!r})
+        from forksafe._remedies.proxies import Lookup
+        lookup = Lookup(platform="darwin", helper={command!r})
         python_forks = []  # Python-level fork hooks run for os.fork, not for fork+exec
         os.register_at_fork(before=lambda: python_forks.append(1))
-        found = forksafe.getproxies(**seams)
-        bypass = {{h: forksafe.proxy_bypass(h, **seams)
+        found = lookup.getproxies()
+        bypass = {{h: lookup.proxy_bypass(h)
                    for h in ("db.internal", "intranet", "python.org")}}
-        again = forksafe.getproxies(**seams)
+        again = lookup.getproxies()
         forks_by_lookup = len(python_forks)
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child uses the inherited answer: no helper, no framework
-            os.write(w, repr(forksafe.getproxies(**seams)).encode())
+            os.write(w, repr(lookup.getproxies()).encode())
             os._exit(0)
         os.close(w)
         with os.fdopen(r) as f:
             child = f.read()
         os.waitpid(pid, 0)
         os.environ["http_proxy"] = "http://env:1"
-        env_wins = forksafe.getproxies(**seams)
+        env_wins = lookup.getproxies()
         with open({str(fake / "calls.txt")!r}) as f:
             callers = [int(line) for line in f]
         emit(found=found, bypass=bypass, same=again == found, child=child,
@@ -133,9 +134,9 @@ def test_helper_timeout_falls_back_with_one_warning(tmp_path: pathlib.Path) -> N
     command = ["/bin/sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"]
     start = time.monotonic()
     with pytest.warns(forksafe.ForkSafetyWarning) as caught:
-        assert getproxies(_platform="darwin", _helper=command, _timeout=1.0) == {}
-        assert proxy_bypass("example.org", _platform="darwin", _helper=command,
-                            _timeout=1.0) is False
+        lookup = proxies.Lookup(platform="darwin", helper=command, timeout=1.0)
+        assert lookup.getproxies() == {}
+        assert lookup.proxy_bypass("example.org") is False
     assert time.monotonic() - start < 10  # never the helper's 30 seconds
     assert [str(w.message) for w in caught] == [HELPER_FAILED.format(
         reason=TIMED_OUT.format(timeout=1.0), executable="/bin/sh")]
@@ -155,7 +156,7 @@ def test_helper_whose_descendant_keeps_the_pipes_open_still_times_out(
     start = time.monotonic()
     try:
         with pytest.warns(forksafe.ForkSafetyWarning) as caught:
-            assert getproxies(_platform="darwin", _helper=command, _timeout=0.3) == {}
+            assert proxies.Lookup(platform="darwin", helper=command, timeout=0.3).getproxies() == {}
         assert time.monotonic() - start < 10  # not the 30 seconds the descendant lives
         assert [str(w.message) for w in caught] == [HELPER_FAILED.format(
             reason=TIMED_OUT.format(timeout=0.3), executable="/bin/sh")]
@@ -176,7 +177,7 @@ def test_helper_failure_falls_back_with_one_warning(code: str, reason: str) -> N
     command = [sys.executable, "-c", code]
     with pytest.warns(forksafe.ForkSafetyWarning) as caught:
         for _ in range(3):
-            assert getproxies(_platform="darwin", _helper=command) == {}
+            assert proxies.Lookup(platform="darwin", helper=command).getproxies() == {}
     assert [str(w.message) for w in caught] == [
         HELPER_FAILED.format(reason=reason, executable=sys.executable)]
 
@@ -185,7 +186,7 @@ def test_helper_that_cannot_start_falls_back(tmp_path: pathlib.Path) -> None:
     """A missing interpreter (an embedded Python) is a warning, not an exception."""
     missing = str(tmp_path / "no-such-python")
     with pytest.warns(forksafe.ForkSafetyWarning) as caught:
-        assert getproxies(_platform="darwin", _helper=[missing]) == {}
+        assert proxies.Lookup(platform="darwin", helper=[missing]).getproxies() == {}
     assert str(caught[0].message) == HELPER_FAILED.format(
         reason=NOT_STARTED.format(error="No such file or directory"), executable=missing)
 
@@ -195,9 +196,9 @@ def test_windows_answer_is_used_for_proxies_and_bypass(tmp_path: pathlib.Path) -
     answer = ('{"kind": "windows", "proxies": {"http": "http://corp:80"}, '
               '"override": "<local>;*.corp.example; 192.168.*"}')
     command = [sys.executable, "-c", f"print({answer!r})"]
-    seams = {"_platform": "win32", "_helper": command}
-    assert getproxies(**seams) == {"http": "http://corp:80"}  # type: ignore[arg-type]
-    results = {h: proxy_bypass(h, **seams)  # type: ignore[arg-type]
+    lookup = proxies.Lookup(platform="win32", helper=command)
+    assert lookup.getproxies() == {"http": "http://corp:80"}
+    results = {h: lookup.proxy_bypass(h)
                for h in ("printer", "www.corp.example", "192.168.1.5", "python.org")}
     assert results == {"printer": True, "www.corp.example": True, "192.168.1.5": True,
                        "python.org": False}
@@ -216,7 +217,8 @@ def test_patch_urllib_routes_lookups_and_restores_by_identity(tmp_path: pathlib.
         sys.path.insert(0, ".")
         import fakerequests
         originals = (urllib.request.getproxies, urllib.request.proxy_bypass)
-        forksafe.patch_urllib(_platform="darwin", _helper={command!r})
+        from forksafe._remedies.proxies import Lookup
+        Lookup(platform="darwin", helper={command!r}).patch_urllib()
         forksafe.patch_urllib()  # idempotent: the first patch stays
         handler = urllib.request.ProxyHandler().proxies
         via_module = fakerequests.environ_proxies("python.org")
@@ -246,7 +248,7 @@ def test_default_helper_runs_on_this_interpreter() -> None:
 def test_warning_through_patched_urllib_points_at_the_callers_line() -> None:
     """urllib.request.getproxies(), once patched, warns at the line that called it."""
     command = [sys.executable, "-c", "raise SystemExit(3)"]
-    proxies.patch_urllib(_platform="darwin", _helper=command)
+    proxies.Lookup(platform="darwin", helper=command).patch_urllib()
     with pytest.warns(forksafe.ForkSafetyWarning) as caught:
         assert urllib.request.getproxies() == {}; line = _current_line()  # noqa: E702
     assert (caught[0].filename, caught[0].lineno) == (__file__, line)
@@ -282,8 +284,9 @@ def test_frozen_application_is_never_run_as_a_helper(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     monkeypatch.setattr(subprocess, "Popen", popen)
     with pytest.warns(forksafe.ForkSafetyWarning) as caught:
-        assert getproxies(_platform="darwin") == {}
-        assert proxy_bypass("example.org", _platform="darwin") is False
+        lookup = proxies.Lookup(platform="darwin")
+        assert lookup.getproxies() == {}
+        assert lookup.proxy_bypass("example.org") is False
     assert started == []
     assert [str(w.message) for w in caught] == [
         HELPER_FAILED.format(reason=FROZEN, executable=sys.executable)]

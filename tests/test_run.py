@@ -15,17 +15,16 @@ import time
 
 import pytest
 
-from forksafe._outcome import CLEAN_FORK
-from forksafe._render import OMITTED, render_run
-from forksafe._run import (
-    CANNOT_RUN,
+from forksafe._render.outcomes import CLEAN_FORK
+from forksafe._render.runs import OMITTED
+from forksafe._run import CANNOT_RUN, NO_COMMAND, exit_code
+from forksafe._runreport import (
     MAX_FORKS,
-    NO_COMMAND,
     REPORT_UNWRITABLE,
     EventTail,
     Merger,
-    exit_code,
     merge,
+    render_run,
 )
 
 
@@ -129,7 +128,7 @@ for i in range(3):
 
 
 def test_report_merges_outcomes_into_forks(tmp_path: pathlib.Path) -> None:
-    """The JSON report has the §3 keys, one fork per child, and each child's outcome merged in."""
+    """The report has the documented keys, one fork per child, each child's outcome merged in."""
     proc = run(tmp_path, CRASH, "--policy", "log", "--report", "r.json")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "r.json").read_text())
@@ -245,7 +244,7 @@ def test_a_long_run_keeps_bounded_memory_and_every_crash() -> None:
 def test_children_without_an_outcome_are_dropped_only_long_after_they_are_gone() -> None:
     """A fork whose child nobody reaped through the guard is kept while its child may live."""
     now = [0.0]
-    merger = Merger(limit=2, _clock=lambda: now[0])
+    merger = Merger(limit=2, clock=lambda: now[0])
     gone = 2**22 + 77  # never a live pid
     merger.add(fork(1, gone))
     merger.add(fork(1, os.getpid()))  # alive: this very process

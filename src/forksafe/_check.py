@@ -51,21 +51,37 @@ Fingerprint = Tuple[object, ...]
 _last: tuple[Fingerprint, Report] | None = None
 
 
-def check(
-    *,
-    _platform: Platform | None = None,
-    _current_frames: Callable[[], dict[int, types.FrameType]] = sys._current_frames,
-    _probes: list[tuple[str, Probe]] | None = None,
-    _reuse: bool = True,
-) -> Report:
+def check() -> Report:
     """Hazards if the calling thread called ``fork()`` now."""
-    if _reuse and _platform is None and _probes is None:
-        report = fork_check(_current_frames, _stacklevel=3)
+    return _check(None, sys._current_frames, None, True, 4)
+
+
+def check_with(
+    *,
+    platform: Platform | None = None,
+    current_frames: Callable[[], dict[int, types.FrameType]] = sys._current_frames,
+    probes: list[tuple[str, Probe]] | None = None,
+    reuse: bool = True,
+) -> Report:
+    """``check()`` with its inputs given: another platform backend, other stacks, other
+    probes, or no reuse of an unchanged process's report (for tests)."""
+    return _check(platform, current_frames, probes, reuse, 4)
+
+
+def _check(
+    platform: Platform | None,
+    current_frames: Callable[[], dict[int, types.FrameType]],
+    probes: list[tuple[str, Probe]] | None,
+    reuse: bool,
+    stacklevel: int,
+) -> Report:
+    if reuse and platform is None and probes is None:
+        report = fork_check(current_frames, _stacklevel=stacklevel)
         if report is _last_report():
             # The same hazards, as a report of its own, made now.
             return Report(hazards=report.hazards, thread=report.thread)
         return report
-    return _run_probes(_platform or current(), _current_frames, _probes, None, 3)
+    return _run_probes(platform or current(), current_frames, probes, None, stacklevel)
 
 
 def fork_check(

@@ -9,9 +9,9 @@ every thread without taking the GIL or any lock, so they work in a child that
 crashed inside C code, or that is stuck in C code holding the GIL.
 
 The file survives the child's death. It is ``<state dir>/<child pid>.crash``
-when a hang monitor or ``forksafe run`` may look for it, which reads and
-removes it, else a memory file the parent reads when it reaps the child
-(``forksafe._outcome.on_reaped``). Three signals write into it:
+(``forksafe._statedir``) when a hang monitor or ``forksafe run`` may look for
+it, which reads and removes it, else a memory file the parent reads when it
+reaps the child (``forksafe._outcome.on_reaped``). Three signals write into it:
 
 * the fatal signals ``faulthandler.enable`` covers (SIGSEGV, SIGBUS, SIGILL,
   SIGFPE, SIGABRT): traceback, then the signal's default action, so the child
@@ -33,11 +33,13 @@ import _signal  # type: ignore[import-not-found,unused-ignore]  # no stubs; sign
 import faulthandler
 import os
 import signal
-import stat
-import sys
-import types
 from functools import partial
-from typing import Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable
+
+from forksafe import _config, _statedir
+
+if TYPE_CHECKING:
+    from forksafe._seam import CrashFile
 
 try:  # imported here, in the parent: a forked child must not load extension modules
     import fcntl as _fcntl
@@ -52,66 +54,25 @@ DUMP_SIGNAL: int | None = (
     int(signal.SIGRTMAX) - 3 if hasattr(signal, "SIGRTMAX") else None  # type: ignore[attr-defined,unused-ignore]
 )
 
-#: Names ``forksafe run`` and the environment hook use for the state directory.
-STATE_DIR_VARIABLE = "FORKSAFE_STATE_DIR"
-
 _FLAGS = (
     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 )
 
 
-def state_dir(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
-    """Where crash files and hang markers live: per run, or one per user.
-
-    ``forksafe run`` points ``FORKSAFE_STATE_DIR`` at a private directory it
-    removes at the end; otherwise a directory per user under the temp dir.
-    Computed from ``os.environ`` only (no ``tempfile``, whose lock another thread
-    may hold at fork time).
-    """
-    env = os.environ if environ is None else environ
-    explicit = env.get(STATE_DIR_VARIABLE)
-    if explicit:
-        return explicit
-    return os.path.join(fast_temp_root(env), f"forksafe-{os.getuid()}")
-
-
-def fast_temp_root(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
-    """``/dev/shm`` when it is usable, else ``$TMPDIR`` or ``/tmp``.
-
-    Every guarded child creates its crash file, so creating it must be cheap:
-    on a tmpfs it costs a few microseconds, on a journaling disk file system
-    (ext4 here) about 0.4 ms - as much as the fork itself.
-    """
-    if os.path.isdir(SHM) and os.access(SHM, os.W_OK | os.X_OK):
-        return SHM
-    env = os.environ if environ is None else environ
-    return env.get("TMPDIR") or "/tmp"
-
-
-SHM = "/dev/shm"
-
-
-def crash_path(child_pid: int, *, directory: str | None = None) -> str:
-    """The file the child with ``child_pid`` writes its tracebacks into."""
-    return os.path.join(directory or state_dir(), f"{child_pid}.crash")
-
-
-def hung_path(child_pid: int, *, directory: str | None = None) -> str:
-    """The marker a hang monitor leaves for a child it reported hung (JSON outcome)."""
-    return os.path.join(directory or state_dir(), f"{child_pid}.hung")
-
-
-#: A crash file: descriptor, device and inode (None when not known), path; and for
-#: a spare (see ``open_spare``) also the pid that opened it and its directory.
-CrashFile = Tuple[int, Optional[int], Optional[int], str, int, str]
-#: The crash file this process's faulthandler writes to, once armed. A child that
+#: The crash file this process's faulthandler writes to, once armed (``armed()``),
+#: in a box that a C call can fill in the child (``memory_armer``). A child that
 #: forks again inherits it; its own child closes it after re-arming.
-_armed: CrashFile | None = None
+_armed_box: list[CrashFile | None] = [None]
 _spare_count = 0
 #: Whether faulthandler was on before forksafe armed this process (the program's own
 #: choice, e.g. pytest's or PYTHONFAULTHANDLER): None until armed.
 _program_faulthandler: bool | None = None
+
+
+def armed() -> CrashFile | None:
+    """The crash file this process is armed with, if any."""
+    return _armed_box[0]
 
 
 def program_faulthandler() -> bool:
@@ -141,7 +102,7 @@ def prepare(hang_timeout: float | None = None) -> None:
     try:
         pid = os.getpid()
         if _prepared is None or _prepared[0] != pid:
-            _prepared = (pid, _checked_prefix(), bool(os.environ.get(STATE_DIR_VARIABLE)))
+            _prepared = (pid, _statedir.checked_prefix(), bool(_config.state_dir_override()))
             if _program_faulthandler is None:
                 _program_faulthandler = faulthandler.is_enabled()
         elif hang_timeout is None:
@@ -151,6 +112,14 @@ def prepare(hang_timeout: float | None = None) -> None:
         _dump_free = DUMP_SIGNAL is not None and _getsignal(DUMP_SIGNAL) == _SIG_DFL
     except Exception:  # a fork hook must never fail the fork
         return
+
+
+def crash_prefix() -> str | None:
+    """``<state dir>/`` as ``prepare`` checked it in this process, if it did."""
+    prepared = _prepared
+    if prepared is not None and prepared[0] == os.getpid():
+        return prepared[1]
+    return None
 
 
 def warm_up() -> None:
@@ -186,23 +155,6 @@ def warm_up() -> None:
 _warm = False
 
 
-def _checked_prefix() -> str | None:
-    """``<state dir>/`` when it is a directory of our own that no one else may write to.
-
-    In a shared temporary directory another user could otherwise plant it and
-    read our tracebacks, or swap files under us. ``None``: crash files are off.
-    """
-    directory = state_dir()
-    try:
-        info = os.lstat(directory)
-    except FileNotFoundError:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.lstat(directory)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
-        return None
-    return os.path.join(directory, "")
-
-
 #: (pid, crash file prefix) decided by ``prepare`` in the process that forks.
 #: Also whether the state directory was set for this process tree (``forksafe run``
 #: does): then crash files are looked for by name from outside.
@@ -226,7 +178,6 @@ def arm(parent_pid: int, hang_timeout: float | None, spare: CrashFile | None = N
     dozen of them: a tenth of a bare fork of a 100 MB process. Never raises: a
     child that cannot be armed runs exactly as it would without us.
     """
-    global _armed
     crash = spare
     try:
         if crash is not None and crash[4] == parent_pid:
@@ -241,7 +192,7 @@ def arm(parent_pid: int, hang_timeout: float | None, spare: CrashFile | None = N
             path = prepared[1] + str(os.getpid()) + ".crash"
             fd = _out_of_the_way(os.open(path, _FLAGS, 0o600))
             crash = (fd, None, None, path, parent_pid, prepared[1])
-        inherited, _armed = _armed, None
+        inherited, _armed_box[0] = _armed_box[0], None
         faulthandler.enable(fd, True)
         if _SIGTRAP is not None:
             faulthandler.register(_SIGTRAP, fd, True, True)
@@ -252,13 +203,11 @@ def arm(parent_pid: int, hang_timeout: float | None, spare: CrashFile | None = N
                 faulthandler.register(DUMP_SIGNAL, fd, True, False)  # type: ignore[arg-type]
             elif inherited is not None:
                 faulthandler.unregister(DUMP_SIGNAL)  # type: ignore[arg-type]
-        _armed = crash
+        _armed_box[0] = crash
         if inherited is not None and inherited[0] != fd:
             _close_if_ours(inherited)
     except (OSError, ValueError, RuntimeError):
         pass
-    if hang_timeout is not None:
-        _announce_from_preexec(parent_pid)
 
 
 def memory_armer(crash: CrashFile) -> tuple[Callable[[], object], ...] | None:
@@ -270,13 +219,13 @@ def memory_armer(crash: CrashFile) -> tuple[Callable[[], object], ...] | None:
     does for such a file. Not for a named file, nor in a process that is
     itself an armed child: its child has an inherited file to close first.
     """
-    if crash[3] or _armed is not None:
+    if crash[3] or _armed_box[0] is not None:
         return None
     fd = crash[0]
     calls: list[Callable[[], object]] = [partial(faulthandler.enable, fd, True)]
     if _SIGTRAP is not None:
         calls.append(partial(faulthandler.register, _SIGTRAP, fd, True, True))
-    calls.append(partial(setattr, sys.modules[__name__], "_armed", crash))
+    calls.append(partial(_armed_box.__setitem__, 0, crash))
     return tuple(calls)
 
 
@@ -329,7 +278,8 @@ def open_spare(hang_timeout: float | None, pid: int | None = None) -> CrashFile 
 
 def _close_inherited(memory: tuple[int, list[CrashFile], dict[int, CrashFile]]) -> None:
     """In a child that forks in turn: close its parent's memory files, all but its own."""
-    own = _armed[0] if _armed is not None else -1
+    armed_now = _armed_box[0]
+    own = armed_now[0] if armed_now is not None else -1
     for crash in [*memory[1], *memory[2].values()]:
         if crash[0] != own:
             _close(crash[0])
@@ -462,7 +412,7 @@ _MFD_CLOEXEC: int = getattr(os, "MFD_CLOEXEC", 0)
 #: closes them only if it forks in turn, so both bounds are small.
 MAX_HELD = 32
 #: Empty memory files kept for the next children. The guard hands back the files of
-#: exited children by the batch (``forksafe._guard.QUEUE_SIZE``: two entries per
+#: exited children by the batch (``forksafe._forkpath.QUEUE_SIZE``: two entries per
 #: child), so this holds a batch with room to spare.
 MAX_FREE = 20
 #: (owner pid, empty memory files, child pid -> its memory file). A child that forks
@@ -510,50 +460,4 @@ def _close_if_ours(armed: CrashFile) -> None:
         if (device, inode) == (now.st_dev, now.st_ino):
             os.close(fd)
     except OSError:
-        return
-
-
-def _announce_from_preexec(parent_pid: int) -> None:
-    """Make a ``subprocess`` ``preexec_fn`` child known to the hang monitor from inside it.
-
-    ``subprocess`` returns the child's pid to its parent only once the child
-    has called ``exec`` (the parent blocks reading the error pipe until then),
-    so a child that hangs in its ``preexec_fn`` is never announced by the
-    parent, which hangs with it. The guard's decision for that fork is still on
-    this (copied) stack, in the frame of its ``_execute_child`` wrapper; from it
-    the child writes its own fork record (``"type": "fork-pending"``) to the
-    inherited report file, one ``O_APPEND`` write, and to the parent's hang
-    helper if one runs. Only frames are read; nothing here takes a lock.
-    """
-    try:
-        frame: types.FrameType | None = sys._getframe(2)
-        for _ in range(40):
-            if frame is None:
-                return
-            if frame.f_code.co_name == "_execute_child" and \
-                    frame.f_globals.get("__name__") == "forksafe._guard" and \
-                    "decision" in frame.f_locals:
-                break
-            frame = frame.f_back
-        else:
-            return
-        if frame is None:
-            return
-        decision = frame.f_locals["decision"]
-        from forksafe._report import ForkEvent
-
-        event = ForkEvent(parent_pid, os.getpid(), decision.time, decision.mechanism,
-                          decision.site, decision.action, decision.report)
-        record = {"type": "fork-pending", **event.to_dict(), "command": list(sys.argv)}
-        guard = sys.modules.get("forksafe._guard")
-        if guard is not None:
-            guard.emit(record)
-        hang = sys.modules.get("forksafe._hang")
-        client = getattr(hang, "_client", None)
-        sock = getattr(client, "_sock", None)
-        if hang is not None and sock is not None and getattr(client, "owner", None) == parent_pid:
-            import json
-
-            hang.send(sock, b"\n" + json.dumps(record, default=str).encode() + b"\n")
-    except Exception:  # never harm the child
         return

@@ -15,7 +15,8 @@ import sys
 import traceback
 from typing import Any, NoReturn, Sequence
 
-from forksafe._report import SCHEMA, ForkEvent, Report, Severity
+from forksafe._errors import UsageError
+from forksafe._report import SCHEMA, Report, Severity
 
 IMPORT_FAILED = "forksafe: cannot import {module!r}: {error}"
 REPORT_UNREADABLE = "forksafe: cannot read report {path!r}: {error}"
@@ -29,10 +30,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
-class UsageError(Exception):
-    """A user error that the CLI reports as one line with exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +167,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def check_json(report: Report) -> dict[str, Any]:
-    """A fork-like entry (DESIGN.md §3) without child data: what forking now would meet."""
+    """A fork-like entry of the report format (docs/report-format.md) without child data:
+    what forking now would meet."""
     data = {"schema": SCHEMA, "command": ["forksafe", *sys.argv[1:]],
             "mechanism": "check", "site": None, "action": "allowed"}
     data.update(report.to_dict())
@@ -219,9 +217,10 @@ def render_saved(data: dict[str, Any]) -> str:
     forks = data["forks"]
     if not isinstance(forks, list):
         raise ValueError("'forks' must be a list")
-    events = [ForkEvent.from_dict(f) for f in forks]
-    from forksafe._render import render_events
+    from forksafe._render.runs import render_events
+    from forksafe._report import ForkEvent
 
+    events = [ForkEvent.from_dict(f) for f in forks]
     return render_events(data.get("command"), data.get("exit_code"), events)
 
 

@@ -232,7 +232,7 @@ def inspect_sqlite(*, _command: Sequence[str] | None = None,
                    _timeout: float = HELPER_TIMEOUT) -> dict[str, Any]:
     """What ``import sqlite3`` loads, asked of a fresh interpreter (never this process)."""
     if _command is None:
-        from forksafe._remedies._interpreter import interpreter_problem
+        from forksafe._interpreter import interpreter_problem
 
         problem = interpreter_problem()
         if problem is not None:  # frozen or embedded: never run the program itself
@@ -583,32 +583,38 @@ def gc_line(frozen: int) -> Line:
 
 # -- the report -----------------------------------------------------------------
 
-def doctor(
-    *,
-    _environ: Mapping[str, str] | None = None,
-    _platform: str = sys.platform,
-    _version: tuple[int, int] = (sys.version_info[0], sys.version_info[1]),
-    _sqlite: Mapping[str, Any] | None = None,
-    _distributions: Iterable[Distribution] | None = None,
-    _start_method: tuple[str, str | None] | None = None,
-    _filters: Sequence[tuple[Any, ...]] | None = None,
-    _frozen: Callable[[], int] | None = None,
-) -> dict[str, Any]:
+def doctor() -> dict[str, Any]:
     """The environment report as a JSON-ready dict (schema ``forksafe-doctor/1``)."""
-    environ = os.environ if _environ is None else _environ
-    distributions = list(installed_distributions() if _distributions is None
-                         else _distributions)
-    grpc_installed = any(d.name.lower() == "grpcio" for d in distributions)
-    default, actual = start_method_facts() if _start_method is None else _start_method
-    filters = list(warnings.filters) if _filters is None else list(_filters)
+    return doctor_with()
+
+
+def doctor_with(
+    *,
+    environ: Mapping[str, str] | None = None,
+    platform: str = sys.platform,
+    version: tuple[int, int] = (sys.version_info[0], sys.version_info[1]),
+    sqlite: Mapping[str, Any] | None = None,
+    distributions: Iterable[Distribution] | None = None,
+    start_method: tuple[str, str | None] | None = None,
+    filters: Sequence[tuple[Any, ...]] | None = None,
+    frozen: Callable[[], int] | None = None,
+) -> dict[str, Any]:
+    """``doctor()`` with the facts it reads given instead (for tests): the environment,
+    platform, Python version, SQLite facts, installed distributions, start methods,
+    warning filters and the gc freeze count."""
+    env = os.environ if environ is None else environ
+    installed = list(installed_distributions() if distributions is None else distributions)
+    grpc_installed = any(d.name.lower() == "grpcio" for d in installed)
+    default, actual = start_method_facts() if start_method is None else start_method
+    active = list(warnings.filters) if filters is None else list(filters)
     frozen_count: Callable[[], int] = (
-        _frozen if _frozen is not None else getattr(gc, "get_freeze_count", lambda: 0))
+        frozen if frozen is not None else getattr(gc, "get_freeze_count", lambda: 0))
     lines = [
-        sqlite_line(inspect_sqlite() if _sqlite is None else _sqlite, _platform),
-        start_method_line(default, actual, _platform),
-        fork_warning_line(_version, filters, getattr(warnings, "defaultaction", "default")),
-        *environment_lines(environ, _platform, grpc_installed),
-        *runtime_lines(distributions),
+        sqlite_line(inspect_sqlite() if sqlite is None else sqlite, platform),
+        start_method_line(default, actual, platform),
+        fork_warning_line(version, active, getattr(warnings, "defaultaction", "default")),
+        *environment_lines(env, platform, grpc_installed),
+        *runtime_lines(installed),
         gc_line(frozen_count()),
     ]
     counts = {verdict: sum(1 for line in lines if line.verdict == verdict)
@@ -621,7 +627,7 @@ def doctor(
         "python": {"version": ".".join(str(v) for v in sys.version_info[:3]),
                    "implementation": sys.implementation.name,
                    "executable": sys.executable},
-        "platform": _platform,
+        "platform": platform,
         "counts": counts,
         "checks": [line.to_dict() for line in lines],
     }

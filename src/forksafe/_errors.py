@@ -1,6 +1,14 @@
-"""The exception and the warning forksafe raises, in their own module (no imports)."""
+"""What forksafe raises, and how it says that a part of itself failed.
+
+Only ``os`` and ``sys`` (loaded before any program runs) at module level:
+``import forksafe`` imports this module, and the environment hook imports it at
+every interpreter start of a guarded tree.
+"""
 
 from __future__ import annotations
+
+import os
+import sys
 
 TYPE_CHECKING = False  # typing itself is not imported: see __init__.py
 if TYPE_CHECKING:
@@ -21,3 +29,53 @@ class ForkSafetyError(Exception):
     def __init__(self, message: str, report: Report | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class UsageError(Exception):
+    """A user error that the command line reports as one line with exit status 2."""
+
+
+FAILED = (
+    "forksafe: {what} failed ({error}); forksafe goes on without it and the program is not "
+    "affected. Please report this with the error above."
+)
+
+#: The parts of forksafe that failed in this process, each said once.
+failures: set[str] = set()
+
+
+def report_failure(what: str, exc: BaseException, *, stacklevel: int = 3) -> None:
+    """Say once per process that a part of forksafe failed; never raise.
+
+    forksafe runs inside other people's programs: a bug of ours is told, once,
+    as a ``ForkSafetyWarning`` (or on stderr when warnings are errors there),
+    and the program goes on as if forksafe were not there.
+    """
+    if what in failures:
+        return
+    failures.add(what)
+    message = FAILED.format(what=what, error=f"{type(exc).__name__}: {exc}")
+    try:
+        import warnings
+
+        warnings.warn(message, ForkSafetyWarning, stacklevel=stacklevel)
+    except Exception:  # warnings turned into errors: the program must still go on
+        write_stderr(message)
+
+
+def write_stderr(line: str) -> None:
+    """One line on ``sys.stderr``, or nothing when there is no usable stderr."""
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except Exception:  # no usable stderr: nothing else to tell it to
+        return
+
+
+def write_fd2(line: str) -> None:
+    """One line on file descriptor 2, without Python's stderr object (in a forked child,
+    whose ``sys.stderr`` lock may be held by a thread that does not exist there)."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        return

@@ -9,7 +9,6 @@ property and change the program being diagnosed.
 
 from __future__ import annotations
 
-import functools
 import linecache
 import os
 import re
@@ -55,21 +54,21 @@ _OWN_DIR = os.path.normcase(os.path.dirname(os.path.realpath(__file__))) + os.se
 #: ``functools.lru_cache``: a hit in an LRU cache moves its entry to the front,
 #: a write to memory on every call, and the guard calls this on every fork,
 #: when each page first written costs a copy-on-write fault.
-_LIBRARY_FILES: dict[str, bool] = {}
-_LIBRARY_FILES_SIZE = 4096
+LIBRARY_FILES: dict[str, bool] = {}
+LIBRARY_FILES_SIZE = 4096
 
 
 def is_library_file(filename: str) -> bool:
     """True for the standard library and forksafe itself: not the user's code."""
-    known = _LIBRARY_FILES.get(filename)
+    known = LIBRARY_FILES.get(filename)
     if known is not None:
         return known
     path = os.path.normcase(os.path.realpath(filename)) if os.sep in filename else filename
     answer = "site-packages" not in path and (
         path.startswith(_LIB_DIRS) or path.startswith(_OWN_DIR) or filename.startswith("<frozen"))
-    if len(_LIBRARY_FILES) >= _LIBRARY_FILES_SIZE:
-        _LIBRARY_FILES.clear()
-    _LIBRARY_FILES[filename] = answer
+    if len(LIBRARY_FILES) >= LIBRARY_FILES_SIZE:
+        LIBRARY_FILES.clear()
+    LIBRARY_FILES[filename] = answer
     return answer
 
 
@@ -88,29 +87,6 @@ def stack(frame: types.FrameType | None, limit: int = 12) -> list[Site]:
         out.append(Site(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
         frame = frame.f_back
     return out
-
-
-def short_path(filename: str) -> str:
-    """``filename`` relative to the working directory when it lies below it."""
-    try:
-        return _short_path(filename, os.getcwd())
-    except OSError:  # the working directory was removed
-        return filename
-
-
-@functools.lru_cache(maxsize=4096)
-def _short_path(filename: str, cwd: str) -> str:
-    if not os.path.isabs(filename):
-        return filename
-    try:
-        relative = os.path.relpath(filename, cwd)
-    except ValueError:
-        return filename
-    return filename if relative.startswith(os.pardir) else relative
-
-
-def where(site: Site) -> str:
-    return f"{short_path(site.file)}:{site.line}"
 
 
 def source_line(site: Site) -> str:

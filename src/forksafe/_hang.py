@@ -29,49 +29,31 @@ The Python stacks come from the child itself: ``_child.arm`` registered
 ``faulthandler`` for ``DUMP_SIGNAL``, whose C handler writes every thread's
 traceback into the child's crash file even while the GIL is held. A reported
 child is then ended with SIGKILL, so that a run or a parent waiting for it can
-finish; its parent sees the outcome ``hung`` when it reaps it.
+finish; its parent sees the outcome ``hung`` when it reaps it (the monitor
+leaves a marker, ``forksafe._statedir``).
+
+The monitor runs in ``forksafe run`` or in the helper process
+(``forksafe._helper``); the sentences are ``forksafe._render.outcomes``'s.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
-import json
 import linecache
 import os
 import re
-import select
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from forksafe._child import DUMP_SIGNAL, crash_path, hung_path, state_dir
-from forksafe._outcome import describe_fork, frame_text, parse_sections, short_file
+from forksafe._child import DUMP_SIGNAL
 from forksafe._platform import _procinfo
+from forksafe._render import forks, outcomes
 from forksafe._report import ForkEvent, Hazard, Outcome, Severity, Site
-
-HUNG = "child {pid} ({forked}) made no progress for {seconds:g} s"
-LOCK_LINK = (
-    "it is blocked taking `{lock}` at {where}; at fork time thread {holder!r}{started} held "
-    "`{lock}` (taken at {taken}), and that thread does not exist in the child, so the lock "
-    "is never released"
-)
-RUNTIME_LINK = (
-    "{who} is blocked ({call}) inside {library}: {runtime} was active at fork time "
-    "({signals}), and its threads do not exist in the child"
-)
-THREAD_LINK = (
-    "{who} is blocked ({call}) inside {library}, whose own thread {holder!r} was alive at "
-    "fork time and does not exist in the child (a lock it held stays held)"
-)
-FIX = "fix: {remedy}"
-ENDED = "forksafe: {diagnosis} [ended with SIGKILL]"
+from forksafe._statedir import crash_path, state_dir, write_hung_marker
+from forksafe._tracebacks import parse_sections
 
 #: The system calls a thread blocked acquiring a lock is seen in (after a signal
 #: interrupted a futex wait with a timeout, the kernel restarts it as restart_syscall).
@@ -172,15 +154,10 @@ def analyse(event: ForkEvent, seconds: float, *, directory: str,
     findings = lock_findings(parse_sections(dump), hazards, base=base) + found_native
     if not findings:
         return None
-    head = HUNG.format(pid=pid, forked=describe_fork(event), seconds=round(seconds, 1))
-    diagnosis = f"{head}: " + "; ".join(f.text for f in findings[:3])
-    diagnosis += ". " + FIX.format(remedy=findings[0].hazard.remedy)
-    native = "\n".join(
-        f"thread {t.tid} ({t.name}): {t.blocked_in or 'running'}"
-        + (f" in {t.wchan}" if t.wchan and t.wchan != "0" else "")
-        + (f"; native code: {', '.join(os.path.basename(p) for p in libs)}" if libs else "")
-        for t, libs in natives
-    )
+    diagnosis = outcomes.hang(pid, forks.describe_fork(event.mechanism, event.site), seconds,
+                              [f.text for f in findings], findings[0].hazard.remedy)
+    native = "\n".join(outcomes.native_thread(t.tid, t.name, t.blocked_in, t.wchan, libs)
+                       for t, libs in natives)
     traceback = "\n\n".join(part for part in (dump, "Native threads:\n" + native) if part)
     return Outcome("hung", None, None, traceback, diagnosis)
 
@@ -210,10 +187,8 @@ def lock_findings(sections: list[list[Site]], hazards: Sequence[Hazard], *,
                     continue
                 if re.search(rf"(?<!\w){re.escape(token)}(?!\w)", code):
                     seen.add(id(hazard))
-                    text = LOCK_LINK.format(
-                        lock=expr, where=frame_text(frame),
-                        holder=str(hazard.evidence.get("name", "?")),
-                        started=_started(hazard), taken=_short_at(taken))
+                    text = outcomes.lock_link(expr, frame, str(hazard.evidence.get("name", "?")),
+                                              _started(hazard), taken)
                     found.append(Finding(hazard, text))
     return found
 
@@ -236,7 +211,7 @@ def native_findings(natives: Sequence[tuple[_procinfo.Task, tuple[str, ...]]],
     seen: set[int] = set()
     several = len(natives) > 1
     for task, libs in natives:
-        who = f"its thread {task.tid} ({task.name})" if several else "it"
+        who = outcomes.blocked_thread(task.tid, task.name, several)
         names = {os.path.basename(p) for p in libs} | {os.path.realpath(p) for p in libs}
         for hazard in hazards:
             if id(hazard) in seen:
@@ -253,14 +228,12 @@ def native_findings(natives: Sequence[tuple[_procinfo.Task, tuple[str, ...]]],
                 except KeyError:
                     runtime = str(ev.get("runtime"))
                 signals = ", ".join(str(x) for x in ev.get("signals", ())) or "active"
-                text = RUNTIME_LINK.format(who=who, call=call, library=os.path.basename(hit),
-                                           runtime=runtime, signals=signals)
+                text = outcomes.runtime_link(who, call, hit, runtime, signals)
             elif hazard.kind == "native-thread" and isinstance(ev.get("owner"), str):
                 owner = str(ev["owner"])
                 if not _same(owner, names):
                     continue
-                text = THREAD_LINK.format(who=who, call=call, library=os.path.basename(owner),
-                                          holder=str(ev.get("name", "?")))
+                text = outcomes.thread_link(who, call, owner, str(ev.get("name", "?")))
             else:
                 continue
             seen.add(id(hazard))
@@ -272,20 +245,14 @@ def _same(path: str, names: set[str]) -> bool:
     return os.path.basename(path) in names or os.path.realpath(path) in names
 
 
-def _started(hazard: Hazard) -> str:
+def _started(hazard: Hazard) -> Site | None:
+    """Where the thread of a hazard was started, in the user's code if known."""
     started = hazard.evidence.get("started_at")
     if not isinstance(started, list):
-        return ""
+        return None
     from forksafe._frames import user_site
 
-    sites = [Site.from_dict(s) for s in started if isinstance(s, dict)]
-    site = user_site(sites)
-    return f" (started at {short_file(site.file)}:{site.line})" if site else ""
-
-
-def _short_at(at: str) -> str:
-    path, _, line = at.rpartition(":")
-    return f"{short_file(path)}:{line}" if path else at
+    return user_site([Site.from_dict(s) for s in started if isinstance(s, dict)])
 
 
 class HangMonitor:
@@ -352,13 +319,7 @@ class HangMonitor:
             self._report(pid, event, outcome)
 
     def _report(self, pid: int, event: ForkEvent, outcome: Outcome) -> None:
-        marker = hung_path(pid, directory=self.directory)
-        try:
-            with open(marker + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(outcome.to_dict(), f)
-            os.replace(marker + ".tmp", marker)
-        except OSError:
-            pass
+        write_hung_marker(pid, outcome, directory=self.directory)
         self.hung.append(event)
         try:
             self.on_hung(event, outcome)
@@ -366,210 +327,3 @@ class HangMonitor:
             if self.kill:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-
-
-# -- the helper process for install(hang_timeout=...) outside `forksafe run` ----------------
-
-
-class Client:
-    """The parent's end of its hang-monitor helper: one line of JSON per forked child.
-
-    This runs in the user's process, on its fork path, so sending must never
-    block nor kill it: the events go through a Unix socket (not a pipe), sent
-    with ``MSG_DONTWAIT`` - when the helper falls behind and the buffer is
-    full, the event is dropped (that child is not watched) - and with
-    ``MSG_NOSIGNAL``, so that a helper that died cannot kill a program that
-    restored SIGPIPE's default action. Each line starts with a newline: a line
-    cut short by a full buffer is then one unreadable line for the helper,
-    which skips it, and the next line reads intact.
-    """
-
-    def __init__(self, timeout: float, report: str | None) -> None:
-        self.owner = os.getpid()
-        self.timeout = timeout
-        self.report = report
-        self._lock = threading.Lock()  # only ever used in the process that made it
-        self._sock: socket.socket | None = None
-        self.broken = False
-        self.dropped = 0
-
-    def watch(self, event: ForkEvent) -> None:
-        line = b"\n" + json.dumps(event.to_dict(), default=str).encode() + b"\n"
-        # A timeout, not a plain acquire: a signal handler that forks could
-        # interrupt this very thread while it holds the lock.
-        if not self._lock.acquire(timeout=1.0):
-            self.dropped += 1
-            return
-        try:
-            if self.broken:
-                return
-            if self._sock is None:
-                self._start()
-            assert self._sock is not None
-            if not send(self._sock, line):
-                self.dropped += 1
-        except (OSError, ValueError, subprocess.SubprocessError):
-            self.broken = True
-        finally:
-            self._lock.release()
-
-    def start(self) -> None:
-        """Start the helper now, if it is not running yet (never raises)."""
-        if self._sock is not None or self.broken or not self._lock.acquire(timeout=1.0):
-            return
-        try:
-            if self._sock is None and not self.broken:
-                self._start()
-        except (OSError, ValueError, subprocess.SubprocessError):
-            self.broken = True
-        finally:
-            self._lock.release()
-
-    def _start(self) -> None:
-        if not _is_python(sys.executable):
-            # Embedded interpreters (uWSGI, some app servers) name their own binary
-            # here: starting it with our arguments would start another server.
-            raise OSError(f"sys.executable {sys.executable!r} is not a Python interpreter")
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, FORKSAFE_POLICY="off")
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
-        argv = [sys.executable, "-m", "forksafe._hang", "--timeout", repr(self.timeout),
-                "--dir", state_dir(), "--parent", str(os.getpid())]
-        if self.report:
-            argv += ["--report", self.report]
-        env["FORKSAFE_HELPER_DETACH"] = "1"
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            theirs.shutdown(socket.SHUT_WR)  # the helper only reads
-            proc = subprocess.Popen(argv, stdin=theirs.fileno(), stdout=subprocess.DEVNULL,
-                                    env=env, close_fds=True)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        # The helper forks once and its first process exits at once: reaped here, so
-        # the program never finds a child it did not start (a loop of os.wait()
-        # until ChildProcessError would otherwise wait for our helper forever).
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        ours.shutdown(socket.SHUT_RD)
-        self._sock = ours
-
-
-def _is_python(executable: str | None) -> bool:
-    name = os.path.basename(executable or "").lower()
-    return name.startswith(("python", "pypy")) and os.access(executable or "", os.X_OK)
-
-
-def send(sock: socket.socket, data: bytes) -> bool:
-    """Send ``data`` without blocking and without SIGPIPE; False if (all of) it was not sent.
-
-    Also used in a forked child (``_child._announce_from_preexec``): a single
-    system call, no lock.
-    """
-    try:
-        return sock.send(data, _SEND_FLAGS) == len(data)
-    except BlockingIOError:
-        return False
-
-
-_SEND_FLAGS = getattr(socket, "MSG_DONTWAIT", 0) | getattr(socket, "MSG_NOSIGNAL", 0)
-
-
-_client: Client | None = None
-
-
-def client(timeout: float) -> Client:
-    """This process's helper client (a forked child gets its own, not its parent's)."""
-    global _client
-    if _client is None or _client.owner != os.getpid() or _client.timeout != timeout:
-        report = None
-        try:
-            from forksafe import _guard
-
-            sink = getattr(_guard, "_sink", None)  # the guard's open report file, if any
-            report = getattr(sink, "path", None)
-        except Exception:
-            report = None
-        _client = Client(timeout, report or os.environ.get("FORKSAFE_REPORT") or None)
-    return _client
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The helper: read fork events on stdin, watch the children, report the hung ones."""
-    parser = argparse.ArgumentParser(prog="python -m forksafe._hang")
-    parser.add_argument("--timeout", type=float, required=True)
-    parser.add_argument("--dir", required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    parser.add_argument("--report")
-    args = parser.parse_args(argv)
-    parent = _Parent(args.parent)  # before detaching: the parent waits for that
-    if os.environ.pop("FORKSAFE_HELPER_DETACH", None) and os.fork() > 0:
-        os._exit(0)  # see Client._start: the watcher is not a child of the program
-    # Ctrl-C at a terminal goes to the whole process group, the helper included:
-    # it is for the program; the helper ends when the program does, quietly.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sink = None
-    if args.report:
-        from forksafe._sink import Sink
-
-        try:
-            sink = Sink(args.report)
-        except OSError:
-            sink = None
-
-    def on_hung(event: ForkEvent, outcome: Outcome) -> None:
-        with contextlib.suppress(OSError, ValueError):  # the program's stderr may be gone
-            print(ENDED.format(diagnosis=outcome.diagnosis), file=sys.stderr, flush=True)
-        if sink is not None:
-            sink.write({"type": "outcome", "parent_pid": event.parent_pid,
-                        "child_pid": event.child_pid, "outcome": outcome.to_dict()})
-
-    monitor = HangMonitor(args.timeout, on_hung=on_hung, directory=args.dir)
-    stdin = sys.stdin.buffer
-    buffered = b""
-    open_ = True
-    while (open_ or len(monitor)) and parent.alive():
-        if open_:
-            ready, _, _ = select.select([stdin], [], [], monitor.interval)
-            if ready:
-                chunk = os.read(stdin.fileno(), 65536)
-                if not chunk:
-                    open_ = False
-                buffered += chunk
-                *lines, buffered = buffered.split(b"\n")
-                if len(buffered) > MAX_LINE:
-                    buffered = b""  # not a line of ours; the next newline resynchronises
-                for line in lines:
-                    try:
-                        monitor.add(ForkEvent.from_dict(json.loads(line)))
-                    except Exception:  # an empty, torn or foreign line
-                        continue
-        else:
-            time.sleep(monitor.interval)
-        monitor.poll()
-    return 0
-
-
-#: The longest event line the helper buffers (a fork event with many hazards is a few KiB).
-MAX_LINE = 4 * 1024 * 1024
-
-
-class _Parent:
-    """The program the helper serves. It ends with it, even while children of the
-    program keep the event socket open (they inherit it when forked)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        state = _procinfo.process_state(pid)
-        self.started = state[1] if state is not None else None
-
-    def alive(self) -> bool:
-        state = _procinfo.process_state(self.pid)
-        return state is not None and state[0] not in ("Z", "X") and state[1] == self.started
-
-
-if __name__ == "__main__":
-    sys.exit(main())

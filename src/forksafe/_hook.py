@@ -32,24 +32,6 @@ TYPE_CHECKING = False  # typing is not imported at every interpreter start for t
 if TYPE_CHECKING:
     from typing import Mapping, TextIO
 
-ENV_POLICY = "FORKSAFE_POLICY"
-ENV_REPORT = "FORKSAFE_REPORT"
-ENV_HANG_TIMEOUT = "FORKSAFE_HANG_TIMEOUT"
-ENV_FAIL_ON = "FORKSAFE_FAIL_ON"
-
-ENV_POLICIES = ("log", "warn", "raise", "off")
-
-BAD_POLICY = (
-    "forksafe: ignoring {name}={value!r}: expected one of log, warn, raise, off; "
-    "the fork guard is off in this process"
-)
-BAD_HANG_TIMEOUT = (
-    "forksafe: ignoring {name}={value!r}: expected a positive number of seconds; "
-    "hung children are not watched in this process"
-)
-BAD_FAIL_ON = (
-    "forksafe: ignoring {name}={value!r}: expected warning or error; using error"
-)
 ACTIVATION_FAILED = (
     "forksafe: the environment hook could not install the fork guard ({error}); "
     "the program runs unguarded"
@@ -72,17 +54,9 @@ def from_pth() -> None:
         activate()
 
 
-def _shown(value: str) -> str:
-    """A bad value, shortened: it is echoed to stderr, never into a report."""
-    return value if len(value) <= 40 else value[:37] + "..."
-
-
 def activate(environ: Mapping[str, str] | None = None, *, stderr: TextIO | None = None) -> bool:
-    """Install the guard as the environment asks; True if it was installed.
-
-    ``FORKSAFE_POLICY`` is ``log``, ``warn``, ``raise`` or ``off``; when only
-    ``FORKSAFE_REPORT`` is set the policy is ``log`` (recording was asked for).
-    Never raises.
+    """Install the guard as the environment asks (``forksafe._config.from_environment``);
+    True if it was installed. Never raises.
     """
     env = os.environ if environ is None else environ
     out = sys.stderr if stderr is None else stderr
@@ -95,35 +69,23 @@ def activate(environ: Mapping[str, str] | None = None, *, stderr: TextIO | None 
             pass
 
     try:
-        raw_policy = env.get(ENV_POLICY, "").strip()
-        report = env.get(ENV_REPORT, "").strip() or None
-        if not raw_policy and report is None:
+        from forksafe import _config
+
+        config, problems = _config.from_environment(env)
+        for problem in problems:
+            say(problem)
+        if config is None:
             return False
-        policy = raw_policy.lower() or "log"
-        if policy not in ENV_POLICIES:
-            say(BAD_POLICY.format(name=ENV_POLICY, value=_shown(raw_policy)))
-            return False
-        if policy == "off":
-            return False
-        hang_timeout: float | None = None
-        raw_hang = env.get(ENV_HANG_TIMEOUT, "").strip()
-        if raw_hang:
-            try:
-                hang_timeout = float(raw_hang)
-            except ValueError:
-                hang_timeout = None
-            if hang_timeout is None or not 0 < hang_timeout < float("inf"):
-                say(BAD_HANG_TIMEOUT.format(name=ENV_HANG_TIMEOUT, value=_shown(raw_hang)))
-                hang_timeout = None
-        fail_on = env.get(ENV_FAIL_ON, "").strip().lower() or "error"
-        if fail_on not in ("warning", "error"):
-            say(BAD_FAIL_ON.format(name=ENV_FAIL_ON, value=_shown(fail_on)))
-            fail_on = "error"
+        if config.report is not None:
+            from forksafe._sink import unusable
+
+            trouble = unusable(config.report, _config.ENV_REPORT)
+            if trouble is not None:
+                say(trouble)
+                config = config.replace(report=None)
         from forksafe import _guard
 
-        if report is not None and not _guard.open_sink_or_warn(report, ENV_REPORT):
-            report = None
-        _guard.install(policy, fail_on=fail_on, hang_timeout=hang_timeout, report=report)
+        _guard.apply(config)
         return True
     except Exception as exc:  # the hook runs inside every Python of the tree
         say(ACTIVATION_FAILED.format(error=f"{type(exc).__name__}: {exc}"))

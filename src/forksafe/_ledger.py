@@ -80,12 +80,12 @@ def _bind() -> None:
     global _is_library, _known_files
     if _is_library is _bind_library_test:
         try:
-            from forksafe._frames import _LIBRARY_FILES, is_library_file
+            from forksafe._frames import LIBRARY_FILES, is_library_file
         except ImportError:
             return
         _is_library = is_library_file
-        _known_files.update(_LIBRARY_FILES)
-        _known_files = _LIBRARY_FILES
+        _known_files.update(LIBRARY_FILES)
+        _known_files = LIBRARY_FILES
 
 #: Frames kept per start site: enough to see past a thread pool to the user's call.
 DEPTH = 8
@@ -135,10 +135,10 @@ def observe() -> None:
             frame = getframe(1)
             code = frame.f_code
             if _known_files.get(code.co_filename) is False:  # the user's code, seen before
-                # _raw_frames(frame), spelled out for the commonest case: a call less.
+                # raw_frames(frame), spelled out for the commonest case: a call less.
                 setattr(self, _ORIGIN_ATTR, ((code, frame.f_lineno),))
             else:
-                setattr(self, _ORIGIN_ATTR, _raw_frames(frame))
+                setattr(self, _ORIGIN_ATTR, raw_frames(frame))
         original_start(self)
 
     start.__wrapped__ = original_start  # type: ignore[attr-defined]
@@ -294,7 +294,7 @@ def sites(frames: RawFrames) -> list[Site]:
     return [Site(code.co_filename, line, code.co_name) for code, line in frames]
 
 
-def _raw_frames(frame: types.FrameType | None) -> RawFrames:
+def raw_frames(frame: types.FrameType | None) -> RawFrames:
     """Frames from ``frame`` outwards, up to and including the first in user code.
 
     Code objects and line numbers only: holding frames would keep locals alive.
@@ -462,7 +462,7 @@ def _record_slow(connection: object, frame: types.FrameType) -> None:
     caller is not where the user opened it, so the frames above it are kept too."""
     code = frame.f_code
     if _is_library(code.co_filename):
-        _connection_origins[id(connection)] = (_raw_frames(frame), -1, None)
+        _connection_origins[id(connection)] = (raw_frames(frame), -1, None)
     else:
         _connection_origins[id(connection)] = (code, frame.f_lasti, None)
 

@@ -1,22 +1,21 @@
-"""Parent side of following a forked child: what became of it, and why.
+"""Following a guarded child from its parent: told of each fork and reap, it records
+what became of the child and warns when it crashed or hung.
 
-The guard calls ``on_forked`` right after each guarded fork and ``on_reaped``
-when one of its wrappers of ``os.waitpid``/``os.wait``/``os.wait3``/``os.wait4``
-reaps a guarded child (which covers ``multiprocessing``'s ``exitcode``/``join``
-and ``ProcessPoolExecutor``'s workers, both of which reap through
-``os.waitpid``). ``on_reaped`` turns the raw wait status into an ``Outcome``:
+The guard (``forksafe._record``) calls ``on_forked`` after a fork and ``on_reaped``
+when one of its ``os.wait*`` wrappers reaps a guarded child (which covers
+``multiprocessing``'s ``exitcode``/``join`` and ``ProcessPoolExecutor``'s workers,
+both of which reap through ``os.waitpid``). Everything this module needs of the
+guard comes through the ``GuardLink`` it is handed when loaded (``attach``).
 
-* exited, with its code;
-* signaled, with the signal's name, the child's Python traceback from its crash
-  file (written by ``faulthandler`` in the child, see ``_child.py``) and a
-  diagnosis that links the death to the hazards recorded at that fork - or says
-  plainly that the fork was clean, so fork is probably not the cause;
-* hung, when a hang monitor reported the child (and then ended it).
+``on_reaped`` reads what the child left (its crash file, a hang monitor's
+marker), asks ``forksafe._diagnose`` for the outcome, attaches it to the fork's
+event, and, for a crash or a hang, raises a ``ForkSafetyWarning`` at the user's
+line that reaped the child. Deaths by SIGKILL, SIGTERM and the like are recorded
+but not warned about: they are how parents stop children.
 
-Deaths by a crash signal (``CRASH_SIGNALS``) also raise a ``ForkSafetyWarning``
-pointing at the user's line that reaped the child. Deaths by SIGKILL, SIGTERM,
-SIGINT and the like are recorded but not warned about: they are how parents
-stop children (``Pool.terminate``), and a warning per worker would be noise.
+With a hang timeout, children are handed to a hang monitor (``forksafe._hang``):
+``forksafe run``'s, when the process runs under it, else a helper process
+started on first use (``forksafe._helper``).
 """
 
 from __future__ import annotations
@@ -24,57 +23,37 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
-import signal
 import sys
-import sysconfig
-import time
 import warnings
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-from forksafe import _child
-from forksafe._child import crash_path, hung_path, state_dir
-from forksafe._errors import ForkSafetyWarning
-from forksafe._report import ForkEvent, Hazard, Outcome, Severity, Site
+from forksafe import _child, _config, _statedir
+from forksafe._diagnose import outcome_for
+from forksafe._errors import ForkSafetyWarning, write_stderr
+from forksafe._render import outcomes
+from forksafe._report import ForkEvent, Outcome
 
-#: Signals that mean the child crashed, as opposed to being stopped by someone.
-CRASH_SIGNALS = frozenset({"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGTRAP",
-                           "SIGSYS"})
+if TYPE_CHECKING:
+    from forksafe._helper import Client
+    from forksafe._seam import GuardLink
 
-#: The environment variable ``forksafe run`` sets to its pid: it watches for hangs
-#: itself, for the whole tree, so processes under it start no hang monitor of their own.
-SUPERVISOR_VARIABLE = "FORKSAFE_SUPERVISOR"
+#: Every this many forks, leftovers of gone children are swept (and memory files
+#: of children reaped unseen are closed).
+SWEEP_EVERY = 256
 
-KILLED = "child {pid} ({forked}) was killed by {signal}{where}"
-AT_FORK = "at fork time: {hazards}"
-AT_FORK_MAYBE = "at fork time (a possible cause, not a typical one for a crash): {hazards}"
-CLEAN_FORK = (
-    "the fork was clean (forksafe found no hazard at warning level or above), so the "
-    "crash is probably not caused by fork; see the child's traceback"
-)
-FIX = "fix: {remedy}"
-CALLED_FROM = ", called from {frame}"
-NATIVE_THREAD = " in a thread running no Python code (the Python thread was at {frame})"
-NO_TRACEBACK = (
-    " before it wrote any traceback (it probably died inside fork itself, in a native "
-    "library's at-fork handler, before Python code ran; or the program pointed "
-    "faulthandler elsewhere)"
-)
-HUNG_THEN = "{diagnosis} (then ended by {signal})"
-ECHO = "forksafe: child {pid}'s traceback (faulthandler is on in this program):\n{traceback}"
-AS_ERROR = (
-    "ForkSafetyWarning (an error in this program, shown rather than raised: the child is "
-    "already reaped, and raising would lose its exit status): {message}"
-)
+_link: GuardLink | None = None
+_forks = 0
+_tidy_at_exit = False
+#: The hang helper this process started, if any (a child inherits its parent's).
+_client: Client | None = None
+#: A plain exit's outcome, one per exit code: an object less per reaped child.
+_EXITED: dict[int, Outcome] = {}
 
-#: The most of a crash file that is read: a traceback of every thread, bounded.
-MAX_CRASH_BYTES = 64 * 1024
 
-_STDLIB = tuple(sorted({os.path.join(p, "") for p in (
-    sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"])}, key=len,
-    reverse=True))
-
-_FILE_LINE = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+) in (?P<function>.*)$')
+def attach(link: GuardLink) -> None:
+    """The guard that loaded this module: everything asked of it goes through ``link``."""
+    global _link
+    _link = link
 
 
 def on_forked(event: ForkEvent, hang_timeout: float | None) -> None:
@@ -91,14 +70,12 @@ def on_forked(event: ForkEvent, hang_timeout: float | None) -> None:
     global _forks
     _forks += 1
     if hang_timeout is None or _forks % SWEEP_EVERY == 1:
-        sweep()
+        _statedir.sweep()
         _child.forget_gone_children()
         tidy_at_exit()
-    if hang_timeout is None or event.child_pid is None or _supervised():
+    if hang_timeout is None or event.child_pid is None or supervised():
         return
-    from forksafe import _hang
-
-    _hang.client(hang_timeout).watch(event)
+    _helper_client(hang_timeout).watch(event)
 
 
 def before_fork(timeout: float) -> None:
@@ -107,78 +84,50 @@ def before_fork(timeout: float) -> None:
     ``on_forked`` starts it after a fork, which is too late for one case: a
     ``subprocess`` ``preexec_fn`` child that hangs before ``exec``. Its parent is
     stuck in ``Popen`` until the child execs, so ``on_forked`` never runs; the
-    child can only announce itself (``_child._announce_from_preexec``) to a
-    helper that already runs. The guard calls this before each fork it sees
-    when a hang timeout is set.
+    child can only announce itself (``announce_pending``) to a helper that
+    already runs. The guard calls this before each fork it sees when a hang
+    timeout is set.
     """
     try:
-        hang = sys.modules.get("forksafe._hang")
-        running = getattr(hang, "_client", None)
-        if running is not None and running.owner == os.getpid() and (
-                running._sock is not None or running.broken):
+        client = _client
+        if client is not None and client.owner == os.getpid() and client.ready():
             return
-        if _supervised():
+        if supervised():
             return
-        from forksafe import _hang
-
-        _hang.client(timeout).start()
+        _helper_client(timeout).start()
     except Exception:  # a hook must never stop the fork
         return
 
 
-#: Every this many forks, crash files of children that are gone and left nothing are removed.
-SWEEP_EVERY = 256
-_forks = 0
-_tidy_at_exit = False
+def _helper_client(timeout: float) -> Client:
+    """This process's hang helper client (a forked child gets its own, not its parent's)."""
+    global _client
+    from forksafe import _helper
+
+    client = _client
+    if client is None or client.owner != os.getpid() or client.timeout != timeout:
+        report = _link.report_path() if _link is not None else None
+        client = _client = _helper.Client(
+            timeout, report or os.environ.get(_config.ENV_REPORT) or None)
+    return client
 
 
-def sweep(directory: str | None = None, *, _now: float | None = None) -> int:
-    """Remove leftovers of processes that no longer exist; how many were removed.
+def announce_pending(event: ForkEvent) -> None:
+    """In a ``preexec_fn`` child: make this fork known from inside the child.
 
-    A child reaped through the guard's wait wrappers has its file removed at
-    once; this catches the others (children that exec'd, or that were reaped by
-    code the guard does not wrap). An empty crash file goes at once. A crash
-    file with a traceback, or a hang marker, is evidence that its parent may
-    still be about to read: it goes once it is ``STALE_AFTER`` seconds old, so
-    that the state directory, in RAM on ``/dev/shm``, never grows without bound.
-    (Under ``forksafe run`` the state directory is private and removed whole.)
+    ``subprocess`` returns the child's pid to its parent only once the child has
+    called ``exec`` (the parent blocks reading the error pipe until then), so a
+    child that hangs in its ``preexec_fn`` is never announced by the parent,
+    which hangs with it. The child writes its own fork record (``"type":
+    "fork-pending"``) to the inherited report file, one ``O_APPEND`` write, and
+    to its parent's hang helper if one runs. Nothing here takes a lock.
     """
-    removed = 0
-    now = time.time() if _now is None else _now
-    try:
-        entries = list(os.scandir(directory or state_dir()))
-    except OSError:
-        return 0
-    for entry in entries:
-        name, _, ext = entry.name.partition(".")
-        if ext == "spare":  # <parent pid>-<n>.spare: a crash file not yet named for its child
-            name = name.partition("-")[0]
-        if ext not in _LEFTOVERS or not name.isdigit() or not _finished(name):
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-            if (ext in ("crash", "spare") and info.st_size == 0) or (
-                    now - info.st_mtime > STALE_AFTER):
-                os.unlink(entry.path)
-                removed += 1
-        except OSError:
-            continue
-    return removed
-
-
-def _finished(pid: str) -> bool:
-    """True when process ``pid`` is gone or a zombie: it writes nothing any more."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[:1] in ([b"Z"], [b"X"])
-    except OSError:
-        return True
-
-
-#: What a process leaves in the state directory: crash file, hang marker (and its temp file).
-_LEFTOVERS = ("crash", "spare", "hung", "hung.tmp")
-#: Seconds after which a dead process's traceback or hang marker is no longer awaited.
-STALE_AFTER = 600.0
+    record = {"type": "fork-pending", **event.to_dict(), "command": list(sys.argv)}
+    if _link is not None:
+        _link.emit(record)
+    client = _client
+    if client is not None and client.owner == event.parent_pid:
+        client.send_now(b"\n" + json.dumps(record, default=str).encode() + b"\n")
 
 
 def tidy_at_exit() -> None:
@@ -187,7 +136,7 @@ def tidy_at_exit() -> None:
 
     The guard asks for it before its first fork, not at the first fork it
     records: it may record them in one go only at exit (``_sweep_at_exit``
-    flushes its queue first), and an exit handler registered while the
+    records its queue first), and an exit handler registered while the
     process exits never runs.
     """
     global _tidy_at_exit
@@ -202,319 +151,75 @@ def _sweep_at_exit() -> None:
     with contextlib.suppress(Exception):
         # Queued forks first: their children's crash files get their names, so that
         # those of children gone unreaped (exec'd, say) are seen as leftovers.
-        guard = sys.modules.get("forksafe._guard")
-        if guard is not None:
-            guard._flush_pending()
-        sweep()
+        if _link is not None:
+            _link.flush()
+        _statedir.sweep()
 
 
-def on_reaped(
-    pid: int,
-    status: int,
-    *,
-    event: ForkEvent | None = None,
-    _event_for_child: Callable[[int], ForkEvent | None] | None = None,
-    _set_outcome: Callable[[int, Outcome], None] | None = None,
-    _directory: str | None = None,
-) -> None:
+def on_reaped(pid: int, status: int, *, event: ForkEvent | None = None,
+              link: GuardLink | None = None, directory: str | None = None) -> None:
     """Called when the guarded child ``pid`` was reaped with raw wait ``status``.
 
-    ``event`` is the fork's event, when the caller has it at hand.
+    ``event`` is the fork's event, when the caller has it at hand; ``link`` and
+    ``directory`` stand in for the guard and the state directory (tests).
 
     This runs for every child of a program that forks per request, so the
     common case (the child exited, no hang monitor) takes few steps: each
     function called and object made is a page written in the parent
-    (copy-on-write, see ``forksafe._guard``).
+    (copy-on-write, see ``forksafe._forkpath``).
     """
+    guard = _link if link is None else link
+    if guard is None:
+        return
     if event is None:
-        if _event_for_child is None:
-            _event_for_child = sys.modules["forksafe._guard"].event_for_child
-        event = _event_for_child(pid)
+        event = guard.event_for_child(pid)
         if event is None:
             return
-    if _set_outcome is None:
-        _set_outcome = sys.modules["forksafe._guard"].set_outcome
-    held = _child.take_memory_crash(pid, MAX_CRASH_BYTES) if _directory is None else None
+    held = _child.take_memory_crash(pid, _statedir.MAX_CRASH_BYTES) if directory is None \
+        else None
     # A hang marker is written only by a hang monitor: `forksafe run`'s, or the
     # helper a hang timeout starts. Without either there is nothing to look for.
-    watched = _hangs_watched()
+    watched = _hangs_watched(guard)
     prefix = ""
     if held is None or watched:
-        prefix = _state_prefix(_directory)
-    traceback = _take_crash_text(prefix + str(pid) + ".crash") if held is None else held or None
-    hung = take_hung_marker(pid, directory=prefix) if watched else None
+        prefix = _state_prefix(directory)
+    traceback = _statedir.take_crash_file(prefix + str(pid) + ".crash") if held is None \
+        else held or None
+    hung = _statedir.take_hung_marker(pid, directory=prefix) if watched else None
     if hung is None and traceback is None and os.WIFEXITED(status):
         code = os.WEXITSTATUS(status)
         outcome = _EXITED.get(code) or _EXITED.setdefault(code, Outcome("exited", code))
     else:
         outcome = outcome_for(event, status, traceback, hung)
-    _set_outcome(pid, outcome)
+    guard.attach_outcome(pid, outcome)
     if traceback is not None and _program_faulthandler():
         # Arming pointed the child's faulthandler at its crash file; the program had
         # it on (pytest does, so does PYTHONFAULTHANDLER), so it expects the
         # traceback where the child would have written it: the shared stderr.
-        _stderr(ECHO.format(pid=pid, traceback=traceback))
-    if (outcome.status == "hung" or outcome.signal in CRASH_SIGNALS) and _warns():
+        write_stderr(outcomes.echo(pid, traceback))
+    if (outcome.status == "hung" or outcome.crashed) and _warns(guard):
         warn(outcome.diagnosis or f"child {pid} {outcome.status}", event)
 
 
 def _state_prefix(directory: str | None) -> str:
     """``directory``, else this process's state directory, with a trailing separator."""
     if directory is None:
-        prepared = _child._prepared
-        if prepared is not None and prepared[0] == os.getpid() and prepared[1]:
-            return prepared[1]
-        directory = state_dir()
+        prefix = _child.crash_prefix()
+        if prefix:
+            return prefix
+        directory = _statedir.state_dir()
     return os.path.join(directory, "")
 
 
-def _hangs_watched() -> bool:
-    guard = sys.modules.get("forksafe._guard")
-    config = guard._config if guard is not None else None
-    return getattr(config, "hang_timeout", None) is not None or _supervised()
+def _hangs_watched(guard: GuardLink) -> bool:
+    config = guard.config()
+    return (config is not None and config.hang_timeout is not None) or supervised()
 
 
-def outcome_for(event: ForkEvent, status: int, traceback: str | None,
-                hung: Outcome | None = None) -> Outcome:
-    """The outcome of ``event``'s child from its raw wait status and what it left."""
-    if os.WIFSIGNALED(status):
-        name = signal_name(os.WTERMSIG(status))
-        if hung is not None:
-            text = HUNG_THEN.format(diagnosis=hung.diagnosis or "hung", signal=name)
-            return Outcome("hung", None, name, hung.traceback or traceback, text)
-        # Only a crash is diagnosed. SIGTERM, SIGKILL, SIGINT and the like are how
-        # parents stop children (Pool.terminate, a timeout): blaming the fork for
-        # them, or calling them a crash, would be a false diagnosis.
-        diagnosis = diagnose_death(event, name, traceback) if name in CRASH_SIGNALS else None
-        return Outcome("signaled", None, name, traceback, diagnosis)
-    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-    if hung is not None:
-        return Outcome("hung", code, None, hung.traceback or traceback, hung.diagnosis)
-    return Outcome("exited", code, None, traceback, None)
-
-
-def diagnose_death(event: ForkEvent, signame: str, traceback: str | None) -> str:
-    """One paragraph: who died of what, where, and which fork-time hazard explains it."""
-    sections = _sections(traceback or "")
-    current = [frames for is_current, frames in sections if is_current and frames]
-    where = ""
-    if traceback is None:
-        where = NO_TRACEBACK
-    elif current:
-        where = f" in {frame_text(_outside_forksafe(current[0]))}{_called_from(current[0])}"
-    elif sections and sections[0][1]:
-        # faulthandler marks no thread as current: the signal hit a thread that runs
-        # no Python code (a native runtime's own thread).
-        where = NATIVE_THREAD.format(frame=frame_text(_outside_forksafe(sections[0][1])))
-    head = KILLED.format(pid=event.child_pid, forked=describe_fork(event), signal=signame,
-                         where=where)
-    blamed, typical = blame(event.report.hazards, traceback or "")
-    if not blamed:
-        return f"{head}; {CLEAN_FORK}"
-    parts = [head, (AT_FORK if typical else AT_FORK_MAYBE).format(
-        hazards="; ".join(hazard_text(h) for h in blamed[:3]))]
-    parts.append(FIX.format(remedy=blamed[0].remedy))
-    return "; ".join(parts[:2]) + ". " + parts[2]
-
-
-def blame(hazards: Iterable[Hazard], traceback: str) -> tuple[list[Hazard], bool]:
-    """The fork-time hazards that best explain a crash, best first, and whether typical.
-
-    Error-level native runtimes are what crash forked children (gRPC, libdispatch,
-    CUDA); one whose name or library appears in the child's traceback ranks
-    first. Other live threads and open connections may deadlock or corrupt but
-    rarely kill by a signal, so they are named only when nothing better exists,
-    and marked as a possible, not a typical, cause.
-    """
-    text = traceback.lower()
-    scored: list[tuple[int, int, Hazard]] = []
-    for i, hazard in enumerate(hazards):
-        if hazard.severity < Severity.WARNING:
-            continue
-        native = hazard.kind in ("native-runtime", "native-thread")
-        score = (3 if hazard.severity >= Severity.ERROR else 2) if native else 1
-        if native and _mentioned(hazard, text):
-            score += 2
-        scored.append((-score, i, hazard))
-    scored.sort(key=lambda item: (item[0], item[1]))
-    if not scored:
-        return [], False
-    best = -scored[0][0]
-    return [h for s, _, h in scored if -s == best], best >= 2
-
-
-def _mentioned(hazard: Hazard, text: str) -> bool:
-    ev = hazard.evidence
-    names = []
-    runtime = ev.get("runtime")
-    if isinstance(runtime, str):
-        names.append(runtime.split("-")[-1] if "-" in runtime else runtime)
-    for key in ("libraries", "stack_libraries"):
-        value = ev.get(key)
-        if isinstance(value, list):
-            names.extend(_stem(str(p)) for p in value)
-    owner = ev.get("owner")
-    if isinstance(owner, str):
-        names.append(_stem(owner))
-    return any(len(n) >= 3 and n.lower() in text for n in names)
-
-
-def _stem(path: str) -> str:
-    base = os.path.basename(path)
-    base = base[3:] if base.startswith("lib") else base
-    return re.split(r"[.\-]", base, maxsplit=1)[0]
-
-
-def hazard_text(hazard: Hazard) -> str:
-    """A hazard's summary plus the library and thread names that prove it."""
-    ev = hazard.evidence
-    details = []
-    libraries = ev.get("libraries")
-    if isinstance(libraries, list) and libraries:
-        details.append(f"library {short_file(str(libraries[0]))}")
-    owner = ev.get("owner")
-    if isinstance(owner, str) and owner:
-        details.append(f"library {short_file(owner)}")
-    threads = [t for t in ev.get("threads", ()) if isinstance(t, dict)]
-    if threads:
-        # A thread that never named itself is shown by its tid: still a thread, with an owner.
-        shown = sorted({repr(str(t.get("name"))) if t.get("named", True) else
-                        f"unnamed tid {t.get('tid')}" for t in threads})
-        details.append("its thread" + ("s " if len(shown) > 1 else " ") + ", ".join(shown[:6]))
-    if hazard.kind == "native-thread" and isinstance(ev.get("name"), str):
-        details.append(f"thread {ev['name']!r}")
-    return hazard.summary + (f" ({'; '.join(details)})" if details else "")
-
-
-def describe_fork(event: ForkEvent) -> str:
-    if event.site is None:
-        return f"forked via {event.mechanism}"
-    return f"forked at {site_text(event.site)} via {event.mechanism}"
-
-
-def site_text(site: Site) -> str:
-    return f"{short_file(site.file)}:{site.line} in {site.function}"
-
-
-def frame_text(site: Site) -> str:
-    return f"{short_file(site.file)}:{site.line} ({site.function})"
-
-
-def short_file(path: str) -> str:
-    """A library file from its package directory on (``grpc/_channel.py``), else relative."""
-    marker = "-packages" + os.sep
-    at = path.rfind(marker)
-    if at != -1:
-        return path[at + len(marker):]
-    for prefix in _STDLIB:
-        if path.startswith(prefix):
-            return path[len(prefix):]
-    from forksafe._frames import short_path
-
-    return short_path(path)
-
-
-def _called_from(frames: list[Site]) -> str:
-    """", called from app.py:12 (main)" when the crash is inside the standard library."""
-    from forksafe._frames import is_library_file
-
-    if not is_library_file(_outside_forksafe(frames).file):
-        return ""
-    user = next((f for f in frames if not is_library_file(f.file)), None)
-    return CALLED_FROM.format(frame=frame_text(user)) if user is not None else ""
-
-
-def _outside_forksafe(frames: list[Site]) -> Site:
-    """The innermost frame that is not forksafe's own (the guard's fork wrapper)."""
-    own = os.sep + "forksafe" + os.sep
-    return next((f for f in frames if own not in f.file), frames[0])
-
-
-def parse_traceback(text: str) -> list[Site]:
-    """The frames of the crashing thread in faulthandler output, innermost first.
-
-    faulthandler writes one section per thread; the thread that received the
-    signal is marked "Current thread" (or the only section is "Stack"). Without
-    such a mark the first section is taken.
-    """
-    sections = _sections(text)
-    for current, frames in sections:
-        if current:
-            return frames
-    return sections[0][1] if sections else []
-
-
-def parse_sections(text: str) -> list[list[Site]]:
-    """Every thread's frames in faulthandler output, innermost first, current thread first."""
-    sections = _sections(text)
-    return [frames for current, frames in sections if current] + [
-        frames for current, frames in sections if not current]
-
-
-def _sections(text: str) -> list[tuple[bool, list[Site]]]:
-    sections: list[tuple[bool, list[Site]]] = []
-    for line in text.splitlines():
-        if "(most recent call first)" in line:
-            sections.append((line.startswith(("Current thread", "Stack")), []))
-            continue
-        match = _FILE_LINE.match(line)
-        if match and sections:
-            sections[-1][1].append(Site(match["file"], int(match["line"]), match["function"]))
-    return sections
-
-
-def signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def take_crash_text(pid: int, *, directory: str | None = None) -> str | None:
-    """The child's crash file contents (bounded), removing the file; None if empty.
-
-    Read through the descriptor, not a file object: this runs for every reaped
-    child, and the objects of ``open()`` are pages written in the parent while
-    it still shares them with its children (copy-on-write).
-    """
-    return _take_crash_text(crash_path(pid, directory=directory))
-
-
-def _take_crash_text(path: str) -> str | None:
-    try:
-        fd = os.open(path, _READ_FLAGS)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, MAX_CRASH_BYTES)
-    except OSError:
-        data = b""
-    finally:
-        os.close(fd)
-    try:  # noqa: SIM105 - contextlib.suppress is three Python calls on every reaped child
-        os.unlink(path)
-    except OSError:
-        pass
-    if not data:
-        return None
-    text = data.decode("utf-8", "replace").strip()
-    return text or None
-
-
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-
-
-def take_hung_marker(pid: int, *, directory: str | None = None) -> Outcome | None:
-    """The outcome a hang monitor recorded for ``pid``, removing the marker."""
-    path = hung_path(pid, directory=directory)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data: Any = json.load(f)
-    except (OSError, ValueError):
-        return None
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-    return Outcome.from_dict(data) if isinstance(data, dict) else None
+def _warns(guard: GuardLink) -> bool:
+    """False under the guard's "log" policy, which records and says nothing."""
+    config = guard.config()
+    return config is None or config.policy != "log"
 
 
 def _program_faulthandler() -> bool:
@@ -522,14 +227,6 @@ def _program_faulthandler() -> bool:
         return _child.program_faulthandler()
     except Exception:
         return False
-
-
-def _stderr(text: str) -> None:
-    try:
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-    except Exception:  # no usable stderr: nothing else to tell it to
-        return
 
 
 def warn(message: str, event: ForkEvent | None = None) -> None:
@@ -553,7 +250,7 @@ def warn(message: str, event: ForkEvent | None = None) -> None:
         # os.waitpid after the child was reaped, it would take the wait status
         # from the caller (multiprocessing would never learn the exit code, and
         # would wait for it again): so it is printed instead.
-        _stderr(AS_ERROR.format(message=message))
+        write_stderr(outcomes.as_error(message))
 
 
 _INTERNAL = (
@@ -577,19 +274,10 @@ def user_stacklevel(frame: Any) -> tuple[int, bool]:
     return level, frame is not None
 
 
-def _warns() -> bool:
-    """False under the guard's "log" policy, which records and says nothing."""
-    guard = sys.modules.get("forksafe._guard")
-    config = getattr(guard, "_config", None)
-    return config is None or getattr(config, "policy", "warn") != "log"
+_supervisor: tuple[int, int | None] | None = None
 
 
-_supervisor: tuple[int, str] | None = None
-#: A plain exit's outcome, one per exit code: an object less per reaped child.
-_EXITED: dict[int, Outcome] = {}
-
-
-def _supervised() -> bool:
+def supervised() -> bool:
     """Whether ``forksafe run`` watches this process tree (and is still there).
 
     The variable is read once per process: ``forksafe run`` sets it for the
@@ -598,12 +286,12 @@ def _supervised() -> bool:
     """
     global _supervisor
     if _supervisor is None or _supervisor[0] != os.getpid():
-        _supervisor = (os.getpid(), os.environ.get(SUPERVISOR_VARIABLE, ""))
+        _supervisor = (os.getpid(), _config.supervisor())
     value = _supervisor[1]
-    if not value.isdigit():
+    if value is None:
         return False
     try:
-        os.kill(int(value), 0)
+        os.kill(value, 0)
     except ProcessLookupError:
         return False
     except OSError:

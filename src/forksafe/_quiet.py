@@ -31,3 +31,38 @@ MODULE = r"forksafe\._quiet\Z"
 def call(function: Callable[[], T]) -> T:
     """``function()``, from a frame that CPython attributes to this module."""
     return function()
+
+
+#: The filter ``install_filter`` put in place, while it is there.
+_filter: object = None
+
+
+def install_filter() -> None:
+    """Install the one filter that drops CPython's warning for the forks ``call`` makes.
+
+    Once, at the guard's first fork (``warnings`` is not imported before).
+    """
+    global _filter
+    if _filter is not None:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore", message=MESSAGE, category=DeprecationWarning,
+                            module=MODULE)
+    _filter = warnings.filters[0]
+
+
+def remove_filter() -> None:
+    """Take that filter out again (``uninstall()``), unless the program reset the filters."""
+    global _filter
+    if _filter is None:
+        return
+    import warnings
+
+    filters: list[object] = warnings.filters  # type: ignore[assignment]
+    try:
+        filters.remove(_filter)
+        warnings._filters_mutated()  # type: ignore[attr-defined]
+    except ValueError:  # the program reset the filters itself
+        pass
+    _filter = None

@@ -15,14 +15,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+#: The report format's name and version (docs/report-format.md).
 SCHEMA = "forksafe-report/1"
+
+#: Signals that mean a child crashed, as opposed to being stopped by someone
+#: (SIGKILL, SIGTERM, SIGINT are how parents end children: ``Pool.terminate``).
+CRASH_SIGNALS = frozenset({"SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT", "SIGTRAP",
+                           "SIGSYS"})
 
 
 class Severity(enum.IntEnum):
     """How bad a hazard is; ordered so that ``max()`` gives the worst one.
 
-    The levels follow DESIGN.md: *error* is documented to crash or hang a forked
-    child, *warning* may deadlock or corrupt, *info* is worth knowing only.
+    *error* is documented to crash or hang a forked child, *warning* may
+    deadlock or corrupt, *info* is worth knowing only.
     """
 
     INFO = 10
@@ -115,12 +121,12 @@ class Report:
         return sorted(self.hazards, key=lambda h: (-h.severity, order[h.kind]))
 
     def __str__(self) -> str:
-        from forksafe._render import render_report
+        from forksafe._render.hazards import render_report  # the text layer, when asked
 
         return render_report(self)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON-ready form: the ``fork`` entry of DESIGN.md §3 without child data."""
+        """The JSON-ready form: a fork entry of the report format without child data."""
         worst = self.max_severity
         return {
             "schema": SCHEMA,
@@ -178,6 +184,11 @@ class Outcome:
     signal: str | None = None
     traceback: str | None = None
     diagnosis: str | None = None
+
+    @property
+    def crashed(self) -> bool:
+        """Killed by a signal that means a crash, not by one that means "stop"."""
+        return self.status == "signaled" and self.signal in CRASH_SIGNALS
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -247,7 +258,7 @@ class ForkEvent:
 
 
 def format_time(stamp: float) -> str:
-    """UTC, second precision, with a ``Z``: the form DESIGN.md's report uses."""
+    """UTC, second precision, with a ``Z``: the form the report format uses."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
 
 

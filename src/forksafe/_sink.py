@@ -67,3 +67,13 @@ class Sink:
 
     def close(self) -> None:
         """Nothing is held open; kept so that callers need not know."""
+
+
+def unusable(path: str, source: str) -> str | None:
+    """Why the report file ``path`` (named by ``source``) cannot be written, as the one
+    line to say; None when it can."""
+    try:
+        Sink(path)
+    except OSError as exc:
+        return SINK_UNWRITABLE.format(path=path, error=exc.strerror or exc, source=source)
+    return None

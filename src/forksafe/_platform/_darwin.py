@@ -36,7 +36,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from forksafe._platform import LoadedLibrary, OSThread
+from forksafe._platform._types import LoadedLibrary, OSThread
 
 # -- <mach-o/loader.h> -------------------------------------------------------------------
 

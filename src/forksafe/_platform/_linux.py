@@ -23,7 +23,7 @@ import threading
 from functools import partial
 from typing import Callable
 
-from forksafe._platform import LoadedLibrary, OSThread
+from forksafe._platform._types import LoadedLibrary, OSThread
 
 PT_LOAD = 1
 PF_X = 1

@@ -18,6 +18,7 @@ from typing import Any
 from forksafe import _catalog, _ledger
 from forksafe._catalog import Runtime
 from forksafe._platform import OSThread
+from forksafe._render.hazards import library_name
 from forksafe._report import Hazard, Severity
 from forksafe._snapshot import Snapshot
 
@@ -182,14 +183,14 @@ def _runtime_hazard(
     if not signals:
         if runtime.loaded is None:
             return None
-        summary = f"{runtime.name} is loaded ({_short(paths[0])}) but not active"
+        summary = f"{runtime.name} is loaded ({library_name(paths[0])}) but not active"
         return Hazard("native-runtime", runtime.loaded, summary, runtime.remedy, evidence)
     severity = runtime.active
     summary = f"{runtime.name} is active: {', '.join(signals)}"
     names = sorted({t.name for t in own if t.named})
     if names:
         summary += f" ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
-    summary += f" in {_short(paths[0])}"
+    summary += f" in {library_name(paths[0])}"
     if runtime.fork_support is not None:
         enabled = os.environ.get(runtime.fork_support, "").strip().lower() in _TRUE
         evidence["fork_support"] = {"variable": runtime.fork_support, "enabled": enabled}
@@ -202,7 +203,7 @@ def _runtime_hazard(
 
 
 def _unknown_thread(thread: OSThread) -> Hazard:
-    owner = _short(thread.owner) if thread.owner else "unknown code"
+    owner = library_name(thread.owner) if thread.owner else "unknown code"
     label = repr(thread.name) if thread.named else "(unnamed)"
     summary = f"native thread {thread.tid} {label} ({thread.state}) started by {owner}"
     evidence = {
@@ -214,6 +215,3 @@ def _unknown_thread(thread: OSThread) -> Hazard:
     }
     return Hazard("native-thread", Severity.WARNING, summary, UNKNOWN_THREAD_REMEDY, evidence)
 
-
-def _short(path: str) -> str:
-    return os.path.basename(path.rstrip("/")) or path

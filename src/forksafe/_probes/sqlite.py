@@ -23,6 +23,7 @@ import types
 from typing import Any
 
 from forksafe import _frames, _ledger
+from forksafe._render.sites import where
 from forksafe._report import Hazard, Severity
 from forksafe._snapshot import Snapshot
 
@@ -94,12 +95,12 @@ def probe(snapshot: Snapshot) -> list[Hazard]:
         raw = _ledger.connection_origin(connection)
         sites = _ledger.sites(raw) if raw else []
         site = _frames.user_site(sites)
-        where = f"opened at {_frames.where(site)}" if site else "origin unknown"
+        origin = f"opened at {where(site)}" if site else "origin unknown"
         try:
             in_transaction = bool(connection.in_transaction)
         except Exception:
             in_transaction = False
-        summary = f"an open SQLite connection ({where}) would be inherited by the child"
+        summary = f"an open SQLite connection ({origin}) would be inherited by the child"
         if in_transaction:
             summary += ", in the middle of a transaction"
         evidence: dict[str, Any] = {

@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from forksafe import _frames, _ledger
+from forksafe._render.sites import where
 from forksafe._report import Hazard, Severity, Site
 from forksafe._snapshot import Snapshot
 
@@ -48,16 +49,16 @@ def _hazard(thread: threading.Thread, snapshot: Snapshot) -> Hazard:
         who = f"native thread {thread.name!r} running Python code"
     parts = [who]
     if origin is not None:
-        parts.append(f"(started at {_frames.where(origin)})")
+        parts.append(f"(started at {where(origin)})")
     if held:
-        parts.append(f"holds `{held[0].expression}` (taken at {_frames.where(held[0].site)})")
+        parts.append(f"holds `{held[0].expression}` (taken at {where(held[0].site)})")
     elif wait:
         parts.append(f"is idle, {wait}")
     else:
         parts.append("is running")
     here = _frames.user_site(whole)
     if here is not None:
-        parts.append(f"at {_frames.where(here)} in {here.function}")
+        parts.append(f"at {where(here)} in {here.function}")
     evidence: dict[str, Any] = {
         "name": thread.name,
         "ident": thread.ident,

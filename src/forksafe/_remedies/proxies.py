@@ -40,7 +40,7 @@ import warnings
 from typing import Any, Callable, Sequence
 
 from forksafe._errors import ForkSafetyWarning
-from forksafe._remedies._interpreter import interpreter_problem
+from forksafe._interpreter import interpreter_problem
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_proxy_helper.py")
 #: Seconds the helper may take before the environment-only answer is used.
@@ -64,88 +64,110 @@ _cache: dict[tuple[str, ...], dict[str, Any]] = {}
 _patched: list[tuple[Any, str, Any, Any]] = []
 
 
-def getproxies(
-    *,
-    _platform: str = sys.platform,
-    _helper: Sequence[str] | None = None,
-    _timeout: float = TIMEOUT,
-) -> dict[str, str]:
+class Lookup:
+    """Where the system proxy settings come from: a platform, the helper command that
+    reads them (default: ``_proxy_helper.py`` under this Python) and how long it may
+    take. The public functions use this machine's (``_HERE``); tests make others."""
+
+    def __init__(self, platform: str = sys.platform, helper: Sequence[str] | None = None,
+                 timeout: float = TIMEOUT) -> None:
+        self.platform = platform
+        self.helper = helper
+        self.timeout = timeout
+
+    def getproxies(self) -> dict[str, str]:
+        """Scheme -> proxy URL, as ``urllib.request.getproxies()`` answers, fork-safely.
+
+        Proxy environment variables win, as in urllib; otherwise the system
+        configuration, read once in a helper process and cached.
+        """
+        import urllib.request
+
+        environment: dict[str, str] = urllib.request.getproxies_environment()
+        if environment:
+            return environment
+        system = _system(self.platform, self.helper, self.timeout)
+        return dict(system["proxies"]) if system else {}
+
+    def proxy_bypass(self, host: str) -> bool:
+        """Whether ``host`` bypasses the proxy, as ``urllib.request.proxy_bypass()`` answers."""
+        import urllib.request
+
+        environment = urllib.request.getproxies_environment()
+        if environment:
+            check = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+            return bool(check(host, environment))
+        system = _system(self.platform, self.helper, self.timeout)
+        if not system:
+            return False
+        if system["kind"] == "macos":
+            sysconf = urllib.request._proxy_bypass_macosx_sysconf  # type: ignore[attr-defined]
+            return bool(sysconf(host, system.get("settings", {})))
+        if system["kind"] == "windows":
+            return _windows_bypass(host, str(system.get("override", "")))
+        return False
+
+    def patch_urllib(self) -> None:
+        """Route ``urllib.request.getproxies``/``proxy_bypass`` through this lookup. Idempotent.
+
+        Besides ``urllib.request`` itself, every imported module that holds
+        urllib's very functions under those names (``requests.utils`` and
+        ``requests.compat`` did ``from urllib.request import getproxies``) gets
+        forksafe's, so that requests, httpx and aiohttp follow too; modules
+        imported later pick them up from ``urllib.request``.
+        """
+        if _patched:
+            return
+        import urllib.request
+
+        lookup = self
+
+        def patched_getproxies() -> dict[str, str]:
+            return lookup.getproxies()
+
+        def patched_proxy_bypass(host: str) -> bool:
+            return lookup.proxy_bypass(host)
+
+        patched_getproxies.__doc__ = getproxies.__doc__
+        patched_proxy_bypass.__doc__ = proxy_bypass.__doc__
+        ours: dict[str, Callable[..., Any]] = {
+            "getproxies": patched_getproxies, "proxy_bypass": patched_proxy_bypass}
+        originals = {name: getattr(urllib.request, name) for name in ours}
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            if not isinstance(namespace, dict):
+                continue
+            for name, original in originals.items():
+                if namespace.get(name) is original:  # a plain dict read: no module __getattr__
+                    setattr(module, name, ours[name])
+                    _patched.append((module, name, original, ours[name]))
+
+
+_HERE = Lookup()
+
+
+def getproxies() -> dict[str, str]:
     """Scheme -> proxy URL, as ``urllib.request.getproxies()`` answers, fork-safely.
 
     Proxy environment variables win, as in urllib; otherwise the system
     configuration, read once in a helper process and cached.
     """
-    import urllib.request
-
-    environment: dict[str, str] = urllib.request.getproxies_environment()
-    if environment:
-        return environment
-    system = _system(_platform, _helper, _timeout)
-    return dict(system["proxies"]) if system else {}
+    return _HERE.getproxies()
 
 
-def proxy_bypass(
-    host: str,
-    *,
-    _platform: str = sys.platform,
-    _helper: Sequence[str] | None = None,
-    _timeout: float = TIMEOUT,
-) -> bool:
+def proxy_bypass(host: str) -> bool:
     """Whether ``host`` bypasses the proxy, as ``urllib.request.proxy_bypass()`` answers."""
-    import urllib.request
-
-    environment = urllib.request.getproxies_environment()
-    if environment:
-        check = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
-        return bool(check(host, environment))
-    system = _system(_platform, _helper, _timeout)
-    if not system:
-        return False
-    if system["kind"] == "macos":
-        sysconf = urllib.request._proxy_bypass_macosx_sysconf  # type: ignore[attr-defined]
-        return bool(sysconf(host, system.get("settings", {})))
-    if system["kind"] == "windows":
-        return _windows_bypass(host, str(system.get("override", "")))
-    return False
+    return _HERE.proxy_bypass(host)
 
 
-def patch_urllib(
-    *,
-    _platform: str = sys.platform,
-    _helper: Sequence[str] | None = None,
-    _timeout: float = TIMEOUT,
-) -> None:
+def patch_urllib() -> None:
     """Route ``urllib.request.getproxies``/``proxy_bypass`` through forksafe. Idempotent.
 
-    Besides ``urllib.request`` itself, every imported module that holds
-    urllib's very functions under those names (``requests.utils`` and
-    ``requests.compat`` did ``from urllib.request import getproxies``) gets
-    forksafe's, so that requests, httpx and aiohttp follow too; modules
+    Every imported module that holds urllib's very functions under those names
+    (``requests.utils``, ``requests.compat``) gets forksafe's too; modules
     imported later pick them up from ``urllib.request``.
     """
-    if _patched:
-        return
-    import urllib.request
-
-    def patched_getproxies() -> dict[str, str]:
-        return getproxies(_platform=_platform, _helper=_helper, _timeout=_timeout)
-
-    def patched_proxy_bypass(host: str) -> bool:
-        return proxy_bypass(host, _platform=_platform, _helper=_helper, _timeout=_timeout)
-
-    patched_getproxies.__doc__ = getproxies.__doc__
-    patched_proxy_bypass.__doc__ = proxy_bypass.__doc__
-    ours: dict[str, Callable[..., Any]] = {
-        "getproxies": patched_getproxies, "proxy_bypass": patched_proxy_bypass}
-    originals = {name: getattr(urllib.request, name) for name in ours}
-    for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", None)
-        if not isinstance(namespace, dict):
-            continue
-        for name, original in originals.items():
-            if namespace.get(name) is original:  # a plain dict read: no module __getattr__
-                setattr(module, name, ours[name])
-                _patched.append((module, name, original, ours[name]))
+    _HERE.patch_urllib()
 
 
 def unpatch_urllib() -> None:

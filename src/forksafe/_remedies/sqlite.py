@@ -63,7 +63,6 @@ CONNECTION_INHERITED = (
     "this connection was opened in process {pid} at {site} and inherited across fork; "
     "open a new connection in the child"
 )
-UNKNOWN_SITE = "an unknown place"
 
 #: Connection methods that do nothing to the database (or only to this object).
 _HARMLESS = frozenset({"__init__", "__new__", "__del__", "__init_subclass__", "__subclasshook__"})
@@ -141,7 +140,7 @@ def _protect_layer(original: Callable[..., Any]) -> Callable[..., Any]:
                 kwargs["factory"] = factory
         connection = original(*args, **kwargs)
         if factory is not None:
-            _arm(connection, module, _ledger._raw_frames(sys._getframe(1)))
+            _arm(connection, module, _ledger.raw_frames(sys._getframe(1)))
         return connection
 
     connect.__wrapped__ = original  # type: ignore[attr-defined]
@@ -172,12 +171,12 @@ def _arm(connection: Any, module: types.ModuleType, frames: _ledger.RawFrames) -
 def message(connection: Any) -> str:
     """The text of the error raised when ``connection`` is used in another process."""
     from forksafe import _frames
+    from forksafe._render import sites
 
     frames = getattr(connection, "_forksafe_frames", None)
     site = _frames.user_site(_ledger.sites(frames)) if frames else None
-    where = _frames.where(site) if site is not None else UNKNOWN_SITE
     return CONNECTION_INHERITED.format(pid=getattr(connection, "_forksafe_pid", "?"),
-                                       site=where)
+                                       site=sites.where(site))
 
 
 def _refuse(connection: Any) -> ForkSafetyError:

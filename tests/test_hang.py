@@ -21,7 +21,8 @@ import time
 import pytest
 
 from conftest import run_scenario
-from forksafe._hang import LOCK_LINK, HangMonitor, sample
+from forksafe._hang import HangMonitor, sample
+from forksafe._render.outcomes import LOCK_LINK
 from forksafe._report import ForkEvent, Report
 
 LOCKED = """
@@ -329,7 +330,7 @@ def helper():
                     cmdline = f.read()
             except OSError:
                 continue
-            if b"forksafe._hang" in cmdline and mark in cmdline:
+            if b"forksafe._helper" in cmdline and mark in cmdline:
                 return int(entry)
         time.sleep(0.02)
     raise AssertionError("no hang helper")
@@ -397,7 +398,9 @@ h = helper()
 os.kill(h, signal.SIGSTOP)
 big = Hazard("thread", Severity.WARNING, "x", "y", {"blob": "z" * 100_000})
 event = ForkEvent(os.getpid(), 4242, 0.0, "os.fork", None, "logged", Report((big,)))
-client = _hang.client(0.5)
+from forksafe import _outcome
+client = _outcome._client  # the helper client the guard started
+assert client is not None
 for _ in range(40):  # 4 MB: far more than a socket buffer
     client.watch(event)
 dropped = client.dropped
@@ -425,7 +428,7 @@ r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
     _child.arm(os.getppid(), 0.5)
-    fd = _child._armed[0]
+    fd = _child.armed()[0]
     os.close(fd)
     mine = os.open({str(data)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(mine, fd)  # the program's data file now has the crash file's number
@@ -444,12 +447,11 @@ print("FORKSAFE-RESULT:" + json.dumps({{"dump": dump}}))
 
 def test_the_helper_is_started_only_with_a_python_interpreter() -> None:
     """An embedded interpreter's sys.executable (uWSGI's binary) is never run as the helper."""
-    from forksafe._hang import _is_python
+    from forksafe._interpreter import interpreter_problem
 
-    assert _is_python(sys.executable)
-    assert not _is_python("/usr/bin/uwsgi")
-    assert not _is_python("")
-    assert not _is_python(None)
+    assert interpreter_problem(sys.executable) is None
+    assert interpreter_problem("/usr/bin/uwsgi") is not None
+    assert interpreter_problem("") is not None
 
 
 def test_an_embedded_interpreter_never_starts_a_second_server(tmp_path: pathlib.Path) -> None:

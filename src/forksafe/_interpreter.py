@@ -1,7 +1,7 @@
-"""Whether ``sys.executable`` can run forksafe's helper scripts.
+"""Whether ``sys.executable`` can run forksafe's helper processes.
 
-The proxy lookup and the doctor's SQLite inspection run a small script in a
-fresh interpreter, ``sys.executable -I script``. That is only harmless when
+The proxy lookup, the doctor's SQLite inspection and the hang helper run a small
+script in a fresh interpreter, ``sys.executable ...``. That is only harmless when
 ``sys.executable`` is a Python interpreter. In a frozen application
 (PyInstaller, cx_Freeze, py2app: ``sys.frozen`` is set) it is the application
 itself, and in an embedding server (uWSGI, some plugin hosts) it can be the

@@ -1,0 +1,228 @@
+"""The configuration contract: every ``FORKSAFE_*`` name, and the one path that validates.
+
+Three doors lead to a configuration of the guard, and all go through ``make``:
+
+* ``install()`` / ``guard()`` arguments (``ARGUMENTS``): a bad value raises
+  ``ValueError``;
+* the environment (``ENVIRONMENT``), read by the ``.pth`` hook at the start of
+  every interpreter of a guarded tree (``from_environment``): a bad value is one
+  line on stderr, and the program runs on with that setting at its default (or
+  unguarded, for a bad policy);
+* ``forksafe run``'s options (``OPTIONS``), which become the environment of its
+  tree (``tree_environment``).
+
+Errors name the value as the user wrote it: ``policy=``, ``FORKSAFE_POLICY``,
+``--policy``. The other variables here are forksafe's own, set by ``forksafe
+run`` for its tree.
+
+Cheap to import (nothing beyond ``os``): the hook imports it at every start.
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False  # typing is not imported at every interpreter start for this
+if TYPE_CHECKING:
+    from typing import Mapping, MutableMapping
+
+#: What the guard does at a hazardous fork; "off" (environment only) installs nothing.
+ENV_POLICY = "FORKSAFE_POLICY"
+#: A JSON-lines file that gets one line per fork event and child outcome.
+ENV_REPORT = "FORKSAFE_REPORT"
+#: Seconds: report (and end) a forked child that makes no progress for that long.
+ENV_HANG_TIMEOUT = "FORKSAFE_HANG_TIMEOUT"
+#: The level policy "raise" refuses at: "warning" or "error".
+ENV_FAIL_ON = "FORKSAFE_FAIL_ON"
+#: Set by ``forksafe run``: the private directory where children leave crash files.
+ENV_STATE_DIR = "FORKSAFE_STATE_DIR"
+#: Set by ``forksafe run`` to its pid: it watches the whole tree for hangs itself, so
+#: processes under it start no hang helper of their own.
+ENV_SUPERVISOR = "FORKSAFE_SUPERVISOR"
+#: Set for the hang helper only: its first process exits at once (see ``forksafe._helper``).
+ENV_HELPER_DETACH = "FORKSAFE_HELPER_DETACH"
+
+#: The variables a user sets, in the order the README lists them.
+USER_VARIABLES = (ENV_POLICY, ENV_REPORT, ENV_HANG_TIMEOUT, ENV_FAIL_ON)
+
+POLICIES = ("log", "warn", "raise")
+FAIL_ON = ("warning", "error")
+#: ``fail_on`` as a severity value (``forksafe._report.Severity``): no enum imported here.
+LEVELS = {"warning": 20, "error": 30}
+
+BAD_CHOICE = "{name}={value!r}: expected one of: {choices}"
+BAD_SECONDS = "{name}={value!r} is not a positive number of seconds"
+IGNORED = "forksafe: ignoring {problem}; {consequence}"
+#: What the environment hook does instead of a bad value.
+CONSEQUENCES = {
+    "policy": "the fork guard is off in this process",
+    "fail_on": "using error",
+    "hang_timeout": "hung children are not watched in this process",
+}
+
+
+class Source:
+    """One door in (see the module docstring): how each setting is spelled there, and
+    whether its values arrive as text to parse."""
+
+    __slots__ = ("names", "off", "text")
+
+    def __init__(self, names: dict[str, str], *, text: bool, off: bool = False) -> None:
+        self.names = names
+        self.text = text
+        self.off = off  # whether the policy "off" is accepted here
+
+
+ARGUMENTS = Source({"policy": "policy", "fail_on": "fail_on", "hang_timeout": "hang_timeout",
+                    "report": "report"}, text=False)
+ENVIRONMENT = Source({"policy": ENV_POLICY, "fail_on": ENV_FAIL_ON,
+                      "hang_timeout": ENV_HANG_TIMEOUT, "report": ENV_REPORT},
+                     text=True, off=True)
+OPTIONS = Source({"policy": "--policy", "fail_on": "--fail-on",
+                  "hang_timeout": "--hang-timeout", "report": "--report"}, text=True)
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names it as its source spells it. ``field`` says which."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Config:
+    """The guard's configuration, validated (by ``make``). ``fail_on`` is a severity value."""
+
+    __slots__ = ("fail_on", "hang_timeout", "policy", "report")
+
+    def __init__(self, policy: str = "warn", fail_on: int = 30,
+                 hang_timeout: float | None = None, report: str | None = None) -> None:
+        self.policy = policy
+        self.fail_on = fail_on
+        self.hang_timeout = hang_timeout
+        self.report = report
+
+    @classmethod
+    def make(cls, policy: object, fail_on: object = "error", hang_timeout: object = None,
+             report: object = None, *, source: Source = ARGUMENTS) -> Config:
+        """Validate settings from ``source``: a ``Config``, or ``ConfigError``."""
+        return cls(_policy(policy, source), LEVELS[_fail_on(fail_on, source)],
+                   _hang_timeout(hang_timeout, source), _report(report, source))
+
+    def replace(self, **changes: object) -> Config:
+        """A copy with some fields changed (already validated values)."""
+        values = {name: getattr(self, name) for name in self.__slots__}
+        values.update(changes)
+        return Config(**values)
+
+    def __repr__(self) -> str:
+        return (f"Config(policy={self.policy!r}, fail_on={self.fail_on!r}, "
+                f"hang_timeout={self.hang_timeout!r}, report={self.report!r})")
+
+
+def _policy(value: object, source: Source) -> str:
+    text = value.strip().lower() if source.text and isinstance(value, str) else value
+    if not isinstance(text, str) or text not in POLICIES:
+        choices = ", ".join((*POLICIES, "off") if source.off else POLICIES)
+        raise ConfigError(_problem(source, "policy", value, choices), "policy")
+    return text
+
+
+def _fail_on(value: object, source: Source) -> str:
+    text = value.strip().lower() if source.text and isinstance(value, str) else value
+    if not isinstance(text, str) or text not in FAIL_ON:
+        raise ConfigError(_problem(source, "fail_on", value, ", ".join(FAIL_ON)), "fail_on")
+    return text
+
+
+def _hang_timeout(value: object, source: Source) -> float | None:
+    if value is None or (source.text and isinstance(value, str) and not value.strip()):
+        return None
+    seconds: object = value
+    if source.text and isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = None
+    ok = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+    if not ok or not 0 < seconds < float("inf"):  # type: ignore[operator]
+        name = source.names["hang_timeout"]
+        raise ConfigError(BAD_SECONDS.format(name=name, value=shown(value)), "hang_timeout")
+    return float(seconds)  # type: ignore[arg-type]
+
+
+def _report(value: object, source: Source) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{source.names['report']}={value!r} is not a file name", "report")
+    return value.strip() or None if source.text else value or None
+
+
+def _problem(source: Source, field: str, value: object, choices: str) -> str:
+    return BAD_CHOICE.format(name=source.names[field], value=shown(value), choices=choices)
+
+
+def shown(value: object) -> object:
+    """A bad value as it is echoed (shortened: it came from outside, and goes to stderr)."""
+    if isinstance(value, str) and len(value) > 40:
+        return value[:37] + "..."
+    return value
+
+
+def from_environment(environ: Mapping[str, str]) -> tuple[Config | None, list[str]]:
+    """The configuration the environment asks for (None: no guard), and the lines to say.
+
+    Nothing is asked for unless ``FORKSAFE_POLICY`` or ``FORKSAFE_REPORT`` is set;
+    ``FORKSAFE_REPORT`` alone means policy "log" (recording was asked for).
+    A bad value is dropped for its default, with one line saying so; a bad policy
+    leaves the process unguarded.
+    """
+    policy = environ.get(ENV_POLICY, "").strip()
+    report = environ.get(ENV_REPORT, "").strip() or None
+    if not policy and report is None:
+        return None, []
+    if policy.lower() == "off":
+        return None, []
+    values: dict[str, object] = {
+        "policy": policy or "log",
+        "fail_on": environ.get(ENV_FAIL_ON, "").strip() or "error",
+        "hang_timeout": environ.get(ENV_HANG_TIMEOUT),
+        "report": report,
+    }
+    problems: list[str] = []
+    while True:
+        try:
+            return Config.make(**values, source=ENVIRONMENT), problems
+        except ConfigError as exc:
+            problems.append(IGNORED.format(problem=exc, consequence=CONSEQUENCES[exc.field]))
+            if exc.field == "policy":
+                return None, problems
+            values[exc.field] = {"fail_on": "error", "hang_timeout": None}[exc.field]
+
+
+def tree_environment(base: Mapping[str, str], *, policy: str, hang_timeout: float | None,
+                     report: str, state_dir: str, supervisor: int) -> dict[str, str]:
+    """The environment of a ``forksafe run`` tree: ``base`` plus the guard's settings."""
+    env: MutableMapping[str, str] = dict(base)
+    env.update({
+        ENV_POLICY: policy,
+        ENV_REPORT: report,
+        ENV_STATE_DIR: state_dir,
+        ENV_SUPERVISOR: str(supervisor),
+    })
+    env.pop(ENV_HANG_TIMEOUT, None)
+    if hang_timeout is not None:
+        env[ENV_HANG_TIMEOUT] = repr(hang_timeout)
+    return dict(env)
+
+
+def state_dir_override(environ: Mapping[str, str] | None = None) -> str | None:
+    """The state directory ``forksafe run`` set for this tree, if any."""
+    return (os.environ if environ is None else environ).get(ENV_STATE_DIR) or None
+
+
+def supervisor(environ: Mapping[str, str] | None = None) -> int | None:
+    """The pid of the ``forksafe run`` that watches this tree, if any."""
+    value = (os.environ if environ is None else environ).get(ENV_SUPERVISOR, "")
+    return int(value) if value.isdigit() else None

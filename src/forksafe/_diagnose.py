@@ -1,0 +1,126 @@
+"""Why a child ended as it did, in terms of what was wrong when it was forked.
+
+``outcome_for`` turns a raw wait status, the child's crash file and a hang
+monitor's marker into an ``Outcome``. Only a crash is diagnosed
+(``diagnose_death``): SIGTERM, SIGKILL, SIGINT and the like are how parents stop
+children (``Pool.terminate``, a timeout), and blaming the fork for them would be
+a false diagnosis. A crash is linked to the fork-time hazards that best explain
+it (``blame``), or said plainly to come after a clean fork. The sentences are
+``forksafe._render.outcomes``'s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from typing import Iterable
+
+from forksafe._render import forks, outcomes
+from forksafe._report import CRASH_SIGNALS, ForkEvent, Hazard, Outcome, Severity, Site
+from forksafe._tracebacks import sections
+
+
+def outcome_for(event: ForkEvent, status: int, traceback: str | None,
+                hung: Outcome | None = None) -> Outcome:
+    """The outcome of ``event``'s child from its raw wait status and what it left."""
+    if os.WIFSIGNALED(status):
+        name = signal_name(os.WTERMSIG(status))
+        if hung is not None:
+            return Outcome("hung", None, name, hung.traceback or traceback,
+                           outcomes.hung_then(hung.diagnosis, name))
+        diagnosis = diagnose_death(event, name, traceback) if name in CRASH_SIGNALS else None
+        return Outcome("signaled", None, name, traceback, diagnosis)
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    if hung is not None:
+        return Outcome("hung", code, None, hung.traceback or traceback, hung.diagnosis)
+    return Outcome("exited", code, None, traceback, None)
+
+
+def diagnose_death(event: ForkEvent, signame: str, traceback: str | None) -> str:
+    """One paragraph: who died of what, where, and which fork-time hazard explains it."""
+    parsed = sections(traceback or "")
+    current = [frames for is_current, frames in parsed if is_current and frames]
+    place = ""
+    if traceback is None:
+        place = outcomes.NO_TRACEBACK
+    elif current:
+        frame = _outside_forksafe(current[0])
+        place = outcomes.crash_place(frame, _caller(current[0]))
+    elif parsed and parsed[0][1]:
+        # faulthandler marks no thread as current: the signal hit a thread that runs
+        # no Python code (a native runtime's own thread).
+        place = outcomes.native_place(_outside_forksafe(parsed[0][1]))
+    blamed, typical = blame(event.report.hazards, traceback or "")
+    return outcomes.death(event.child_pid, forks.describe_fork(event.mechanism, event.site),
+                          signame, place, blamed=blamed, typical=typical)
+
+
+def blame(hazards: Iterable[Hazard], traceback: str) -> tuple[list[Hazard], bool]:
+    """The fork-time hazards that best explain a crash, best first, and whether typical.
+
+    Error-level native runtimes are what crash forked children (gRPC, libdispatch,
+    CUDA); one whose name or library appears in the child's traceback ranks
+    first. Other live threads and open connections may deadlock or corrupt but
+    rarely kill by a signal, so they are named only when nothing better exists,
+    and marked as a possible, not a typical, cause.
+    """
+    text = traceback.lower()
+    scored: list[tuple[int, int, Hazard]] = []
+    for i, hazard in enumerate(hazards):
+        if hazard.severity < Severity.WARNING:
+            continue
+        native = hazard.kind in ("native-runtime", "native-thread")
+        score = (3 if hazard.severity >= Severity.ERROR else 2) if native else 1
+        if native and _mentioned(hazard, text):
+            score += 2
+        scored.append((-score, i, hazard))
+    scored.sort(key=lambda item: (item[0], item[1]))
+    if not scored:
+        return [], False
+    best = -scored[0][0]
+    return [h for s, _, h in scored if -s == best], best >= 2
+
+
+def _mentioned(hazard: Hazard, text: str) -> bool:
+    ev = hazard.evidence
+    names = []
+    runtime = ev.get("runtime")
+    if isinstance(runtime, str):
+        names.append(runtime.split("-")[-1] if "-" in runtime else runtime)
+    for key in ("libraries", "stack_libraries"):
+        value = ev.get(key)
+        if isinstance(value, list):
+            names.extend(_stem(str(p)) for p in value)
+    owner = ev.get("owner")
+    if isinstance(owner, str):
+        names.append(_stem(owner))
+    return any(len(n) >= 3 and n.lower() in text for n in names)
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(path)
+    base = base[3:] if base.startswith("lib") else base
+    return re.split(r"[.\-]", base, maxsplit=1)[0]
+
+
+def _caller(frames: list[Site]) -> Site | None:
+    """The user's frame, when the crash is inside the standard library."""
+    from forksafe._frames import is_library_file
+
+    if not is_library_file(_outside_forksafe(frames).file):
+        return None
+    return next((f for f in frames if not is_library_file(f.file)), None)
+
+
+def _outside_forksafe(frames: list[Site]) -> Site:
+    """The innermost frame that is not forksafe's own (the guard's fork wrapper)."""
+    own = os.sep + "forksafe" + os.sep
+    return next((f for f in frames if own not in f.file), frames[0])
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"

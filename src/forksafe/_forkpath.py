@@ -1,0 +1,666 @@
+"""The guard's hot path: what runs at every fork, in the parent and in the child.
+
+* The wrappers ``install()`` puts in place (``forksafe._patching``): ``os.fork``,
+  ``os.forkpty``, ``subprocess.Popen._execute_child`` (with a ``preexec_fn``), and
+  the ``os.wait*`` family, which tells the record when a guarded child is reaped.
+  ``multiprocessing``'s fork start method and ``ProcessPoolExecutor`` look
+  ``os.fork`` up at call time, and ``pty.fork`` calls ``os.forkpty``, so they go
+  through the wrappers too.
+* ``judge``: the check (``forksafe._check.fork_check``), then the policy's verdict
+  (``forksafe._decide``), both before the real fork, which a refusal stops.
+* The at-fork hooks (``os.register_at_fork``, once per process). ``before`` sees
+  forks no wrapper saw — C code calling ``PyOS_BeforeFork()``, or ``fork`` bound
+  before ``install()`` — which cannot be refused (CPython ignores exceptions from
+  fork hooks); their child's pid comes from ``/proc/self/task/<tid>/children``.
+  ``after_in_child`` is the only child side: it arms ``forksafe._child`` once per
+  fork; for ``os.fork``'s wrapper with a memory crash file it is C calls prepared
+  in the parent (``child_calls``), and no Python runs in the child at all.
+
+A fork through a wrapper marks its thread (``_local.busy``) so that the hooks,
+which run inside the real ``fork()``, do not count it twice.
+
+Everything here is written for the pages it touches. After a fork, parent and
+child share every page copy-on-write, every Python statement writes (reference
+counts, allocator pools), and each page written costs a copy: so the wrappers
+spell their steps out rather than call helpers, the decision reuses the last
+verdict of an unchanged process, and forks and reaps are queued and recorded
+``QUEUE_SIZE`` at a time (``forksafe._record.flush``) unless someone outside the
+process waits for them (a report file, a hang timeout). docs/guard.md ("Cost")
+says where the remaining pages go.
+
+Anything that goes wrong here is reported once and the fork goes on unguarded;
+only a refusal under ``raise`` (or the program's own ``-W
+error::forksafe.ForkSafetyWarning``) ever stops one.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from _functools import partial  # type: ignore[import-not-found,unused-ignore]  # no stubs
+from _operator import methodcaller
+from _thread import _local as thread_local
+from _thread import get_native_id
+
+from forksafe import _quiet, _record
+from forksafe._decide import Decision, Lazy, action, announce, locate, make, preexec_hazards
+from forksafe._errors import FAILED, ForkSafetyError, ForkSafetyWarning, report_failure, write_fd2
+from forksafe._record import State
+
+# Nothing heavier is imported here: the environment hook imports this module at
+# the start of every Python process of a `forksafe run` tree (CPython's own tests
+# check that `threading` is not imported behind their back). The check, the
+# model and the followers are imported at the first fork (``load``).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import types
+    from collections import deque
+    from typing import Any, Callable, Tuple
+
+    from forksafe._config import Config
+    from forksafe._report import ForkEvent, Hazard, Outcome, Report
+    from forksafe._seam import ChildSide, CrashFile, FollowerSide
+
+    WaitResult = Tuple[Any, ...]
+else:
+    from _collections import deque  # the C deque, without importing `collections`
+
+#: Queued forks and reaps (two per child) recorded in one go, when nobody outside
+#: the process waits for them.
+QUEUE_SIZE = 32
+
+# --- state: set by install()/uninstall() (forksafe._guard), read by every wrapper ---
+#: None when the guard is not installed: every wrapper and hook reads it once and
+#: passes straight through when it is None.
+config: Config | None = None
+#: Whether forks and reaps are queued rather than recorded at once (no report file,
+#: no hang timeout: nobody outside this process waits for them).
+defer = False
+#: The followers, once loaded (``load``); None if one failed to import.
+child_side: ChildSide | None = None
+follower: FollowerSide | None = None
+
+_st = State(os.getpid())
+_hooks_registered = False
+# Whether a fork only the hooks saw ever happened here: until then, the hook after
+# every fork need not look at _local (one object less touched per fork).
+_hooks_judged = False
+# The last verdict judge() reached without ``extra`` hazards: (report, config,
+# refusable, user code, user line, site, action).
+_last: tuple[Report, Config, bool, types.CodeType, int, Any, str] | None = None
+
+
+def own_state(pid: int | None = None) -> State:
+    """This process's fork record (``pid``: this process's pid, when the caller has it)."""
+    global _st
+    st = _st
+    if pid is None:
+        pid = os.getpid()
+    if st.pid == pid:
+        return st
+    st.successor.append(State(pid, st))  # atomic: the first one appended wins
+    _st = st.successor[0]
+    return _st
+
+
+def flush_pending() -> None:
+    """Record the queued forks and reaps now (``forksafe._record.flush``)."""
+    _record.flush(own_state(), config)
+
+
+class _Local(thread_local):
+    """Per-thread fork state; class attributes are every thread's defaults.
+
+    ``busy``: the pid of the process whose wrapper is inside the real fork on
+    this thread; ``pending``: (pid, decision, children before) for a fork only
+    the hooks saw. Stamped with the pid so that a child, which inherits them as
+    they were at the fork, need not write to them: a page less to copy in every
+    child. ``spare``: the crash file ``os.fork``'s wrapper opened for the child
+    it is forking, None outside that fork: the child finds it here. ``decision``:
+    that fork's decision (or the ``preexec_fn`` fork's), kept here across the
+    fork: the child of a ``preexec_fn`` fork announces itself from it.
+    ``after_fork_child``: what the child of this thread's fork runs (the at-fork
+    hook calls it): ``_after_fork_child``, unless the wrapper set C calls for the
+    child (``child_calls``).
+    """
+
+    busy = 0
+    pending: Any = None
+    spare: Any = None
+    decision: Any = None
+    after_fork_child: Callable[[], object]
+
+
+_local = _Local()
+
+
+# --- loading, at the first fork ----------------------------------------------------------
+
+
+def load() -> None:
+    """Import the check, the model and the followers before the first fork (never in a
+    child), and hand the follower its link to the guard."""
+    import time
+
+    from forksafe._check import check, fork_check
+    from forksafe._frames import LIBRARY_FILES, is_library_file
+    from forksafe._report import ForkEvent, Report, Site
+
+    Lazy.check = check
+    Lazy.fork_check = fork_check
+    Lazy.is_library_file = is_library_file
+    Lazy.library_files = LIBRARY_FILES
+    Lazy.time = time.time
+    Lazy.ForkEvent = ForkEvent
+    Lazy.Report = Report
+    Lazy.Site = Site
+    Lazy.loaded = True
+    child: ChildSide | None = None
+    outcome: FollowerSide | None = None
+    try:
+        from forksafe import _child
+
+        child = _child
+        _child.warm_up()
+    except Exception as exc:
+        report_failure("importing forksafe._child", exc)
+    try:
+        from forksafe import _outcome
+
+        outcome = _outcome
+        _outcome.attach(LINK)
+        _outcome.tidy_at_exit()
+    except Exception as exc:
+        report_failure("importing forksafe._outcome", exc)
+    _record.bind(ForkEvent)
+    set_followers(child, outcome)
+    if sys.version_info >= (3, 12):
+        _quiet.install_filter()
+
+
+def set_followers(child: ChildSide | None, outcome: FollowerSide | None) -> None:
+    """The followers the fork path and the record call (None: left out)."""
+    global child_side, follower
+    child_side, follower = child, outcome
+    _record.set_followers(child, outcome)
+
+
+class Link:
+    """The guard as a follower sees it (``forksafe._seam.GuardLink``)."""
+
+    def config(self) -> Config | None:
+        return config
+
+    def event_for_child(self, pid: int) -> ForkEvent | None:
+        flush_pending()
+        return own_state().children.get(pid)
+
+    def attach_outcome(self, pid: int, outcome: Outcome) -> None:
+        _record.attach_outcome(own_state(), pid, outcome)
+
+    def flush(self) -> None:
+        flush_pending()
+
+    def emit(self, record: dict[str, Any]) -> None:
+        _record.emit(record)
+
+    def report_path(self) -> str | None:
+        return _record.report_path()
+
+
+LINK = Link()
+
+
+# --- deciding ------------------------------------------------------------------------------
+
+
+def judge(
+    mechanism: str,
+    caller: types.FrameType,
+    *,
+    refusable: bool = True,
+    extra: Callable[[Report], tuple[Hazard, ...]] | None = None,
+) -> Decision:
+    """The verdict on a fork from ``caller``'s thread, now: check, then policy."""
+    if not Lazy.loaded:
+        load()
+    st = _st  # own_state(), spelled out: a call less per fork
+    if len((st if st.pid == os.getpid() else own_state()).queue) >= QUEUE_SIZE:
+        flush_pending()
+    global _last
+    lazy = Lazy
+    cfg = config
+    if cfg is None:
+        from forksafe._config import Config
+
+        cfg = Config()
+    if lazy.library_files.get(caller.f_code.co_filename) is False:
+        user = caller  # forked from the user's own code, seen before: a call less
+    else:
+        mechanism, user = locate(caller, mechanism)
+    stamp = lazy.time()
+    try:
+        report = lazy.fork_check(watch=True)
+        if extra is None:
+            # The same report (an unchanged process, see forksafe._check) under the
+            # same configuration from the same line: the same verdict and the same
+            # Site object, rather than new objects for the same facts.
+            last = _last
+            code = user.f_code
+            line = user.f_lineno
+            if (last is not None and last[0] is report and last[1] is cfg
+                    and last[2] == refusable and last[3] is code and last[4] == line):
+                return make(Decision, (mechanism, last[5], user, report, last[6], stamp))
+        else:
+            more = extra(report)
+            if more:
+                import dataclasses
+
+                report = dataclasses.replace(report, hazards=report.hazards + more)
+    except Exception as exc:  # the check must never stop a fork it was not asked to stop
+        report = _failed_check(exc)
+    verdict = action(report, cfg, refusable)
+    site = lazy.Site(user.f_code.co_filename, user.f_lineno, user.f_code.co_name)
+    if extra is None:
+        _last = (report, cfg, refusable, user.f_code, user.f_lineno, site, verdict)
+    return make(Decision, (mechanism, site, user, report, verdict, stamp))
+
+
+def _failed_check(exc: Exception) -> Report:
+    from forksafe._report import Hazard, Severity
+
+    report_failure("the fork-time check", exc)
+    error = f"{type(exc).__name__}: {exc}"
+    return Lazy.Report(hazards=(Hazard(
+        "probe-error", Severity.INFO, f"the fork-time check failed: {error}",
+        "the fork went on unchecked; please report the error", {"error": error},
+    ),))
+
+
+def _announce(decision: Decision, *, refusable: bool) -> None:
+    """Warn, or record the refused fork and refuse it."""
+    cfg = config
+    if cfg is None:
+        return
+    if decision.action == "refused":
+        event = Lazy.ForkEvent(os.getpid(), None, decision.time, decision.mechanism,
+                               decision.site, decision.action, decision.report)
+        _record.record(own_state(), event)
+    announce(decision, cfg, refusable=refusable)
+
+
+def _forked(decision: Decision, pid: int | None, spare: CrashFile | None = None) -> None:
+    """Parent side, right after a successful fork: record now, or queue (module docstring).
+
+    ``spare`` is the crash file the parent opened for the child, to be named for it.
+    """
+    if defer:
+        own_state().queue.append((decision, pid, spare))
+        return
+    st = own_state()
+    _record.flush(st, config)
+    _record.record_fork(st, config, decision, pid, spare)
+
+
+# --- the wrappers --------------------------------------------------------------------------
+
+
+def wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
+    """``os.fork``, guarded: the commonest fork, spelled out (judge, run, record inline).
+
+    Every function called is a function and a code object written to (reference
+    counts), each a page to copy after the fork (module docstring).
+    """
+    local = _local
+    getpid = os.getpid
+
+    def fork() -> int:
+        if config is None or sys.is_finalizing():
+            return original()
+        try:
+            decision = judge("os.fork", sys._getframe(1))
+            if decision.action in ("warned", "refused"):
+                _announce(decision, refusable=True)
+        except (ForkSafetyError, ForkSafetyWarning):
+            raise
+        except Exception as exc:
+            report_failure("the fork guard", exc)
+            return original()
+        # The child's crash file, opened here: the parent's pages cost less than the
+        # child's, which every child copies (forksafe._child.arm).
+        child = child_side
+        spare = None
+        cfg = config  # read once: another thread may uninstall meanwhile
+        timeout = cfg.hang_timeout if cfg is not None else None
+        me = getpid()
+        if child is not None:
+            try:
+                spare = child.open_spare(timeout, me)
+            except Exception as exc:
+                report_failure("forksafe._child.open_spare", exc)
+        calls: Callable[[], object] = _after_fork_child
+        if timeout is not None:
+            _hang_helper_before_fork(timeout)
+        elif spare is not None and child is not None:
+            cached = _calls_cache.get(id(spare))
+            calls = (cached[1] if cached is not None and cached[0] is spare
+                     else child_calls(spare, child))
+            del cached
+        local.after_fork_child = calls
+        local.busy = me
+        local.spare = spare
+        local.decision = decision
+        # A fork we warned about: CPython's own generic warning adds nothing now.
+        quiet = decision.action == "warned"
+        # In the child this frame ends with the fork, and every object it still
+        # refers to is written to (released) there: a page copied for each. So
+        # the thread-local keeps them for the parent.
+        del decision, spare, child, cfg, timeout, calls
+        try:
+            pid: int = _quiet.call(original) if quiet else original()
+        except BaseException:
+            spare = local.spare
+            local.busy = 0
+            local.spare = local.decision = None
+            local.after_fork_child = _after_fork_child
+            child = child_side
+            if spare is not None and child is not None:
+                child.release_spare(spare)
+            raise
+        if pid:  # the child leaves .busy alone: it holds the parent's pid, not its own
+            decision, spare = local.decision, local.spare
+            local.busy = 0
+            local.spare = local.decision = None
+            local.after_fork_child = _after_fork_child
+            if defer:
+                st = _st
+                (st if st.pid == me else own_state(me)).queue.append((decision, pid, spare))
+            else:
+                _forked(decision, pid, spare)
+        return pid
+
+    return fork
+
+
+def wrap_forkpty(original: Callable[[], tuple[int, int]]) -> Callable[[], tuple[int, int]]:
+    """``os.forkpty`` (and so ``pty.fork``), guarded."""
+
+    def forkpty() -> tuple[int, int]:
+        decision = _guarded("os.forkpty", sys._getframe(1))
+        if decision is None:
+            return original()
+        result: tuple[int, int] = _run(original, decision)
+        if result[0]:
+            _forked(decision, result[0])
+        return result
+
+    return forkpty
+
+
+def wrap_execute_child(original: Callable[..., None]) -> Callable[..., None]:
+    """``subprocess.Popen._execute_child``, guarded when a ``preexec_fn`` is given."""
+
+    def _execute_child(self: Any, args: Any, executable: Any, preexec_fn: Any,
+                       *rest: Any, **kwargs: Any) -> None:
+        decision = None
+        if preexec_fn is not None:
+            decision = _guarded("subprocess-preexec_fn", sys._getframe(1),
+                                extra=lambda report: preexec_hazards(report, preexec_fn))
+        if decision is None:
+            return original(self, args, executable, preexec_fn, *rest, **kwargs)
+        _run(lambda: original(self, args, executable, preexec_fn, *rest, **kwargs), decision)
+        pid = getattr(self, "pid", None)
+        if isinstance(pid, int):
+            _forked(decision, pid)
+        return None
+
+    return _execute_child
+
+
+def _guarded(
+    mechanism: str,
+    caller: types.FrameType,
+    *,
+    extra: Callable[[Report], tuple[Hazard, ...]] | None = None,
+) -> Decision | None:
+    """The decision for a wrapped fork, or None to fork as if forksafe were not there.
+
+    None when the guard is off, at interpreter shutdown (where CPython itself
+    refuses ``fork`` with its own error, and imports no longer work), and when
+    forksafe itself fails: a bug of ours must never cost the program its fork.
+    Only a refusal (``ForkSafetyError``) or the program's own choice to turn
+    ``ForkSafetyWarning`` into an error stops it.
+    """
+    if config is None or sys.is_finalizing():
+        return None
+    try:
+        decision = judge(mechanism, caller, extra=extra)
+        if decision.action in ("warned", "refused"):
+            _announce(decision, refusable=True)
+        return decision
+    except (ForkSafetyError, ForkSafetyWarning):
+        raise
+    except Exception as exc:
+        report_failure("the fork guard", exc)
+        return None
+
+
+def _run(fork: Callable[[], Any], decision: Decision) -> Any:
+    """Call the real fork with the hooks told to stand aside for this thread.
+
+    The decision stays on the thread-local across the fork: a ``preexec_fn``
+    child reads it there to announce itself (``_after_fork_child``).
+    """
+    _prepare_followers()
+    _local.busy = os.getpid()
+    _local.decision = decision
+    try:
+        if decision.action in ("warned", "refused"):
+            return _quiet.call(fork)  # CPython's generic warning adds nothing now
+        return fork()
+    finally:
+        _local.busy = 0
+        _local.decision = None
+
+
+def wrap_wait(original: Callable[..., WaitResult]) -> Callable[..., WaitResult]:
+    """``os.waitpid``/``wait``/``wait3``/``wait4``: tell the record of a reaped child."""
+    exited = os.WIFEXITED
+    getpid = os.getpid
+
+    def wait(*args: Any, **kwargs: Any) -> WaitResult:
+        result = original(*args, **kwargs)
+        pid = result[0]
+        if pid > 0 and config is not None:
+            status = result[1]
+            if defer and exited(status):
+                # A child that exited has nothing urgent to say: queued with its
+                # fork, both recorded in one go.
+                st = _st  # own_state(), spelled out: a call less per child
+                queue = (st if st.pid == getpid() else own_state()).queue
+                queue.append((pid, status))
+                if len(queue) >= QUEUE_SIZE:
+                    flush_pending()
+            else:
+                st = own_state()
+                _record.flush(st, config)
+                _record.reap(st, pid, status)
+        return result
+
+    return wait
+
+
+def wrap_waitid(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``os.waitid`` reports a child as a ``waitid_result``, not a wait status."""
+
+    def waitid(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        if result is None or config is None:
+            return result
+        options = args[2] if len(args) > 2 else kwargs.get("options", 0)
+        pid = result.si_pid
+        if options & getattr(os, "WNOWAIT", 0):  # only a peek: the child is reaped later
+            return result
+        st = own_state()
+        _record.flush(st, config)
+        status = wait_status(result.si_code, result.si_status)
+        if status is not None:
+            _record.reap(st, pid, status)
+        return result
+
+    return waitid
+
+
+def wait_status(code: int, value: int) -> int | None:
+    """The ``wait()`` status that a ``waitid`` answer stands for (None: not an end)."""
+    if code == os.CLD_EXITED:
+        return (value & 0xFF) << 8
+    if code == os.CLD_KILLED:
+        return value & 0x7F
+    if code == os.CLD_DUMPED:
+        return (value & 0x7F) | 0x80
+    return None
+
+
+# --- the at-fork hooks ------------------------------------------------------------------------
+
+
+def register_hooks() -> None:
+    """Once per process: hooks cannot be unregistered, so they check ``config``."""
+    global _hooks_registered
+    if _hooks_registered:
+        return
+    # The child's hook is C: what it runs is chosen per thread (see child_calls).
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
+                        after_in_child=partial(methodcaller("after_fork_child"), _local))
+    _hooks_registered = True
+
+
+def _children_of_this_thread() -> set[int] | None:
+    try:
+        with open(f"/proc/self/task/{get_native_id()}/children", "rb") as f:
+            return {int(p) for p in f.read().split()}
+    except (OSError, ValueError):
+        return None
+
+
+def _prepare_followers() -> None:
+    """The followers' own before-fork work (they register no fork hooks of their own)."""
+    cfg = config
+    timeout = None if cfg is None else cfg.hang_timeout
+    child = child_side
+    if child is not None:
+        child.prepare(timeout)
+    if timeout is not None:
+        _hang_helper_before_fork(timeout)
+
+
+def _hang_helper_before_fork(timeout: float) -> None:
+    side = follower
+    if side is not None:
+        side.before_fork(timeout)
+
+
+def _before_fork() -> None:
+    """A fork that no wrapper saw is about to happen in this thread."""
+    if config is None or _local.busy == os.getpid() or sys.is_finalizing():
+        return
+    _local.after_fork_child = _after_fork_child  # in a child: not its own fork's calls
+    try:
+        caller = sys._getframe(1)
+        decision = judge("unwrapped-fork", caller, refusable=False)
+        _prepare_followers()
+        global _hooks_judged
+        _hooks_judged = True
+        _local.pending = (os.getpid(), decision, _children_of_this_thread())
+        _announce(decision, refusable=False)
+    except Exception as exc:  # an exception here would only be printed as unraisable
+        report_failure("the fork hook", exc)
+
+
+def _after_fork_parent() -> None:
+    if not _hooks_judged:
+        return
+    pending = _local.pending
+    if pending is None:
+        return
+    _local.pending = None
+    pid, decision, before = pending
+    if pid != os.getpid():  # set in the parent of this process, for its own fork
+        return
+    try:
+        after = _children_of_this_thread()
+        new = sorted(after - before) if before is not None and after is not None else []
+        if new or before is None:
+            _forked(decision, new[-1] if new else None)
+    except Exception as exc:
+        report_failure("the fork hook", exc)
+
+
+def _after_fork_child() -> None:
+    """In a child of a guarded fork: arm it, once (but see ``child_calls`` for the
+    commonest child, which runs no Python at all).
+
+    Nothing else, but for the child of a ``preexec_fn`` fork with a hang timeout,
+    which announces itself (its parent learns its pid only once it execs). The
+    child makes its own fork record when it needs one (``own_state``), and takes
+    no lock here.
+    """
+    cfg = config
+    if cfg is None:
+        return
+    child = child_side
+    if child is not None:
+        try:
+            child.arm(os.getppid(), cfg.hang_timeout, _local.spare)
+        except Exception as exc:
+            write_fd2(FAILED.format(what="forksafe._child.arm", error=exc))
+    decision = _local.decision
+    side = follower
+    if (cfg.hang_timeout is not None and side is not None and decision is not None
+            and decision.mechanism == "subprocess-preexec_fn"):
+        try:
+            side.announce_pending(Lazy.ForkEvent(
+                os.getppid(), os.getpid(), decision.time, decision.mechanism, decision.site,
+                decision.action, decision.report))
+        except Exception:  # never harm the child
+            return
+
+
+_Local.after_fork_child = staticmethod(_after_fork_child)
+
+#: Consumes an iterator in C, keeping nothing.
+_SINK: deque[object] = deque(maxlen=0)
+_CALL = methodcaller("__call__")
+#: id(spare) -> (spare, the calls its child runs); see child_calls.
+_calls_cache: dict[int, tuple[Any, Callable[[], object]]] = {}
+
+
+def child_calls(spare: CrashFile, child: ChildSide) -> Callable[[], object]:
+    """What the child of ``os.fork``'s wrapper runs instead of ``_after_fork_child``,
+    when the parent opened a memory file for it: the same work, as C calls.
+
+    That child, the commonest of all, then runs no Python before it returns
+    from ``os.fork``: ``_after_fork_child`` and the Python it calls wrote ~20
+    pages in every child (each copied: a Python call writes its function and
+    code objects, and each object it touches), ~70 us per fork of a 100 MB
+    process. The calls arm the child (``forksafe._child.memory_armer``): they
+    are ``functools.partial`` objects, run in order by a ``map`` that a
+    zero-length ``deque`` consumes. The map is used up in each child's copy
+    of memory only, never in the parent, so one serves every child forked
+    with this spare (kept in ``_calls_cache``). The at-fork hook finds them
+    per thread (``_local``), so a fork in another thread runs its own; the
+    wrapper sets them right before the fork and puts ``_after_fork_child``
+    back right after, and a fork in a child that no wrapper saw puts it back
+    in ``_before_fork`` (in the child, the used-up map does nothing). When
+    arming cannot be done this way (``memory_armer`` says None), the calls
+    are just ``_after_fork_child``.
+    """
+    armer = child.memory_armer(spare)
+    calls: Callable[[], object] = _after_fork_child
+    if armer is not None:
+        calls = partial(_SINK.extend, map(_CALL, armer))
+    if len(_calls_cache) >= 64:  # spares are few: at most MAX_FREE + MAX_HELD at once
+        _calls_cache.clear()
+    _calls_cache[id(spare)] = (spare, calls)
+    return calls
