@@ -133,3 +133,19 @@ def test_explain_missing_file(project: pathlib.Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip() == REPORT_UNREADABLE.format(
         path="missing.json", error="No such file or directory")
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["run", "--policy", "loud", "--", "true"],
+     "--policy='loud': expected one of: log, warn, raise"),
+    (["run", "--hang-timeout", "inf", "--", "true"], "--hang-timeout='inf' is not a finite"),
+    (["run", "--hang-timeout", "-1", "--", "true"], "--hang-timeout='-1' is not a finite"),
+    (["check", "--fail-on", "info"], "--fail-on='info': expected one of: warning, error"),
+])
+def test_bad_option_values_are_named_as_written(project: pathlib.Path, args: list[str],
+                                                named: str) -> None:
+    """Option values go through the one validation path (forksafe._config): the error
+    names the option as the user wrote it, and what it accepts."""
+    proc = forksafe(*args, cwd=project)
+    assert proc.returncode == 2
+    assert named in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

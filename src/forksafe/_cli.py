@@ -13,8 +13,9 @@ import json
 import os
 import sys
 import traceback
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
+from forksafe import _config
 from forksafe._errors import UsageError
 from forksafe._report import SCHEMA, Report, Severity
 
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--import", dest="imports", action="append", default=[],
                        metavar="MODULE", help="import MODULE first (repeatable, in order)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
-    check.add_argument("--fail-on", choices=["warning", "error"], default="error",
+    check.add_argument("--fail-on", type=_option("fail_on"), default="error",
+                       metavar="{warning,error}",
                        help="exit 1 when a hazard reaches this level (default: error)")
     check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks for errors")
@@ -67,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
             "optionally write the JSON report. The exit status is COMMAND's own."
         ),
     )
-    run.add_argument("--policy", choices=["log", "warn", "raise"], default="warn",
+    run.add_argument("--policy", type=_option("policy"), default="warn",
+                     metavar="{log,warn,raise}",
                      help="what the guard does at a hazardous fork (default: warn)")
     run.add_argument("--report", metavar="FILE", help="write the JSON report to FILE")
-    run.add_argument("--hang-timeout", type=_seconds, metavar="SECONDS", default=None,
+    run.add_argument("--hang-timeout", type=_option("hang_timeout"), metavar="SECONDS",
+                     default=None,
                      help="report a forked child that makes no progress for this long")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                      help="show tracebacks for errors")
@@ -102,15 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _seconds(text: str) -> float:
-    """An argparse type: a positive number of seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
-    return value
+def _option(field: str) -> Callable[[str], Any]:
+    """An argparse type for a guard setting, validated by ``forksafe._config`` (the one
+    validation path of ``install()``, the environment and these options)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return _config.validate(field, text, _config.OPTIONS)
+        except _config.ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = field  # argparse names the type in some messages
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

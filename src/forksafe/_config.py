@@ -51,7 +51,7 @@ FAIL_ON = ("warning", "error")
 LEVELS = {"warning": 20, "error": 30}
 
 BAD_CHOICE = "{name}={value!r}: expected one of: {choices}"
-BAD_SECONDS = "{name}={value!r} is not a positive number of seconds"
+BAD_SECONDS = "{name}={value!r} is not a finite positive number of seconds"
 IGNORED = "forksafe: ignoring {problem}; {consequence}"
 #: What the environment hook does instead of a bad value.
 CONSEQUENCES = {
@@ -118,6 +118,13 @@ class Config:
     def __repr__(self) -> str:
         return (f"Config(policy={self.policy!r}, fail_on={self.fail_on!r}, "
                 f"hang_timeout={self.hang_timeout!r}, report={self.report!r})")
+
+
+def validate(field: str, value: object, source: Source) -> object:
+    """One setting (``policy``, ``fail_on``, ``hang_timeout``, ``report``) checked as
+    ``Config.make`` checks it: its value (``fail_on`` as its name), or ``ConfigError``."""
+    return {"policy": _policy, "fail_on": _fail_on, "hang_timeout": _hang_timeout,
+            "report": _report}[field](value, source)
 
 
 def _policy(value: object, source: Source) -> str:
