@@ -241,6 +241,29 @@ def test_closed_sqlite_connection_is_not_a_hazard(tmp_path: pathlib.Path) -> Non
     assert s.hazards == []
 
 
+@pytest.mark.parametrize(("database", "uri"), [
+    (":memory:", False), ("", False), ("file::memory:", True),
+    ("file:memorydb_default?mode=memory&cache=shared", True),  # Django's test database
+])
+def test_in_memory_sqlite_is_info(tmp_path: pathlib.Path, database: str, uri: bool) -> None:
+    """An in-memory (or private temporary) database is each process's own after a fork:
+    nothing shared, nothing to corrupt; its twin on disk stays a warning."""
+    s = run_scenario(f"""
+        import forksafe
+        forksafe.observe()
+        import sqlite3
+        memory = sqlite3.connect({database!r}, uri={uri!r})  # MEMORY
+        disk = sqlite3.connect(database="app.db")
+        emit()
+    """, tmp_path)
+    kinds = sorted((h["severity"], h["evidence"].get("in_memory", False))
+                   for h in s.of_kind("sqlite-connection"))
+    assert kinds == [("info", True), ("warning", False)]
+    [memory] = [h for h in s.of_kind("sqlite-connection") if h["severity"] == "info"]
+    assert "in-memory" in memory["summary"] and f"scenario.py:{s.line_of('MEMORY')}" in \
+        memory["summary"]
+
+
 def test_sqlite_connection_opened_unobserved_is_still_found(tmp_path: pathlib.Path) -> None:
     """Without observation the connection is still found, its origin marked unknown."""
     s = run_scenario("""

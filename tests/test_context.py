@@ -16,6 +16,7 @@ from forksafe._remedies.context import (
     CHOSE_NO_FORK,
     CHOSE_OTHER,
     UNKNOWN_METHOD,
+    context_with,
     get_context,
 )
 
@@ -27,7 +28,7 @@ LINUX = ["fork", "spawn", "forkserver"]
 def test_clean_check_gives_fork_and_logs_why(caplog: pytest.LogCaptureFixture) -> None:
     """Nothing at warning level (info only) means fork, with the reason at debug level."""
     with caplog.at_level(logging.DEBUG, logger="forksafe"):
-        ctx = get_context(_check=lambda: Report(hazards=(INFO,)), _methods=lambda: LINUX)
+        ctx = context_with(check=lambda: Report(hazards=(INFO,)), methods=lambda: LINUX)
     assert ctx.get_start_method() == "fork"
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.DEBUG, CHOSE_FORK)]
 
@@ -35,7 +36,7 @@ def test_clean_check_gives_fork_and_logs_why(caplog: pytest.LogCaptureFixture) -
 def test_warning_gives_forkserver_and_names_the_hazard(caplog: pytest.LogCaptureFixture) -> None:
     """A warning-level hazard means forkserver, and the log says which hazard."""
     with caplog.at_level(logging.DEBUG, logger="forksafe"):
-        ctx = get_context(_check=lambda: Report(hazards=(WARNING,)), _methods=lambda: LINUX)
+        ctx = context_with(check=lambda: Report(hazards=(WARNING,)), methods=lambda: LINUX)
     assert ctx.get_start_method() == "forkserver"
     assert [r.levelno for r in caplog.records] == [logging.DEBUG]
     assert caplog.records[0].getMessage() == CHOSE_OTHER.format(
@@ -44,8 +45,8 @@ def test_warning_gives_forkserver_and_names_the_hazard(caplog: pytest.LogCapture
 
 def test_without_forkserver_spawn_is_chosen() -> None:
     """Where forkserver does not exist (as on Windows-like platforms), spawn is next."""
-    ctx = get_context(_check=lambda: Report(hazards=(WARNING,)),
-                      _methods=lambda: ["fork", "spawn"])
+    ctx = context_with(check=lambda: Report(hazards=(WARNING,)),
+                      methods=lambda: ["fork", "spawn"])
     assert ctx.get_start_method() == "spawn"
 
 
@@ -55,7 +56,7 @@ def test_without_fork_the_check_is_not_even_run(caplog: pytest.LogCaptureFixture
         raise AssertionError("the check ran")
 
     with caplog.at_level(logging.DEBUG, logger="forksafe"):
-        ctx = get_context(_check=check, _methods=lambda: ["spawn"])
+        ctx = context_with(check=check, methods=lambda: ["spawn"])
     assert ctx.get_start_method() == "spawn"
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.DEBUG, CHOSE_NO_FORK.format(method="spawn"))]
@@ -67,7 +68,7 @@ def test_a_failing_check_means_the_safe_method(caplog: pytest.LogCaptureFixture)
         raise RuntimeError("probe exploded")
 
     with caplog.at_level(logging.DEBUG, logger="forksafe"):
-        ctx = get_context(_check=check, _methods=lambda: LINUX)
+        ctx = context_with(check=check, methods=lambda: LINUX)
     assert ctx.get_start_method() == "forkserver"
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.DEBUG, CHOSE_AFTER_ERROR.format(method="forkserver",
@@ -79,7 +80,7 @@ def test_given_method_is_honoured_even_when_unsafe() -> None:
     def check() -> Report:
         raise AssertionError("the check ran")
 
-    assert get_context("fork", _check=check, _methods=lambda: LINUX).get_start_method() == "fork"
+    assert context_with("fork", check=check, methods=lambda: LINUX).get_start_method() == "fork"
     assert get_context("spawn").get_start_method() == "spawn"
 
 
@@ -87,7 +88,7 @@ def test_given_method_is_honoured_even_when_unsafe() -> None:
 def test_unknown_method_is_one_clear_error(method: object) -> None:
     """A method the platform lacks is a ValueError naming the valid ones."""
     with pytest.raises(ValueError) as info:
-        get_context(method, _methods=lambda: LINUX)  # type: ignore[arg-type]
+        context_with(method, methods=lambda: LINUX)  # type: ignore[arg-type]
     assert str(info.value) == UNKNOWN_METHOD.format(
         method=method, methods="'fork', 'spawn', 'forkserver'")
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import MARK, run_scenario
-from forksafe import _config, _forkpath, _guard, _record
+from forksafe import _config, _forkpath, _guard, _reaping, _record
 
 # Shared by every scenario: record warnings, and print the guard's view as JSON.
 PRELUDE = f"""
@@ -784,7 +784,7 @@ def test_bad_arguments_are_one_clear_error() -> None:
         _config.Config.make("loud", "error", None, None)
     with pytest.raises(ValueError, match="expected one of: warning, error"):
         _config.Config.make("warn", "info", None, None)
-    with pytest.raises(ValueError, match="not a positive number"):
+    with pytest.raises(ValueError, match="not a finite positive number"):
         _config.Config.make("warn", "error", -1.0, None)
     assert _guard.installed() is None  # nothing was installed in the test runner
 
@@ -1007,14 +1007,14 @@ def test_waitid_answers_become_the_wait_status_they_stand_for() -> None:
     import os
     import signal
 
-    exited = _forkpath.wait_status(os.CLD_EXITED, 3)
-    killed = _forkpath.wait_status(os.CLD_KILLED, signal.SIGSEGV)
-    dumped = _forkpath.wait_status(os.CLD_DUMPED, signal.SIGABRT)
+    exited = _reaping.wait_status(os.CLD_EXITED, 3)
+    killed = _reaping.wait_status(os.CLD_KILLED, signal.SIGSEGV)
+    dumped = _reaping.wait_status(os.CLD_DUMPED, signal.SIGABRT)
     assert exited is not None and os.WIFEXITED(exited) and os.WEXITSTATUS(exited) == 3
     assert killed is not None and os.WIFSIGNALED(killed)
     assert os.WTERMSIG(killed) == signal.SIGSEGV and not os.WCOREDUMP(killed)
     assert dumped is not None and os.WTERMSIG(dumped) == signal.SIGABRT and os.WCOREDUMP(dumped)
-    assert _forkpath.wait_status(os.CLD_STOPPED, signal.SIGSTOP) is None
+    assert _reaping.wait_status(os.CLD_STOPPED, signal.SIGSTOP) is None
 
 
 def test_outcomes_reach_the_history_and_survive_the_child_map_bound(

@@ -181,7 +181,7 @@ def test_detached_connection_is_not_reported_again_in_the_child(
     s = run_scenario("""
         import os, sqlite3, json, forksafe
         forksafe.protect_sqlite()
-        conn = sqlite3.connect(":memory:")
+        conn = sqlite3.connect("protected1.db")
         before = len(forksafe.check().at_least(forksafe.Severity.WARNING))
         r, w = os.pipe()
         pid = os.fork()
@@ -244,8 +244,8 @@ def test_factories_are_kept_and_protected(tmp_path: pathlib.Path) -> None:
         class MyCursor(sqlite3.Cursor):
             mine = True
         forksafe.protect_sqlite()
-        conn = sqlite3.connect(":memory:", factory=MyConnection)
-        positional = sqlite3.connect(":memory:", 5.0, 0, "", True, MyConnection)
+        conn = sqlite3.connect("protected2.db", factory=MyConnection)
+        positional = sqlite3.connect("protected3.db", 5.0, 0, "", True, MyConnection)
         cur = conn.cursor(factory=MyCursor)
         pid = os.fork()
         if pid == 0:
@@ -277,7 +277,7 @@ def test_protect_and_observe_compose_in_either_order(tmp_path: pathlib.Path) -> 
         original = sqlite3.connect.__wrapped__
         alive = []  # the ledger keys origins by id(): keep ids from being reused
         def state():
-            conn = sqlite3.connect(":memory:")
+            conn = sqlite3.connect("protected4.db")
             alive.append(conn)
             return [hasattr(type(conn), "_forksafe_protected"),
                     _ledger.connection_origin(conn) is not None]
@@ -338,7 +338,7 @@ TRANSPARENCY = """
     class Rows(sqlite3.Cursor):
         pass
 
-    mine = sqlite3.connect(":memory:", factory=Logging)
+    mine = sqlite3.connect("protected5.db", factory=Logging)
     seen["override"] = [mine.execute("select 1").fetchone()[0], log,
                         type(mine.cursor()).__name__, mine.double(4), mine.kind(),
                         mine.helper("abc"), isinstance(mine, Logging)]
@@ -347,12 +347,12 @@ TRANSPARENCY = """
     class Patched(sqlite3.Connection):
         pass
 
-    patched = sqlite3.connect(":memory:", factory=Patched)
+    patched = sqlite3.connect("protected6.db", factory=Patched)
     with mock.patch.object(Patched, "commit", return_value="mocked") as commit, \
             mock.patch.object(Patched, "execute", return_value="mocked too"):
         seen["mock"] = [patched.commit(), patched.execute("select 1"), commit.call_count]
     seen["mock"].append(patched.execute("select 2").fetchone()[0])  # unpatched again
-    conn = sqlite3.connect(":memory:")
+    conn = sqlite3.connect("protected7.db")
     seen["repr"] = [repr(conn).split(" at ")[0], repr(conn.cursor()).split(" at ")[0],
                     isinstance(conn, sqlite3.Connection), type(conn).__name__]
     with conn:
@@ -369,7 +369,7 @@ TRANSPARENCY = """
     seen["row"] = [row["b"], list(row.keys()), conn.execute("select count(*) from t").fetchone()[0]]
     conn.row_factory = None
     seen["dump"] = list(conn.iterdump())
-    target = sqlite3.connect(":memory:")
+    target = sqlite3.connect("protected8.db")
     conn.backup(target)
     seen["backup"] = target.execute("select a from t order by a").fetchall()
     conn.create_function("twice", 1, lambda v: 2 * v)
@@ -381,11 +381,11 @@ TRANSPARENCY = """
     worker.start(); worker.join()
     seen["uri-thread"] = out
     try:
-        sqlite3.connect(":memory:").cursor().execute("select 1").connection.cursor().execute(
+        sqlite3.connect("protected9.db").cursor().execute("select 1").connection.cursor().execute(
             "no such statement")
     except sqlite3.OperationalError as exc:
         seen["error"] = str(exc)
-    guarded = sqlite3.connect(":memory:")
+    guarded = sqlite3.connect("protected10.db")
     guarded.execute("create table d(x, secret)")
     guarded.execute("insert into d values (1, 'hidden')")
     def policy(action, arg1, arg2, database, trigger):
@@ -407,7 +407,7 @@ TRANSPARENCY = """
     except sqlite3.DatabaseError as exc:
         seen["authorizer"].append(str(exc))
     if sys.version_info >= (3, 12):
-        auto = sqlite3.connect(":memory:", autocommit=False)
+        auto = sqlite3.connect("protected11.db", autocommit=False)
         seen["autocommit"] = [auto.autocommit, auto.in_transaction]
         auto.autocommit = True
         seen["autocommit"].append(auto.in_transaction)
@@ -424,8 +424,11 @@ def test_protection_changes_nothing_for_a_program_that_does_not_fork(
     tmp_path: pathlib.Path,
 ) -> None:
     """Factories with overrides, static methods, rows, dumps, backup, uri: as unprotected."""
-    plain = run_scenario(TRANSPARENCY.format(protect=False), tmp_path, timeout=30)
-    protected = run_scenario(TRANSPARENCY.format(protect=True), tmp_path, timeout=30)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "protected").mkdir()  # each its own database files
+    plain = run_scenario(TRANSPARENCY.format(protect=False), tmp_path / "plain", timeout=30)
+    protected = run_scenario(TRANSPARENCY.format(protect=True), tmp_path / "protected",
+                             timeout=30)
     assert plain.returncode == 0, plain.stderr
     assert protected.returncode == 0, protected.stderr
     assert protected.result["seen"] == plain.result["seen"]
@@ -522,7 +525,7 @@ def test_memory_stays_flat_over_many_protected_connections(tmp_path: pathlib.Pat
 
         def churn(n):
             for i in range(n):
-                conn = sqlite3.connect(":memory:")
+                conn = sqlite3.connect("protected12.db")
                 conn.execute("select ?", (i,)).fetchone()
                 with conn:
                     conn.cursor().execute("select 1").fetchall()
@@ -546,7 +549,7 @@ def test_sqlite3_taken_out_of_sys_modules_still_connects(tmp_path: pathlib.Path)
         forksafe.protect_sqlite()
         connect = sqlite3.connect
         del sys.modules["sqlite3"]
-        emit(answer=connect(":memory:").execute("select 42").fetchone()[0])
+        emit(answer=connect("protected13.db").execute("select 42").fetchone()[0])
     """, tmp_path, timeout=30)
     assert s.result["answer"] == 42
 
@@ -562,8 +565,8 @@ def test_factory_that_refuses_subclasses_connects_unprotected(tmp_path: pathlib.
             def __init_subclass__(cls, **kwargs):
                 raise TypeError("SealedCursor cannot be subclassed")
         forksafe.protect_sqlite()
-        conn = sqlite3.connect(":memory:", factory=Sealed)
-        cur = sqlite3.connect(":memory:").cursor(SealedCursor)
+        conn = sqlite3.connect("protected14.db", factory=Sealed)
+        cur = sqlite3.connect("protected15.db").cursor(SealedCursor)
         emit(kind=type(conn).__name__, answer=conn.execute("select 5").fetchone()[0],
              cursor=type(cur).__name__, fetched=cur.execute("select 6").fetchone()[0])
     """, tmp_path, timeout=30)
@@ -580,7 +583,7 @@ def test_a_factory_class_per_connection_does_not_grow_memory(tmp_path: pathlib.P
         for i in range(300):
             kind = type("PerConnection%d" % i, (sqlite3.Connection,), {})
             cursor = type("PerCursor%d" % i, (sqlite3.Cursor,), {})
-            conn = sqlite3.connect(":memory:", factory=kind)
+            conn = sqlite3.connect("protected16.db", factory=kind)
             conn.cursor(cursor).execute("select 1")
             conn.close()
             del conn, kind, cursor
@@ -659,3 +662,40 @@ def test_child_of_a_hookless_fork_can_open_its_own_connections(tmp_path: pathlib
     """, tmp_path, timeout=30)
     assert s.result["child"] == {"own": "works", "inherited": "refused"}
     assert s.result["rows"] == 1
+
+
+def test_in_memory_databases_are_usable_in_the_child(tmp_path: pathlib.Path) -> None:
+    """Protection leaves in-memory databases alone: after the fork each process has its
+    own copy (Django's parallel test workers use the parent's in-memory test database);
+    a file database opened alongside is still refused."""
+    s = run_scenario("""
+        import os, sqlite3, json, forksafe
+        forksafe.protect_sqlite()
+        memory = sqlite3.connect(":memory:")
+        shared = sqlite3.connect("file:memorydb_default?mode=memory&cache=shared", uri=True)
+        disk = sqlite3.connect("disk.db")
+        for conn in (memory, shared, disk):
+            conn.execute("create table t(x)")
+            conn.execute("insert into t values (1)")
+            conn.commit()
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            out = {}
+            for name, conn in (("memory", memory), ("shared", shared), ("disk", disk)):
+                try:
+                    conn.execute("insert into t values (2)")
+                    out[name] = conn.execute("select count(*) from t").fetchone()[0]
+                except forksafe.ForkSafetyError:
+                    out[name] = "refused"
+            os.write(w, json.dumps(out).encode())
+            os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as f:
+            child = json.loads(f.read())
+        os.waitpid(pid, 0)
+        emit(child=child, parent=memory.execute("select count(*) from t").fetchone()[0])
+    """, tmp_path, timeout=30)
+    assert s.result["child"] == {"memory": 2, "shared": 2, "disk": "refused"}
+    assert s.result["parent"] == 1, "the child's copy is its own"
+

@@ -17,6 +17,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from forksafe._accept import accept
     from forksafe._check import check
     from forksafe._doctor import doctor
     from forksafe._guard import guard, install, uninstall
@@ -35,6 +36,7 @@ __all__ = [
     "Report",
     "Severity",
     "Site",
+    "accept",
     "check",
     "doctor",
     "get_context",
@@ -61,6 +63,7 @@ _LAZY = {
     "Report": "forksafe._report",
     "Severity": "forksafe._report",
     "Site": "forksafe._report",
+    "accept": "forksafe._accept",
     "check": "forksafe._check",
     "doctor": "forksafe._doctor",
     "get_context": "forksafe._remedies.context",

@@ -61,7 +61,9 @@ class Runtime:
         return self._thread_re is not None and self._thread_re.match(name) is not None
 
 
-_ANY_START = (
+#: The catalog's fix where a start method is the user's choice (``forksafe._grade``
+#: puts what fits in its place for other forks).
+ANY_START = (
     "use a start method that does not fork: forksafe.get_context() picks 'forkserver' "
     "or 'spawn' when forking is unsafe"
 )
@@ -77,7 +79,7 @@ RUNTIMES: tuple[Runtime, ...] = (
             "child's first parallel region waits for them forever"
         ),
         remedy=(
-            f"{_ANY_START}; or fork before the first parallel region; or set "
+            f"{ANY_START}; or fork before the first parallel region; or set "
             "OMP_NUM_THREADS=1 in the parent so that no pool is started"
         ),
     ),
@@ -91,7 +93,7 @@ RUNTIMES: tuple[Runtime, ...] = (
             "but a fork during a parallel region, or with locks held by its workers, can "
             "still deadlock the child"
         ),
-        remedy=f"fork only outside parallel regions, or {_ANY_START}",
+        remedy=f"fork only outside parallel regions, or {ANY_START}",
     ),
     Runtime(
         key="intel-openmp",
@@ -102,7 +104,7 @@ RUNTIMES: tuple[Runtime, ...] = (
             "libiomp5 re-initialises itself in the child through a pthread_atfork "
             "handler, but a fork during a parallel region can still deadlock the child"
         ),
-        remedy=f"fork only outside parallel regions, or {_ANY_START}",
+        remedy=f"fork only outside parallel regions, or {ANY_START}",
     ),
     Runtime(
         key="openblas",
@@ -132,7 +134,7 @@ RUNTIMES: tuple[Runtime, ...] = (
         libraries=r"/libtbb[^/]*$",
         active=Severity.WARNING,
         why="oneTBB's worker threads do not exist in the child and it has no fork handler",
-        remedy=f"{_ANY_START}; or fork before TBB starts its workers",
+        remedy=f"{ANY_START}; or fork before TBB starts its workers",
     ),
     Runtime(
         key="grpc",
@@ -146,7 +148,7 @@ RUNTIMES: tuple[Runtime, ...] = (
             "(SIGSEGV) or hangs on its first RPC"
         ),
         remedy=(
-            f"{_ANY_START}; or create channels and servers only after forking; or set "
+            f"{ANY_START}; or create channels and servers only after forking; or set "
             "GRPC_ENABLE_FORK_SUPPORT=1 (and GRPC_POLL_STRATEGY=poll) before importing grpc"
         ),
     ),
@@ -161,7 +163,7 @@ RUNTIMES: tuple[Runtime, ...] = (
             "'initialization error' or hangs"
         ),
         remedy=(
-            f"{_ANY_START} (PyTorch: torch.multiprocessing.set_start_method('spawn')); "
+            f"{ANY_START} (PyTorch: torch.multiprocessing.set_start_method('spawn')); "
             "or initialise CUDA only in the children"
         ),
     ),
@@ -170,7 +172,7 @@ RUNTIMES: tuple[Runtime, ...] = (
         name="AMD ROCm HIP runtime",
         libraries=r"/libamdhip64\.so[^/]*$",
         why="like CUDA, an initialised HIP runtime cannot be used in a forked child",
-        remedy=f"{_ANY_START}; or initialise the GPU only in the children",
+        remedy=f"{ANY_START}; or initialise the GPU only in the children",
     ),
     Runtime(
         key="mpi",
@@ -181,7 +183,7 @@ RUNTIMES: tuple[Runtime, ...] = (
             "MPI implementations do not support fork after MPI_Init: the child shares the "
             "parent's network endpoints and registered memory (Open MPI warns about it)"
         ),
-        remedy=f"{_ANY_START}; or fork before initialising MPI",
+        remedy=f"{ANY_START}; or fork before initialising MPI",
     ),
     Runtime(
         key="jvm",
@@ -196,7 +198,7 @@ RUNTIMES: tuple[Runtime, ...] = (
             "a running JVM has garbage-collector, compiler and VM threads that vanish in "
             "the child; the child's JVM deadlocks or crashes at its next safepoint"
         ),
-        remedy=f"{_ANY_START}; or start the JVM (jpype, pyjnius) only in the children",
+        remedy=f"{ANY_START}; or start the JVM (jpype, pyjnius) only in the children",
     ),
     Runtime(
         key="libdispatch",
@@ -214,7 +216,7 @@ RUNTIMES: tuple[Runtime, ...] = (
             "Apple documents that no GCD call is safe after fork until exec"
         ),
         remedy=(
-            f"{_ANY_START}; or make the call that used GCD (system proxy lookup, system "
+            f"{ANY_START}; or make the call that used GCD (system proxy lookup, system "
             "SQLite, Objective-C frameworks) only in the children or in a helper process"
         ),
     ),
@@ -230,7 +232,7 @@ RUNTIMES: tuple[Runtime, ...] = (
             "CoreFoundation and Foundation run dispatch queues and threads once used; "
             "Apple documents them as unsafe to use in a forked child before exec"
         ),
-        remedy=f"{_ANY_START}; or use these frameworks only after forking",
+        remedy=f"{ANY_START}; or use these frameworks only after forking",
     ),
     Runtime(
         key="objc",
@@ -242,7 +244,7 @@ RUNTIMES: tuple[Runtime, ...] = (
             "child; the runtime aborts the child rather than deadlock "
             "(OBJC_DISABLE_INITIALIZE_FORK_SAFETY only turns the abort off)"
         ),
-        remedy=f"{_ANY_START}; setting OBJC_DISABLE_INITIALIZE_FORK_SAFETY=YES fixes nothing",
+        remedy=f"{ANY_START}; setting OBJC_DISABLE_INITIALIZE_FORK_SAFETY=YES fixes nothing",
     ),
     Runtime(
         key="apple-systemconfiguration",
@@ -257,7 +259,7 @@ RUNTIMES: tuple[Runtime, ...] = (
         ),
         remedy=(
             "look proxies up out of process with forksafe.getproxies() / "
-            f"forksafe.patch_urllib(), or {_ANY_START}"
+            f"forksafe.patch_urllib(), or {ANY_START}"
         ),
     ),
     Runtime(
@@ -271,7 +273,7 @@ RUNTIMES: tuple[Runtime, ...] = (
             "connection was opened, the first SQLite call in a forked child crashes it"
         ),
         remedy=(
-            f"{_ANY_START}; or use a Python that bundles its own SQLite (python.org, "
+            f"{ANY_START}; or use a Python that bundles its own SQLite (python.org, "
             "Homebrew, conda) or the pysqlite3-binary package"
         ),
     ),
@@ -284,3 +286,122 @@ def find(key: str) -> Runtime:
         if runtime.key == key:
             return runtime
     raise KeyError(f"no runtime {key!r}; known: {', '.join(r.key for r in RUNTIMES)}")
+
+
+@dataclass(frozen=True, eq=False)
+class KnownThread:
+    """A Python-level thread a library starts, recognised by the code it runs.
+
+    ``code`` lists (file name suffix, function) pairs; a thread with one of them
+    on its stack, or as its target, is this one. ``severity`` is what the thread
+    is at a fork (None: a warning, like any thread); ``why`` and ``remedy`` say
+    what it is and what to do, in place of the generic text.
+    """
+
+    key: str
+    name: str
+    code: tuple[tuple[str, str], ...]
+    why: str
+    remedy: str
+    severity: Severity | None = None
+    #: A pool's own thread: harmless to a fork the same pool makes to replace a
+    #: worker, which never uses it (``forksafe._grade``).
+    pool: str | None = None
+
+    def matches(self, frames: list[tuple[str, str]]) -> bool:
+        """``frames``: (file, function) of the thread's stack and of its target."""
+        return any(file.endswith(suffix) and function == name
+                   for file, function in frames for suffix, name in self.code)
+
+
+_MP_POOL = ("multiprocessing/pool.py", "multiprocessing.Pool")
+_BILLIARD_POOL = ("billiard/pool.py", "billiard.Pool")
+
+THREADS: tuple[KnownThread, ...] = (
+    KnownThread(
+        key="execnet-receiver",
+        name="execnet's channel reader (pytest-xdist)",
+        code=(("execnet/gateway_base.py", "_thread_receiver"),),
+        severity=Severity.INFO,
+        why=(
+            "execnet (which pytest-xdist runs its workers on) reads the controller's "
+            "messages in this thread; a forked child that does not itself talk over the "
+            "execnet channel never needs it"
+        ),
+        remedy=(
+            "nothing to do for a child that does not use the execnet channel; one that "
+            "reads the worker's input would wait forever, since this thread holds its "
+            "reader"
+        ),
+    ),
+    KnownThread(
+        key="thread-pool-worker",
+        name="a ThreadPoolExecutor worker",
+        code=(("concurrent/futures/thread.py", "_worker"),),
+        why=(
+            "in the child the executor still counts this worker as idle, so work submitted "
+            "there to the inherited executor is never run and its future never completes"
+        ),
+        remedy=(
+            "create a new executor in the child and never use this one there; shut it down "
+            "before forking if the parent is done with it, or fork before creating it"
+        ),
+    ),
+    KnownThread(
+        key="mp-queue-feeder",
+        name="a multiprocessing.Queue feeder",
+        code=(("multiprocessing/queues.py", "_feed"),),
+        why=(
+            "it sends what put() buffers; a child made by multiprocessing (its fork "
+            "context) resets the queue, but after a bare os.fork the child's copy believes "
+            "its feeder runs, so what it puts is never sent"
+        ),
+        remedy=(
+            "use the queue only from children that multiprocessing starts (Process with "
+            "the fork context); after a bare os.fork, create a new queue in the child"
+        ),
+    ),
+    KnownThread(
+        key="mp-pool-thread",
+        name="a multiprocessing.Pool handler thread",
+        code=(("multiprocessing/pool.py", "_handle_workers"),
+              ("multiprocessing/pool.py", "_handle_tasks"),
+              ("multiprocessing/pool.py", "_handle_results")),
+        why=(
+            "the pool's own bookkeeping thread; a worker that the pool forks to replace "
+            "another never uses it, any other child inherits the pool without it"
+        ),
+        remedy=(
+            "fork before creating the pool, or close and join it first; a pool's own "
+            "replacement workers need nothing"
+        ),
+        pool=_MP_POOL[1],
+    ),
+    KnownThread(
+        key="billiard-pool-thread",
+        name="a billiard (Celery) pool thread",
+        code=(("billiard/pool.py", "body"), ("billiard/pool.py", "run")),
+        why=(
+            "billiard's (Celery's prefork pool's) own supervisor, task, timeout and result "
+            "threads; a worker the pool forks to replace another never uses them"
+        ),
+        remedy=(
+            "nothing for the pool's own workers; create what a worker needs in Celery's "
+            "worker_process_init signal, not before the pool starts"
+        ),
+        pool=_BILLIARD_POOL[1],
+    ),
+)
+
+#: Frames that show a fork is a pool replacing a worker: (file suffix, function, pool).
+POOL_REFORKS = (
+    ("multiprocessing/pool.py", "_maintain_pool", _MP_POOL[1]),
+    ("billiard/pool.py", "_maintain_pool", _BILLIARD_POOL[1]),
+)
+#: A pool's modules: a thread waiting inside one of them is waiting for the pool.
+POOL_FILES = {_MP_POOL[1]: (_MP_POOL[0],), _BILLIARD_POOL[1]: (_BILLIARD_POOL[0],)}
+
+
+def known_thread(frames: list[tuple[str, str]]) -> KnownThread | None:
+    """The catalog's entry for a thread whose stack and target are ``frames``."""
+    return next((known for known in THREADS if known.matches(frames)), None)

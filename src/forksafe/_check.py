@@ -56,6 +56,15 @@ def check() -> Report:
     return _check(None, sys._current_frames, None, True, 4)
 
 
+def check_for(mechanism: str) -> Report:
+    """``check()`` for a fork made through ``mechanism`` (``"multiprocessing"``: what a
+    multiprocessing child would meet, for ``forksafe.get_context()``)."""
+    from forksafe._grade import ForkContext, grade
+
+    return grade(_check(None, sys._current_frames, None, True, 4, graded=False),
+                 ForkContext(mechanism))[0]
+
+
 def check_with(
     *,
     platform: Platform | None = None,
@@ -74,14 +83,21 @@ def _check(
     probes: list[tuple[str, Probe]] | None,
     reuse: bool,
     stacklevel: int,
+    *,
+    graded: bool = True,
 ) -> Report:
     if reuse and platform is None and probes is None:
         report = fork_check(current_frames, _stacklevel=stacklevel)
         if report is _last_report():
             # The same hazards, as a report of its own, made now.
-            return Report(hazards=report.hazards, thread=report.thread)
+            report = Report(hazards=report.hazards, thread=report.thread)
+    else:
+        report = _run_probes(platform or current(), current_frames, probes, None, stacklevel)
+    if not graded:
         return report
-    return _run_probes(platform or current(), current_frames, probes, None, stacklevel)
+    from forksafe._grade import GENERIC, grade
+
+    return grade(report, GENERIC)[0]
 
 
 def fork_check(

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--fail-on", type=_option("fail_on"), default="error",
                        metavar="{warning,error}",
                        help="exit 1 when a hazard reaches this level (default: error)")
+    check.add_argument("--accept", action="append", default=[], metavar="RULE",
+                       help="accept a hazard, with its reason: 'KIND[/FIELD=GLOB]...: REASON' "
+                            "(repeatable; [tool.forksafe] accept in pyproject.toml too)")
     check.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="show tracebacks for errors")
 
@@ -76,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hang-timeout", type=_option("hang_timeout"), metavar="SECONDS",
                      default=None,
                      help="report a forked child that makes no progress for this long")
+    run.add_argument("--accept", action="append", default=[], metavar="RULE",
+                     help="accept a hazard in the whole tree, with its reason (as for check)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                      help="show tracebacks for errors")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG]...",
@@ -156,9 +161,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    from forksafe import _accept
     from forksafe._check import check
     from forksafe._ledger import observe
 
+    try:
+        _accept.add(_accept.command_rules(args.accept))
+    except _accept.AcceptError as exc:
+        raise UsageError(f"forksafe: {exc}") from exc
     observe()  # so that threads and connections the imports create have origins
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would: the project's own modules

@@ -34,6 +34,8 @@ ENV_REPORT = "FORKSAFE_REPORT"
 ENV_HANG_TIMEOUT = "FORKSAFE_HANG_TIMEOUT"
 #: The level policy "raise" refuses at: "warning" or "error".
 ENV_FAIL_ON = "FORKSAFE_FAIL_ON"
+#: Accepted hazards, with their reasons (``forksafe._accept``'s text form, ``;``-separated).
+ENV_ACCEPT = "FORKSAFE_ACCEPT"
 #: Set by ``forksafe run``: the private directory where children leave crash files.
 ENV_STATE_DIR = "FORKSAFE_STATE_DIR"
 #: Set by ``forksafe run`` to its pid: it watches the whole tree for hangs itself, so
@@ -43,7 +45,7 @@ ENV_SUPERVISOR = "FORKSAFE_SUPERVISOR"
 ENV_HELPER_DETACH = "FORKSAFE_HELPER_DETACH"
 
 #: The variables a user sets, in the order the README lists them.
-USER_VARIABLES = (ENV_POLICY, ENV_REPORT, ENV_HANG_TIMEOUT, ENV_FAIL_ON)
+USER_VARIABLES = (ENV_POLICY, ENV_REPORT, ENV_HANG_TIMEOUT, ENV_FAIL_ON, ENV_ACCEPT)
 
 POLICIES = ("log", "warn", "raise")
 FAIL_ON = ("warning", "error")
@@ -209,9 +211,13 @@ def from_environment(environ: Mapping[str, str]) -> tuple[Config | None, list[st
 
 
 def tree_environment(base: Mapping[str, str], *, policy: str, hang_timeout: float | None,
-                     report: str, state_dir: str, supervisor: int) -> dict[str, str]:
-    """The environment of a ``forksafe run`` tree: ``base`` plus the guard's settings."""
+                     report: str, state_dir: str, supervisor: int,
+                     accept: str = "") -> dict[str, str]:
+    """The environment of a ``forksafe run`` tree: ``base`` plus the guard's settings
+    (``accept``: accept rules in their text form, added to those ``base`` has)."""
     env: MutableMapping[str, str] = dict(base)
+    if accept:
+        env[ENV_ACCEPT] = "; ".join(part for part in (env.get(ENV_ACCEPT, ""), accept) if part)
     env.update({
         ENV_POLICY: policy,
         ENV_REPORT: report,

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
         report: Report
         action: str
         time: float
+        #: (ident, native id) of threads whose owner stops them before every fork, to
+        #: confirm gone after the fork (``forksafe._grade``); None when there are none.
+        confirm: tuple[tuple[int, int], ...] | None
 else:
     class Decision(tuple):
         """The guard's verdict on one fork, taken before the fork.
@@ -47,10 +50,10 @@ else:
         """
 
         __slots__ = ()
-        mechanism, site, frame, report, action, time = (
-            property(itemgetter(i)) for i in range(6))
+        mechanism, site, frame, report, action, time, confirm = (
+            property(itemgetter(i)) for i in range(7))
 
-#: ``make(Decision, (mechanism, site, frame, report, action, time))``.
+#: ``make(Decision, (mechanism, site, frame, report, action, time, confirm))``.
 make = tuple.__new__
 
 #: Frames of these library files (suffix, function or None) name the mechanism;
@@ -85,6 +88,9 @@ class Lazy:
     is_library_file: Callable[[str], bool]
     library_files: dict[str, bool]
     time: Callable[[], float]
+    grade: Callable[..., tuple[Report, tuple[Any, ...]]]
+    context: Callable[..., Any]
+    site_of: Callable[[types.FrameType], Site]
     ForkEvent: type[ForkEvent]
     Report: type[Report]
     Site: type[Site]
@@ -143,13 +149,35 @@ def announce(decision: Decision, config: Config, *, refusable: bool) -> None:
         message = forks.fork_warning(
             decision.mechanism, decision.site, decision.report,
             unrefusable=not refusable and config.policy == "raise")
-        warn_at(message, decision.frame)
+        warn_at(message, decision.frame, decision.site)
 
 
-def warn_at(message: str, target: types.FrameType | None) -> None:
-    """``warnings.warn`` with the ``stacklevel`` that lands on ``target``."""
+def announce_late(decision: Decision, config: Config) -> None:
+    """Warn about a fork that happened already (a hazard confirmed only after it): the
+    warning is printed, never raised, even where the program made warnings errors —
+    raised after the fork, it would leave a child the program never learns about."""
+    from forksafe._render import forks
+
+    message = forks.fork_warning(decision.mechanism, decision.site, decision.report)
+    try:
+        warn_at(message, decision.frame, decision.site)
+    except ForkSafetyWarning:
+        from forksafe._errors import write_stderr
+
+        write_stderr(f"{message}\n(printed, not raised: the child exists already)")
+
+
+def warn_at(message: str, target: types.FrameType | None, site: Site | None = None) -> None:
+    """``warnings.warn`` with the ``stacklevel`` that lands on ``target``; at ``site``
+    instead when ``target`` is no code of the user's (a pool's own thread forking)."""
     import warnings
 
+    if site is not None and target is not None and \
+            Lazy.is_library_file(target.f_code.co_filename) and \
+            not Lazy.is_library_file(site.file):
+        module = os.path.splitext(os.path.basename(site.file))[0] or "forksafe"
+        warnings.warn_explicit(message, ForkSafetyWarning, site.file, site.line, module=module)
+        return
     level = 1
     frame: types.FrameType | None = sys._getframe(0)
     while frame is not None and frame is not target:
@@ -171,3 +199,57 @@ def preexec_hazards(report: Report, preexec_fn: Any) -> tuple[Hazard, ...]:
         PREEXEC_SUMMARY.format(name=name, count=len(threads)), PREEXEC_REMEDY,
         {"preexec_fn": name, "threads": [h.evidence.get("name") for h in threads]},
     ),)
+
+
+def site_of(user: types.FrameType) -> Site:
+    """The user's line that forked; for a fork with no user code on the stack at all (a
+    pool's own thread replacing a worker), where the forking thread was started."""
+    code = user.f_code
+    if Lazy.is_library_file(code.co_filename):
+        import threading
+
+        from forksafe import _frames, _ledger
+
+        raw = _ledger.thread_origin(threading.current_thread())
+        site = _frames.user_site(_ledger.sites(raw)) if raw else None
+        if site is not None and not Lazy.is_library_file(site.file):
+            return site
+    return Lazy.Site(code.co_filename, user.f_lineno, code.co_name)
+
+
+def confirmed(decision: Decision, cfg: Config | None) -> Decision:
+    """After the fork: the threads graded info because their owner's hook stops them
+    before every fork, confirmed gone. One still running was there at the fork after
+    all: the fork is judged again with it, and warned about (too late to refuse)."""
+    import threading
+
+    active = threading._active  # type: ignore[attr-defined]
+    alive = set()
+    for ident, native_id in decision.confirm or ():
+        thread = active.get(ident)
+        if thread is not None and thread.native_id == native_id and thread.is_alive():
+            alive.add((ident, native_id))
+    if not alive:
+        return decision
+    from forksafe._grade import unconfirmed
+
+    report = unconfirmed(decision.report, alive)
+    verdict = action(report, cfg, False) if cfg is not None else decision.action
+    late = make(Decision, (decision.mechanism, decision.site, decision.frame, report, verdict,
+                           decision.time, None))
+    if verdict == "warned" and cfg is not None:
+        announce_late(late, cfg)
+    return late
+
+
+def failed_check(exc: Exception) -> Report:
+    """The report of a fork whose check failed: one info hazard saying so."""
+    from forksafe._errors import report_failure
+    from forksafe._report import Hazard, Severity
+
+    report_failure("the fork-time check", exc)
+    error = f"{type(exc).__name__}: {exc}"
+    return Lazy.Report(hazards=(Hazard(
+        "probe-error", Severity.INFO, f"the fork-time check failed: {error}",
+        "the fork went on unchecked; please report the error", {"error": error},
+    ),))

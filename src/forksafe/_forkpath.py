@@ -43,7 +43,18 @@ from _thread import _local as thread_local
 from _thread import get_native_id
 
 from forksafe import _quiet, _record
-from forksafe._decide import Decision, Lazy, action, announce, locate, make, preexec_hazards
+from forksafe._decide import (
+    Decision,
+    Lazy,
+    action,
+    announce,
+    confirmed,
+    failed_check,
+    locate,
+    make,
+    preexec_hazards,
+    site_of,
+)
 from forksafe._errors import FAILED, ForkSafetyError, ForkSafetyWarning, report_failure, write_fd2
 from forksafe._record import State
 
@@ -55,13 +66,12 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import types
     from collections import deque
-    from typing import Any, Callable, Tuple
+    from typing import Any, Callable
 
     from forksafe._config import Config
     from forksafe._report import ForkEvent, Hazard, Outcome, Report
     from forksafe._seam import ChildSide, CrashFile, FollowerSide
 
-    WaitResult = Tuple[Any, ...]
 else:
     from _collections import deque  # the C deque, without importing `collections`
 
@@ -85,9 +95,10 @@ _hooks_registered = False
 # Whether a fork only the hooks saw ever happened here: until then, the hook after
 # every fork need not look at _local (one object less touched per fork).
 _hooks_judged = False
-# The last verdict judge() reached without ``extra`` hazards: (report, config,
-# refusable, user code, user line, site, action).
-_last: tuple[Report, Config, bool, types.CodeType, int, Any, str] | None = None
+# The last verdict judge() reached without ``extra`` hazards: (report checked,
+# config, refusable, user code, user line, site, action, mechanism, report graded,
+# threads to confirm gone).
+_last: tuple[Any, ...] | None = None
 
 
 def own_state(pid: int | None = None) -> State:
@@ -132,6 +143,8 @@ class _Local(thread_local):
 
 
 _local = _Local()
+#: The after_in_child hook: C, calling what this thread's fork chose (child_calls).
+_child_hook = partial(methodcaller("after_fork_child"), _local)
 
 
 # --- loading, at the first fork ----------------------------------------------------------
@@ -154,6 +167,12 @@ def load() -> None:
     Lazy.ForkEvent = ForkEvent
     Lazy.Report = Report
     Lazy.Site = Site
+    from forksafe import _accept, _grade
+
+    Lazy.grade = _grade.grade
+    Lazy.context = _grade.context
+    Lazy.site_of = site_of
+    _accept.on_change.append(forget_verdict)
     Lazy.loaded = True
     child: ChildSide | None = None
     outcome: FollowerSide | None = None
@@ -176,6 +195,10 @@ def load() -> None:
     set_followers(child, outcome)
     if sys.version_info >= (3, 12):
         _quiet.install_filter()
+    from forksafe import _forkaware
+
+    # The interpreter's lists of fork hooks are found through ours (see _forkaware).
+    _forkaware.GUARD_HOOKS = (_before_fork, _child_hook)
 
 
 def set_followers(child: ChildSide | None, outcome: FollowerSide | None) -> None:
@@ -249,32 +272,38 @@ def judge(
             code = user.f_code
             line = user.f_lineno
             if (last is not None and last[0] is report and last[1] is cfg
-                    and last[2] == refusable and last[3] is code and last[4] == line):
-                return make(Decision, (mechanism, last[5], user, report, last[6], stamp))
+                    and last[2] == refusable and last[3] is code and last[4] == line
+                    and last[7] is mechanism):
+                return make(Decision, (mechanism, last[5], user, last[8], last[6], stamp,
+                                       last[9]))
         else:
             more = extra(report)
             if more:
                 import dataclasses
 
                 report = dataclasses.replace(report, hazards=report.hazards + more)
+        raw = report
+        report, confirm = lazy.grade(report, lazy.context(mechanism, caller))
     except Exception as exc:  # the check must never stop a fork it was not asked to stop
-        report = _failed_check(exc)
+        raw = report = failed_check(exc)
+        confirm = ()
     verdict = action(report, cfg, refusable)
-    site = lazy.Site(user.f_code.co_filename, user.f_lineno, user.f_code.co_name)
+    site = lazy.site_of(user)
     if extra is None:
-        _last = (report, cfg, refusable, user.f_code, user.f_lineno, site, verdict)
-    return make(Decision, (mechanism, site, user, report, verdict, stamp))
+        _last = (raw, cfg, refusable, user.f_code, user.f_lineno, site, verdict, mechanism,
+                 report, confirm or None)
+    return make(Decision, (mechanism, site, user, report, verdict, stamp, confirm or None))
 
 
-def _failed_check(exc: Exception) -> Report:
-    from forksafe._report import Hazard, Severity
+def _confirmed(decision: Decision) -> Decision:
+    """After the fork: see ``forksafe._decide.confirmed``."""
+    return confirmed(decision, config)
 
-    report_failure("the fork-time check", exc)
-    error = f"{type(exc).__name__}: {exc}"
-    return Lazy.Report(hazards=(Hazard(
-        "probe-error", Severity.INFO, f"the fork-time check failed: {error}",
-        "the fork went on unchecked; please report the error", {"error": error},
-    ),))
+
+def forget_verdict() -> None:
+    """The last verdict may not hold any more (the accepted hazards changed)."""
+    global _last
+    _last = None
 
 
 def _announce(decision: Decision, *, refusable: bool) -> None:
@@ -294,6 +323,8 @@ def _forked(decision: Decision, pid: int | None, spare: CrashFile | None = None)
 
     ``spare`` is the crash file the parent opened for the child, to be named for it.
     """
+    if decision.confirm is not None:
+        decision = _confirmed(decision)
     if defer:
         own_state().queue.append((decision, pid, spare))
         return
@@ -372,6 +403,8 @@ def wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
             local.busy = 0
             local.spare = local.decision = None
             local.after_fork_child = _after_fork_child
+            if decision.confirm is not None:
+                decision = _confirmed(decision)
             if defer:
                 st = _st
                 (st if st.pid == me else own_state(me)).queue.append((decision, pid, spare))
@@ -463,65 +496,6 @@ def _run(fork: Callable[[], Any], decision: Decision) -> Any:
         _local.decision = None
 
 
-def wrap_wait(original: Callable[..., WaitResult]) -> Callable[..., WaitResult]:
-    """``os.waitpid``/``wait``/``wait3``/``wait4``: tell the record of a reaped child."""
-    exited = os.WIFEXITED
-    getpid = os.getpid
-
-    def wait(*args: Any, **kwargs: Any) -> WaitResult:
-        result = original(*args, **kwargs)
-        pid = result[0]
-        if pid > 0 and config is not None:
-            status = result[1]
-            if defer and exited(status):
-                # A child that exited has nothing urgent to say: queued with its
-                # fork, both recorded in one go.
-                st = _st  # own_state(), spelled out: a call less per child
-                queue = (st if st.pid == getpid() else own_state()).queue
-                queue.append((pid, status))
-                if len(queue) >= QUEUE_SIZE:
-                    flush_pending()
-            else:
-                st = own_state()
-                _record.flush(st, config)
-                _record.reap(st, pid, status)
-        return result
-
-    return wait
-
-
-def wrap_waitid(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``os.waitid`` reports a child as a ``waitid_result``, not a wait status."""
-
-    def waitid(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        if result is None or config is None:
-            return result
-        options = args[2] if len(args) > 2 else kwargs.get("options", 0)
-        pid = result.si_pid
-        if options & getattr(os, "WNOWAIT", 0):  # only a peek: the child is reaped later
-            return result
-        st = own_state()
-        _record.flush(st, config)
-        status = wait_status(result.si_code, result.si_status)
-        if status is not None:
-            _record.reap(st, pid, status)
-        return result
-
-    return waitid
-
-
-def wait_status(code: int, value: int) -> int | None:
-    """The ``wait()`` status that a ``waitid`` answer stands for (None: not an end)."""
-    if code == os.CLD_EXITED:
-        return (value & 0xFF) << 8
-    if code == os.CLD_KILLED:
-        return value & 0x7F
-    if code == os.CLD_DUMPED:
-        return (value & 0x7F) | 0x80
-    return None
-
-
 # --- the at-fork hooks ------------------------------------------------------------------------
 
 
@@ -532,7 +506,7 @@ def register_hooks() -> None:
         return
     # The child's hook is C: what it runs is chosen per thread (see child_calls).
     os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
-                        after_in_child=partial(methodcaller("after_fork_child"), _local))
+                        after_in_child=_child_hook)
     _hooks_registered = True
 
 

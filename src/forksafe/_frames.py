@@ -181,14 +181,15 @@ def _resolve(expr: str, frame: types.FrameType) -> tuple[object, bool]:
     else:
         return None, False
     for name in rest:
-        namespace = obj.__dict__ if isinstance(obj, types.ModuleType) else _instance_dict(obj)
+        namespace = obj.__dict__ if isinstance(obj, types.ModuleType) else instance_dict(obj)
         if namespace is None or name not in namespace:
             return None, False
         obj = namespace[name]
     return obj, True
 
 
-def _instance_dict(obj: object) -> dict[str, Any] | None:
+def instance_dict(obj: object) -> dict[str, Any] | None:
+    """``obj.__dict__`` read without ``getattr``: no property of the program runs."""
     try:
         namespace = object.__getattribute__(obj, "__dict__")
     except AttributeError:
@@ -200,14 +201,14 @@ def _is_locked(obj: object) -> bool | None:
     """Whether ``obj`` is a threading primitive that is currently held, if it is one."""
     kind = type(obj).__name__
     if kind == "Condition":
-        return _is_locked((_instance_dict(obj) or {}).get("_lock"))
+        return _is_locked((instance_dict(obj) or {}).get("_lock"))
     if kind in ("lock", "Lock"):
         return bool(obj.locked())  # type: ignore[attr-defined]
     if kind in ("RLock", "_RLock"):
         # Only the C RLock's repr tells its owner without acquiring it.
         return repr(obj).startswith("<locked")
     if kind in ("Semaphore", "BoundedSemaphore"):
-        namespace = _instance_dict(obj) or {}
+        namespace = instance_dict(obj) or {}
         value = namespace.get("_value")
         return None if not isinstance(value, int) else value == 0
     return None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from forksafe import _forkpath, _patching, _quiet, _record
+from forksafe import _forkpath, _patching, _quiet, _reaping, _record
 from forksafe._config import Config
 from forksafe._decide import Lazy
 from forksafe._forkpath import flush_pending, own_state
@@ -75,10 +75,11 @@ def uninstall() -> None:
     _quiet.remove_filter()
     if _owned.pop("sqlite", False):
         _unprotect_sqlite()
-    if _owned.pop("observe", False):
+    if _owned.pop("observe", False) or _owned.pop("connections", False):
         from forksafe._ledger import unobserve
 
         unobserve()
+    _owned.pop("connections", None)
     _record.set_sink(None)
 
 
@@ -156,6 +157,7 @@ def apply(config: Config) -> None:
         # Two wrappers wait for their module (forksafe._patching): neither is
         # imported here for a program that does not import it itself.
         _watcher = _patching.ImportWatcher({"threading": _start_observing,
+                                            "sqlite3": _observe_connections,
                                             "subprocess": _patch_subprocess})
         _watcher.start()
     if config.policy == "raise" and not _owned.get("sqlite"):
@@ -172,14 +174,24 @@ def _patch() -> None:
         _patching.replace("os.forkpty", _forkpath.wrap_forkpty)
     for name in _WAIT_FUNCTIONS:
         if hasattr(os, name):
-            _patching.replace(f"os.{name}", _forkpath.wrap_wait)
+            _patching.replace(f"os.{name}", _reaping.wrap_wait)
     if hasattr(os, "waitid"):
-        _patching.replace("os.waitid", _forkpath.wrap_waitid)
+        _patching.replace("os.waitid", _reaping.wrap_waitid)
 
 
 def _patch_subprocess(subprocess: types.ModuleType) -> None:
     if hasattr(subprocess.Popen, "_execute_child"):
         _patching.replace("subprocess.Popen._execute_child", _forkpath.wrap_execute_child)
+
+
+def _observe_connections(sqlite3: types.ModuleType) -> None:
+    """Record where connections open from the program's first ``import sqlite3`` on,
+    whether or not it imported ``threading`` first (thread origins wait for that)."""
+    from forksafe._ledger import observe_connections, observing
+
+    if not observing():
+        observe_connections()
+        _owned["connections"] = True
 
 
 def _start_observing(threading: types.ModuleType) -> None:

@@ -76,6 +76,14 @@ def activate(environ: Mapping[str, str] | None = None, *, stderr: TextIO | None 
             say(problem)
         if config is None:
             return False
+        accepted = env.get(_config.ENV_ACCEPT, "").strip()
+        if accepted:
+            from forksafe import _accept
+
+            try:
+                _accept.add(_accept.parse(accepted, _config.ENV_ACCEPT))
+            except _accept.AcceptError as exc:
+                say(f"forksafe: ignoring {_config.ENV_ACCEPT}: {exc}")
         if config.report is not None:
             from forksafe._sink import unusable
 

@@ -99,8 +99,10 @@ _ORIGIN_ATTR = "_forksafe_started_at"
 #: Where a connection was opened: the caller's code object and instruction offset
 #: (the common case, offset >= 0), or frames out to the user's code (offset -1);
 #: then, once a check has seen the connection alive, a weak reference that dies
-#: with it (None until then, and for good where none can be made).
-Entry = tuple[Any, int, Optional[Callable[[], object]]]
+#: with it (None until then, and for good where none can be made); and the
+#: ``database`` argument it was opened with (an in-memory database is private to
+#: each process after a fork, see ``forksafe._probes.sqlite``).
+Entry = tuple[Any, int, Optional[Callable[[], object]], object]
 
 _state: dict[str, Any] = {}
 #: id(connection) -> its entry.
@@ -145,6 +147,62 @@ def observe() -> None:
     start.__doc__ = original_start.__doc__
     _state.update(thread_start=original_start, thread_wrapper=start)
     threading.Thread.start = start  # type: ignore[method-assign]
+    _observe_raw_threads(state)
+    set_connect_layer("observe", _origin_layer)
+
+
+def _observe_raw_threads(state: dict[str, Any]) -> None:
+    """Record where threads started with ``_thread.start_new_thread`` start.
+
+    Such a thread has no ``threading.Thread`` object (execnet, which pytest-xdist
+    runs on, starts its channel reader so); it shows only in
+    ``sys._current_frames()``. The wrapper is looked up at call time by such
+    code; ``threading`` bound the original at its import and is not affected.
+    """
+    import _thread
+
+    original = _thread.start_new_thread
+    getframe = sys._getframe
+    raw = _raw_threads
+
+    def start_new_thread(function: Any, args: Any, *kwargs: Any) -> int:
+        ident: int = original(function, args, *kwargs)
+        if state.get("raw_wrapper") is start_new_thread:
+            name = getattr(function, "__qualname__", None) or type(function).__name__
+            module = getattr(function, "__module__", None)
+            raw[ident] = (raw_frames(getframe(1)), f"{module}.{name}" if module else name)
+            if len(raw) > MAX_RAW_THREADS:
+                _prune_raw_threads()
+        return ident
+
+    start_new_thread.__wrapped__ = original  # type: ignore[attr-defined]
+    start_new_thread.__doc__ = original.__doc__
+    state.update(raw_start=original, raw_wrapper=start_new_thread)
+    _thread.start_new_thread = start_new_thread
+
+
+#: ident -> (start site, target) of threads started with ``_thread.start_new_thread``.
+_raw_threads: dict[int, tuple[RawFrames, str]] = {}
+#: At most this many are remembered; the entries of threads that are gone go first.
+MAX_RAW_THREADS = 512
+
+
+def _prune_raw_threads() -> None:
+    alive = sys._current_frames()
+    for ident in [i for i in _raw_threads if i not in alive]:
+        _raw_threads.pop(ident, None)
+    while len(_raw_threads) > MAX_RAW_THREADS:  # all alive: the oldest go
+        _raw_threads.pop(next(iter(_raw_threads)), None)
+
+
+def raw_thread_origin(ident: int) -> tuple[RawFrames, str] | None:
+    """Where the ``_thread`` thread ``ident`` was started, and its function, if observed."""
+    return _raw_threads.get(ident)
+
+
+def observe_connections() -> None:
+    """Record where SQLite connections open (the connection half of ``observe()``, which
+    needs no ``threading``: for a program that imports ``sqlite3`` before it)."""
     set_connect_layer("observe", _origin_layer)
 
 
@@ -156,11 +214,16 @@ def unobserve() -> None:
     keeps its wrapper, and ours inside it stops recording.
     """
     if not _state:
+        set_connect_layer("observe", None)  # observe_connections() alone, perhaps
         return
     import threading
 
     if threading.Thread.__dict__.get("start") is _state["thread_wrapper"]:
         threading.Thread.start = _state["thread_start"]  # type: ignore[method-assign]
+    import _thread
+
+    if _thread.start_new_thread is _state.get("raw_wrapper"):
+        _thread.start_new_thread = _state["raw_start"]
     _state.clear()
     set_connect_layer("observe", None)
 
@@ -178,21 +241,56 @@ def connection_origin(connection: object) -> RawFrames | None:
     a liveness token is bound to this connection now, and an entry whose token
     died belongs to a freed connection that had this address before.
     """
-    key = id(connection)
-    entry = _connection_origins.get(key)
+    entry = _live_entry(connection)
     if entry is None:
         return None
-    where, offset, token = entry
-    if token is None:
-        token = _token_for(connection)
-        if token is not None:
-            _connection_origins[key] = (where, offset, token)
-    elif token() is None:
-        return None
+    where, offset = entry[0], entry[1]
     if offset < 0:
         frames: RawFrames = where
         return frames
     return ((where, _line_at(where, offset)),)
+
+
+def connection_database(connection: object) -> tuple[bool, object]:
+    """The ``database`` argument ``connection`` was opened with, and whether it is known
+    (False for a connection opened unobserved)."""
+    entry = _live_entry(connection)
+    return (False, None) if entry is None else (True, entry[3])
+
+
+def in_memory(database: object) -> bool:
+    """Whether ``sqlite3.connect``'s ``database`` argument names a private database: one
+    in memory (``:memory:``, a URI with ``mode=memory`` or ``file::memory:``), or the
+    private temporary one of ``""``. The same name as a file path is not one.
+    """
+    if isinstance(database, bytes):
+        database = database.decode("utf-8", "replace")
+    if not isinstance(database, str):
+        return False
+    if database in (":memory:", ""):
+        return True
+    if not database.startswith("file:"):
+        return False
+    path, _, query = database[len("file:"):].partition("?")
+    params = {key: value for key, _, value in (p.partition("=") for p in query.split("&"))}
+    return path == ":memory:" or params.get("mode") == "memory"
+
+
+def _live_entry(connection: object) -> Entry | None:
+    """``connection``'s entry, bound to a liveness token the first time it is seen."""
+    key = id(connection)
+    entry = _connection_origins.get(key)
+    if entry is None:
+        return None
+    token = entry[2]
+    if token is None:
+        token = _token_for(connection)
+        if token is not None:
+            entry = (entry[0], entry[1], token, entry[3])
+            _connection_origins[key] = entry
+    elif token() is None:
+        return None
+    return entry
 
 
 def recorded_connections() -> dict[int, Entry]:
@@ -423,10 +521,11 @@ def _origin_layer(original: Callable[..., Any]) -> Callable[..., Any]:
         connection = original(*args, **kwargs)
         frame = getframe(1)
         code = frame.f_code
+        database = args[0] if args else kwargs.get("database")
         if _known_files.get(code.co_filename) is False:  # the user's code, seen before
-            origins[id(connection)] = (code, frame.f_lasti, None)
+            origins[id(connection)] = (code, frame.f_lasti, None, database)
         else:
-            _record_slow(connection, frame)
+            _record_slow(connection, frame, database)
         if len(origins) > MAX_CONNECTIONS:
             _prune(origins)
         return connection
@@ -457,14 +556,14 @@ def _speedups_recorder(original: Callable[..., Any]) -> Callable[..., Any] | Non
     return recorder
 
 
-def _record_slow(connection: object, frame: types.FrameType) -> None:
+def _record_slow(connection: object, frame: types.FrameType, database: object) -> None:
     """A connection opened from a file not seen before, or from a library: a library's
     caller is not where the user opened it, so the frames above it are kept too."""
     code = frame.f_code
     if _is_library(code.co_filename):
-        _connection_origins[id(connection)] = (raw_frames(frame), -1, None)
+        _connection_origins[id(connection)] = (raw_frames(frame), -1, None, database)
     else:
-        _connection_origins[id(connection)] = (code, frame.f_lasti, None)
+        _connection_origins[id(connection)] = (code, frame.f_lasti, None, database)
 
 
 def _prune(origins: dict[int, Entry]) -> None:
@@ -477,7 +576,7 @@ def _prune(origins: dict[int, Entry]) -> None:
     quarters full, so the scan runs at most once per ``MAX_CONNECTIONS // 4``
     new connections.
     """
-    for key, (_, _, token) in list(origins.items()):
+    for key, (_, _, token, _) in list(origins.items()):
         if token is not None and token() is None:
             origins.pop(key, None)
     excess = len(origins) - MAX_CONNECTIONS // 2
@@ -493,8 +592,12 @@ class _SqliteImportHook(importlib.abc.MetaPathFinder):
     """Wraps ``sqlite3.connect`` right after the program imports ``sqlite3``.
 
     It answers ``None`` for every other module, so the import system's cost is
-    one string comparison per import.
+    one string comparison per import. While it asks the other finders it answers
+    ``None`` to itself: one of them may be a finder like it (the guard's) that asks
+    the others in turn.
     """
+
+    resolving = False
 
     def find_spec(
         self,
@@ -502,15 +605,20 @@ class _SqliteImportHook(importlib.abc.MetaPathFinder):
         path: Sequence[str] | None,
         target: types.ModuleType | None = None,
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname != "sqlite3":
+        if fullname != "sqlite3" or self.resolving:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec: importlib.machinery.ModuleSpec | None = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None:
-                spec.loader = _WrappingLoader(spec.loader)
-                return spec
+        self.resolving = True
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec: importlib.machinery.ModuleSpec | None = finder.find_spec(
+                    fullname, path, target)
+                if spec is not None and spec.loader is not None:
+                    spec.loader = _WrappingLoader(spec.loader)
+                    return spec
+        finally:
+            self.resolving = False
         return None
 
 

@@ -79,6 +79,9 @@ class ImportWatcher:
 
     def __init__(self, callbacks: dict[str, Callable[[types.ModuleType], None]]) -> None:
         self.callbacks = callbacks
+        # Names being looked up through the other finders: one of those may be a finder
+        # like this one (the ledger's for sqlite3) that asks the others in turn.
+        self._resolving: set[str] = set()
 
     def start(self) -> None:
         for name in list(self.callbacks):
@@ -93,15 +96,19 @@ class ImportWatcher:
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         callback = self.callbacks.get(fullname)
-        if callback is None:
+        if callback is None or fullname in self._resolving:
             return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None:
-                spec.loader = _CallbackLoader(spec.loader, self, fullname)  # type: ignore[assignment]
-                return spec
+        self._resolving.add(fullname)
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None and spec.loader is not None:
+                    spec.loader = _CallbackLoader(spec.loader, self, fullname)  # type: ignore[assignment]
+                    return spec
+        finally:
+            self._resolving.discard(fullname)
         return None
 
 
@@ -115,6 +122,13 @@ class _CallbackLoader:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: types.ModuleType) -> None:
+        # The module's own loader goes back first, so that nothing else changes:
+        # importlib.resources, reload() and pkgutil ask the loader.
+        if getattr(module, "__loader__", None) is self:
+            module.__loader__ = self._loader
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.loader is self:
+            spec.loader = self._loader
         self._loader.exec_module(module)
         callback = self._watcher.callbacks.pop(self._name, None)
         if not self._watcher.callbacks:

@@ -74,7 +74,13 @@ def cli(args: argparse.Namespace) -> int:
         raise UsageError(NO_COMMAND)
     if args.report:
         check_writable(args.report)
-    result = run(argv, policy=args.policy, hang_timeout=args.hang_timeout)
+    from forksafe import _accept
+
+    try:
+        rules = "; ".join(rule.text() for rule in _accept.command_rules(args.accept))
+    except _accept.AcceptError as exc:
+        raise UsageError(f"forksafe: {exc}") from exc
+    result = run(argv, policy=args.policy, hang_timeout=args.hang_timeout, accept=rules)
     sys.stderr.write(render_run(result.report) + "\n")
     if args.report:
         write_report(result.report, args.report)
@@ -98,6 +104,7 @@ def run(
     hang_timeout: float | None = None,
     env: dict[str, str] | None = None,
     stderr: TextIO | None = None,
+    accept: str = "",
 ) -> RunResult:
     """Run ``argv`` guarded; return its exit code and the merged report."""
     out = sys.stderr if stderr is None else stderr
@@ -110,7 +117,7 @@ def run(
         events = os.path.join(workdir, "events.jsonl")
         child_env = _config.tree_environment(
             os.environ if env is None else env, policy=policy, hang_timeout=hang_timeout,
-            report=events, state_dir=state, supervisor=os.getpid())
+            report=events, state_dir=state, supervisor=os.getpid(), accept=accept)
         _become_subreaper()
         tail = EventTail(events)
         merger = Merger(state=state)

@@ -15,6 +15,8 @@ import types
 from _thread import get_ident
 from typing import Callable
 
+from forksafe import _forkaware
+from forksafe._forkaware import Handler
 from forksafe._platform import LoadedLibrary, OSThread, Platform
 
 
@@ -32,6 +34,8 @@ class Snapshot:
         self._frames: dict[int, types.FrameType] | None = None
         self._libraries: list[LoadedLibrary] | None = None
         self._os_threads: list[OSThread] | None = None
+        self._raw: list[tuple[int, int | None]] | None = None
+        self._handlers: list[Handler] | None = None
         self.claimed: set[int] = set()  # OS thread ids a runtime has accounted for
         # Set by a probe whose answer can change while the process looks the
         # same to ``forksafe._check``'s fingerprint (a lock taken or released, a
@@ -59,6 +63,20 @@ class Snapshot:
         me = self.caller.ident
         return [t for t in threading.enumerate() if t.ident != me and t.is_alive()]
 
+    def raw_threads(self) -> list[tuple[int, int | None]]:
+        """Python threads without a ``threading.Thread``: (ident, OS thread id or None).
+
+        ``_thread.start_new_thread`` starts a thread that runs Python code (its
+        frames are in ``sys._current_frames()``) but that ``threading`` never
+        hears of. It is a Python thread like any other, not an unknown native one.
+        """
+        if self._raw is None:
+            known = set(threading._active)  # type: ignore[attr-defined]
+            known.update(t.ident for t in threading.enumerate() if t.ident is not None)
+            self._raw = [(ident, self.platform.native_id(ident))
+                         for ident in sorted(self.frames) if ident not in known]
+        return self._raw
+
     @property
     def libraries(self) -> list[LoadedLibrary]:
         if self._libraries is None:
@@ -77,8 +95,15 @@ class Snapshot:
             for t in threading.enumerate():
                 if t.native_id is not None and not isinstance(t, threading._DummyThread):
                     skip.add(t.native_id)
+            skip.update(tid for _, tid in self.raw_threads() if tid is not None)
             self._os_threads = self.platform.threads(frozenset(skip), self.libraries)
         return self._os_threads
+
+    def fork_handlers_of(self, thread: threading.Thread) -> list[Handler]:
+        """The registered fork handlers that belong to ``thread``'s code (``_forkaware``)."""
+        if self._handlers is None:
+            self._handlers = _forkaware.handlers(_forkaware.GUARD_HOOKS)
+        return _forkaware.handled_by(_forkaware.thread_owners(thread), self._handlers)
 
     def dummy_native_ids(self) -> set[int]:
         return {

@@ -16,9 +16,12 @@
  * sqlite3.connect. After `original` returned a connection:
  *   - the caller is the current Python frame (a C callable has none of its
  *     own), as sys._getframe(1) is for the Python wrapper;
+ *   - the database is the first positional argument, or the `database`
+ *     keyword (None when neither was given): an in-memory database is private
+ *     to each process after a fork, a file is shared;
  *   - if known[caller's file] is False (user code, seen before), it stores
- *     origins[id(connection)] = (code, f_lasti, None);
- *   - else it calls slow(connection, frame), which classifies the file;
+ *     origins[id(connection)] = (code, f_lasti, None, database);
+ *   - else it calls slow(connection, frame, database), which classifies the file;
  *   - when origins holds more than `limit` entries, it calls prune(origins).
  * Recording never fails the connect: its errors are cleared.
  */
@@ -53,7 +56,7 @@ frame_lasti(PyFrameObject *frame)
 }
 
 static int
-record(Recorder *self, PyObject *connection)
+record(Recorder *self, PyObject *connection, PyObject *database)
 {
     PyFrameObject *frame = PyEval_GetFrame(); /* borrowed */
     if (frame == NULL) {
@@ -65,7 +68,7 @@ record(Recorder *self, PyObject *connection)
     if (kind == Py_False) {
         PyObject *key = PyLong_FromVoidPtr(connection);
         PyObject *lasti = PyLong_FromLong(frame_lasti(frame));
-        PyObject *entry = PyTuple_New(3);
+        PyObject *entry = PyTuple_New(4);
         if (key == NULL || lasti == NULL || entry == NULL) {
             err = -1;
             Py_XDECREF(lasti);
@@ -76,6 +79,8 @@ record(Recorder *self, PyObject *connection)
             PyTuple_SET_ITEM(entry, 1, lasti);
             Py_INCREF(Py_None);
             PyTuple_SET_ITEM(entry, 2, Py_None);
+            Py_INCREF(database);
+            PyTuple_SET_ITEM(entry, 3, database);
             err = PyDict_SetItem(self->origins, key, entry);
         }
         Py_XDECREF(key);
@@ -86,7 +91,7 @@ record(Recorder *self, PyObject *connection)
     }
     else {
         PyObject *done = PyObject_CallFunctionObjArgs(self->slow, connection,
-                                                      (PyObject *)frame, NULL);
+                                                      (PyObject *)frame, database, NULL);
         err = done == NULL ? -1 : 0;
         Py_XDECREF(done);
     }
@@ -99,14 +104,37 @@ record(Recorder *self, PyObject *connection)
     return err;
 }
 
+/* The `database` argument of a connect call (borrowed), or Py_None. */
+static PyObject *
+database_argument(PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs > 0) {
+        return args[0];
+    }
+    if (kwnames != NULL) {
+        Py_ssize_t n = PyTuple_GET_SIZE(kwnames);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+            if (PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, "database") == 0) {
+                return args[nargs + i];
+            }
+        }
+    }
+    return Py_None;
+}
+
 static PyObject *
 recorder_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     Recorder *self = (Recorder *)op;
+    PyObject *database = database_argument(args, nargsf, kwnames);
+    Py_INCREF(database); /* the call may drop the caller's last reference */
     PyObject *connection = PyObject_Vectorcall(self->original, args, nargsf, kwnames);
-    if (connection != NULL && record(self, connection) < 0) {
+    if (connection != NULL && record(self, connection, database) < 0) {
         PyErr_Clear(); /* a recording that failed must not fail the connect */
     }
+    Py_DECREF(database);
     return connection;
 }
 

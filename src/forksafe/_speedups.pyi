@@ -9,7 +9,7 @@ class Recorder:
         original: Callable[..., Any],
         origins: dict[int, Any],
         known: dict[str, bool],
-        slow: Callable[[object, Any], None],
+        slow: Callable[[object, Any, object], None],
         prune: Callable[[dict[int, Any]], None],
         limit: int,
     ) -> None: ...

@@ -173,6 +173,17 @@ void *pthread_from_mach_thread_np(mach_port_t thread) {
     return NULL;
 }
 
+/* Like macOS: the id of a pthread libpthread knows, ESRCH for any other handle. */
+int pthread_threadid_np(void *thread, uint64_t *thread_id) {
+    if (thread == &fake_pthreads[0])
+        *thread_id = 7001;
+    else if (thread == &fake_pthreads[1])
+        *thread_id = 7002;
+    else
+        return ESRCH;
+    return 0;
+}
+
 int pthread_getname_np(void *thread, char *name, size_t size) {
     const char *value;
     if (thread == &fake_pthreads[0])

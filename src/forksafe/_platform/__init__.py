@@ -35,6 +35,9 @@ class _Unsupported:
     def call_flag(self, library: str, symbol: str) -> int | None:
         return None
 
+    def native_id(self, ident: int) -> int | None:
+        return None
+
 
 _current: Platform | None = None
 

@@ -138,6 +138,11 @@ class MachAPI(Protocol):
         """Call ``symbol(void)`` in an already loaded ``library``, else ``None``."""
         ...
 
+    def pthread_id(self, pthread: int) -> int | None:
+        """``pthread_threadid_np`` of a live ``pthread_t``; None if libpthread does not
+        know it (it checks the handle against its list of threads first)."""
+        ...
+
 
 # -- the logic -----------------------------------------------------------------------------
 
@@ -292,6 +297,14 @@ class DarwinPlatform:
     def call_flag(self, library: str, symbol: str) -> int | None:
         return self.api.call(library, symbol, boolean=symbol in BOOL_FLAGS)
 
+    def native_id(self, ident: int) -> int | None:
+        """On macOS ``threading.get_ident()`` is the ``pthread_t``; its id is what the
+        Mach thread list calls the thread's ``tid`` (not verified on macOS)."""
+        try:
+            return self.api.pthread_id(ident)
+        except (OSError, AttributeError):  # an API that cannot answer: unknown
+            return None
+
 
 def _parse_image(raw: RawImage, read: Callable[[int, int], bytes]) -> _Image:
     """A LoadedLibrary with its __TEXT range, and whether it is in the shared cache.
@@ -398,6 +411,7 @@ class _Mach:
         self._read = _function(
             lib, "mach_vm_read_overwrite", ctypes.c_int, [u32, u64, u64, u64, vp]
         )
+        self._threadid = _function(lib, "pthread_threadid_np", ctypes.c_int, [vp, vp])
         self._libraries: dict[str, ctypes.CDLL | None] = {}
 
     @property
@@ -452,6 +466,12 @@ class _Mach:
             int(ident.thread_id), int(basic.run_state), int(basic.suspend_count), name,
             int(ident.dispatch_qaddr),
         )
+
+    def pthread_id(self, pthread: int) -> int | None:
+        value = ctypes.c_uint64(0)
+        if self._threadid(ctypes.c_void_p(pthread), ctypes.byref(value)) != 0:
+            return None
+        return int(value.value) or None
 
     def read(self, address: int, size: int) -> bytes:
         if address <= 0 or size <= 0:

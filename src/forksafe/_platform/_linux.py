@@ -279,6 +279,24 @@ class LinuxPlatform:
                     self._tid_off = at
         return None if self._tid_off < 0 else self._tid_off
 
+    def native_id(self, ident: int) -> int | None:
+        """The tid in the ``struct pthread`` at ``ident`` (glibc's ``pthread_self()``).
+
+        Read through ``/proc/self/mem``, which fails cleanly on a bad address, and
+        only after the descriptor's two self-pointers confirm that ``ident`` is one.
+        """
+        offset = self._tid_offset()
+        if offset is None or ident <= 0:
+            return None
+        data = self._pread(ident, offset + 4)
+        if len(data) != offset + 4:
+            return None
+        words = array.array("Q", data[:24])
+        if words[0] != ident or words[2] != ident:
+            return None
+        tid = int.from_bytes(data[offset:offset + 4], sys.byteorder)
+        return tid if tid > 0 else None
+
     def _pread(self, address: int, size: int) -> bytes:
         return read_memory(f"{self._proc}/mem", address, size)
 

@@ -71,3 +71,11 @@ class Platform(Protocol):
         functions such as libdispatch's ``_dispatch_is_multithreaded``.
         """
         ...
+
+    def native_id(self, ident: int) -> int | None:
+        """The OS thread id of the live thread whose ``threading.get_ident()`` is ``ident``.
+
+        For threads started with ``_thread.start_new_thread``, which have no
+        ``threading.Thread`` to say; None when it cannot be told safely.
+        """
+        ...

@@ -12,6 +12,7 @@ import os
 import sys
 import types
 
+from forksafe._forkaware import BEFORE, MULTIPROCESSING
 from forksafe._report import Hazard, Severity
 from forksafe._snapshot import Snapshot
 
@@ -39,20 +40,33 @@ def probe(snapshot: Snapshot) -> list[Hazard]:
             REMEDY_CALLER,
             {"thread": snapshot.caller.name, "loop": repr(loop), "in_caller": True},
         ))
-    names = {t.ident: t.name for t in snapshot.python_threads()}
+    threads = {t.ident: t for t in snapshot.python_threads()}
     for ident, frame in snapshot.frames.items():
         if ident == snapshot.caller.ident:
             continue
         running = _loop_frame(frame)
-        if running is not None:
-            name = names.get(ident, f"thread {ident}")
-            hazards.append(Hazard(
-                "event-loop", Severity.WARNING,
-                f"thread {name!r} runs an asyncio event loop; the child inherits its "
-                "state without the thread that drives it",
-                REMEDY_OTHER,
-                {"thread": name, "ident": ident, "loop": running, "in_caller": False},
-            ))
+        if running is None:
+            continue
+        thread = threads.get(ident)
+        name = thread.name if thread is not None else f"thread {ident}"
+        evidence = {"thread": name, "ident": ident, "loop": running, "in_caller": False}
+        summary = (f"thread {name!r} runs an asyncio event loop; the child inherits its "
+                   "state without the thread that drives it")
+        handlers = snapshot.fork_handlers_of(thread) if thread is not None else []
+        handler = next((h for h in handlers if h.when != MULTIPROCESSING), None)
+        if handler is None:
+            hazards.append(Hazard("event-loop", Severity.WARNING, summary, REMEDY_OTHER,
+                                  evidence))
+            continue
+        # The loop's thread is its owner's, which handles fork itself (gunicorn stops
+        # its control server's loop before every fork): so is the loop.
+        evidence.update(native_id=thread.native_id if thread is not None else None,
+                        fork_handlers=[{"name": h.name, "when": h.when} for h in handlers])
+        hazards.append(Hazard(
+            "event-loop", Severity.INFO,
+            f"{summary} - handles fork itself: {handler.name} runs "
+            f"{'before every fork' if handler.when == BEFORE else 'in every child'}",
+            "nothing to do: its owner makes it safe across fork", evidence))
     if hazards:
         snapshot.volatile = True  # the loop's identity is not in the fingerprint
     return hazards

@@ -31,6 +31,11 @@ REMEDY = (
     "open a new connection in the child and never touch this one there; close it before "
     "forking if the parent is done with it (forksafe.protect_sqlite() enforces this)"
 )
+MEMORY = (
+    "an open in-memory SQLite database ({origin}): after the fork each process has its "
+    "own copy, so nothing is shared that could be corrupted"
+)
+MEMORY_REMEDY = "nothing to do: an in-memory database is private to each process"
 
 
 def open_connections() -> list[Any]:
@@ -96,6 +101,7 @@ def probe(snapshot: Snapshot) -> list[Hazard]:
         sites = _ledger.sites(raw) if raw else []
         site = _frames.user_site(sites)
         origin = f"opened at {where(site)}" if site else "origin unknown"
+        known, database = _ledger.connection_database(connection)
         try:
             in_transaction = bool(connection.in_transaction)
         except Exception:
@@ -109,6 +115,11 @@ def probe(snapshot: Snapshot) -> list[Hazard]:
             "in_transaction": in_transaction,
             "code": _frames.source_line(site) if site else None,
         }
+        if known and _ledger.in_memory(database):
+            evidence["in_memory"] = True
+            hazards.append(Hazard("sqlite-connection", Severity.INFO,
+                                  MEMORY.format(origin=origin), MEMORY_REMEDY, evidence))
+            continue
         hazards.append(Hazard(
             "sqlite-connection", Severity.WARNING,
             summary + "; using it there can corrupt the database", REMEDY, evidence,

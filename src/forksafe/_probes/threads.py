@@ -5,48 +5,108 @@ wherever it was: a lock it held stays held, a queue it consumed is never
 drained, a condition it would have signalled never is. We cannot know that a
 given thread is harmless, so each live one is a warning, with enough evidence
 (who started it, what it is doing, which ``with lock:`` blocks it is inside) to
-decide quickly.
+decide quickly — unless the code that owns it handles fork itself
+(``forksafe._forkaware``: it stops the thread before every fork, or starts a new
+one in every child), or the catalog knows the thread for harmless
+(``forksafe._catalog.THREADS``).
+
+Python threads are Python threads however they were started: one started with
+``_thread.start_new_thread`` has no ``threading.Thread`` object, but its frames
+are in ``sys._current_frames()`` and it is reported here, not as a native thread.
 """
 
 from __future__ import annotations
 
 import threading
+import types
 from typing import Any
 
-from forksafe import _frames, _ledger
+from forksafe import _catalog, _forkaware, _frames, _ledger
 from forksafe._render.sites import where
 from forksafe._report import Hazard, Severity, Site
 from forksafe._snapshot import Snapshot
 
 ORIGIN_UNKNOWN = "origin unknown: call forksafe.observe() (or install()) before threads start"
+MAIN_THREAD = "the main thread, started by the interpreter"
 
 REMEDY = (
     "join or stop this thread before forking, or fork before starting it; in the child "
     "it does not exist, and any lock it holds stays locked forever"
 )
+HANDLED = {
+    _forkaware.BEFORE: "handles fork itself: {name} runs before every fork",
+    _forkaware.CHILD: "handles fork itself: {name} runs in every child",
+    _forkaware.MULTIPROCESSING: (
+        "handles fork itself for multiprocessing's children only ({name} runs there; "
+        "not after a bare os.fork)"),
+}
+HANDLED_REMEDY = "nothing to do: its owner makes it safe across fork"
 
 
 def probe(snapshot: Snapshot) -> list[Hazard]:
-    return [_hazard(t, snapshot) for t in snapshot.python_threads()]
+    threads = snapshot.python_threads()
+    raw = snapshot.raw_threads()
+    if not threads and not raw:
+        return []
+    hazards = [_hazard(t, snapshot) for t in threads]
+    hazards.extend(_raw_hazard(ident, tid, snapshot) for ident, tid in raw)
+    return hazards
 
 
 def _hazard(thread: threading.Thread, snapshot: Snapshot) -> Hazard:
     frame = snapshot.frames.get(thread.ident or -1)
+    raw = _ledger.thread_origin(thread)
+    started = _ledger.sites(raw) if raw else []
+    main = thread is threading.main_thread()
+    dummy = isinstance(thread, threading._DummyThread)
+    who = f"thread {thread.name!r}"
+    if dummy:
+        who = f"native thread {thread.name!r} running Python code"
+    evidence: dict[str, Any] = {
+        "name": thread.name,
+        "ident": thread.ident,
+        "native_id": thread.native_id,
+        "daemon": thread.daemon,
+        "target": _target(thread),
+    }
+    if main:
+        evidence["main"] = True
+    if dummy:
+        evidence["dummy"] = True
+    handlers = snapshot.fork_handlers_of(thread)
+    code = _code(frame) + _target_code(thread)
+    return _build(who, frame, started, unknown=MAIN_THREAD if main else ORIGIN_UNKNOWN,
+                  evidence=evidence, snapshot=snapshot, handlers=handlers,
+                  known=_catalog.known_thread(code))
+
+
+def _raw_hazard(ident: int, tid: int | None, snapshot: Snapshot) -> Hazard:
+    frame = snapshot.frames.get(ident)
+    origin = _ledger.raw_thread_origin(ident)
+    started = _ledger.sites(origin[0]) if origin else []
+    evidence: dict[str, Any] = {
+        "name": f"(started with _thread.start_new_thread, {ident:#x})",
+        "ident": ident,
+        "native_id": tid,
+        "daemon": True,
+        "target": origin[1] if origin else None,
+        "raw": True,
+    }
+    who = "a Python thread started with _thread.start_new_thread"
+    return _build(who, frame, started, unknown=ORIGIN_UNKNOWN, evidence=evidence,
+                  snapshot=snapshot, handlers=[], known=_catalog.known_thread(_code(frame)))
+
+
+def _build(who: str, frame: types.FrameType | None, started: list[Site], *, unknown: str,
+           evidence: dict[str, Any], snapshot: Snapshot,
+           handlers: list[_forkaware.Handler], known: _catalog.KnownThread | None) -> Hazard:
     whole = _frames.stack(frame)
-    current = whole[:4]
     wait = _frames.waiting(frame) if frame is not None else None
     locks = _frames.held_locks(frame)
     if locks:
         snapshot.volatile = True  # a lock's state changes while the thread stands still
     held = [lock for lock in locks if lock.locked]
-    raw = _ledger.thread_origin(thread)
-    started = _ledger.sites(raw) if raw else []
     origin = _frames.user_site(started)
-    dummy = isinstance(thread, threading._DummyThread)
-
-    who = f"thread {thread.name!r}"
-    if dummy:
-        who = f"native thread {thread.name!r} running Python code"
     parts = [who]
     if origin is not None:
         parts.append(f"(started at {where(origin)})")
@@ -59,27 +119,60 @@ def _hazard(thread: threading.Thread, snapshot: Snapshot) -> Hazard:
     here = _frames.user_site(whole)
     if here is not None:
         parts.append(f"at {where(here)} in {here.function}")
-    evidence: dict[str, Any] = {
-        "name": thread.name,
-        "ident": thread.ident,
-        "native_id": thread.native_id,
-        "daemon": thread.daemon,
+    evidence.update({
         "state": "idle" if wait and not held else "running",
         "doing": wait,
-        "current": [_site(s) for s in current],
-        "target": _target(thread),
-        "started_at": [_site(s) for s in started[:5]] if started else ORIGIN_UNKNOWN,
+        "current": [_site(s) for s in whole[:4]],
+        "started_at": [_site(s) for s in started[:5]] if started else unknown,
         "locks": [lock.to_dict() for lock in locks],
-    }
-    if dummy:
-        evidence["dummy"] = True
+    })
+    severity = Severity.WARNING
     remedy = REMEDY
-    if held:
+    if known is not None:
+        evidence["known"] = known.key
+        evidence["why"] = known.why
+        remedy = known.remedy
+        if known.pool is not None:
+            evidence["pool"] = known.pool
+        if known.severity is not None:
+            severity = known.severity
+    if handlers:
+        evidence["fork_handlers"] = [{"name": h.name, "when": h.when} for h in handlers]
+        handler = next((h for h in handlers if h.when != _forkaware.MULTIPROCESSING),
+                       handlers[0])
+        parts.append(f"- {HANDLED[handler.when].format(name=handler.name)}")
+        if handler.when != _forkaware.MULTIPROCESSING:
+            severity = Severity.INFO
+            remedy = HANDLED_REMEDY
+    if held and severity > Severity.INFO:
+        name = evidence["name"]
         remedy = (
-            f"do not fork while {thread.name!r} is inside `with {held[0].expression}:`; the "
-            f"child would wait forever for that lock. {REMEDY[0].upper()}{REMEDY[1:]}"
+            f"do not fork while {name!r} is inside `with {held[0].expression}:`; the "
+            f"child would wait forever for that lock. {remedy[0].upper()}{remedy[1:]}"
         )
-    return Hazard("thread", Severity.WARNING, " ".join(parts), remedy, evidence)
+    return Hazard("thread", severity, " ".join(parts), remedy, evidence)
+
+
+def _code(frame: types.FrameType | None) -> list[tuple[str, str]]:
+    """(file, function) of every frame of a stack, innermost first."""
+    out: list[tuple[str, str]] = []
+    while frame is not None and len(out) < 64:
+        out.append((frame.f_code.co_filename, frame.f_code.co_name))
+        frame = frame.f_back
+    return out
+
+
+def _target_code(thread: threading.Thread) -> list[tuple[str, str]]:
+    """(file, function) of the thread's target, which need not be on its stack yet, and
+    of its class's ``run``."""
+    out: list[tuple[str, str]] = []
+    target = (_frames.instance_dict(thread) or {}).get("_target")
+    if isinstance(target, types.MethodType):
+        target = target.__func__
+    for func in (target, type(thread).__dict__.get("run")):
+        if isinstance(func, types.FunctionType):
+            out.append((func.__code__.co_filename, func.__code__.co_name))
+    return out
 
 
 def _site(site: Site) -> dict[str, Any]:
@@ -89,7 +182,7 @@ def _site(site: Site) -> dict[str, Any]:
 
 
 def _target(thread: threading.Thread) -> str | None:
-    target = getattr(thread, "_target", None)
+    target = (_frames.instance_dict(thread) or {}).get("_target")
     if target is None:
         return None
     module = getattr(target, "__module__", None) or "?"

@@ -44,12 +44,7 @@ _MAX_REASONS = 3
 log = logging.getLogger("forksafe")
 
 
-def get_context(
-    method: str | None = None,
-    *,
-    _check: Callable[[], Report] | None = None,
-    _methods: Callable[[], list[str]] = multiprocessing.get_all_start_methods,
-) -> multiprocessing.context.BaseContext:
+def get_context(method: str | None = None) -> multiprocessing.context.BaseContext:
     """A multiprocessing context: ``fork`` only when forking now would break nothing.
 
     With ``method`` given, that start method is used (after checking that the
@@ -61,11 +56,21 @@ def get_context(
         with forksafe.get_context().Pool(4) as pool: ...
         ProcessPoolExecutor(mp_context=forksafe.get_context())
     """
-    available = _methods()
+    return context_with(method)
+
+
+def context_with(
+    method: str | None = None,
+    *,
+    check: Callable[[], Report] | None = None,
+    methods: Callable[[], list[str]] = multiprocessing.get_all_start_methods,
+) -> multiprocessing.context.BaseContext:
+    """``get_context()`` with the check and the platform's start methods given (tests)."""
+    available = methods()
     if method is not None:
         if not isinstance(method, str) or method not in available:
-            methods = ", ".join(repr(m) for m in available)
-            raise ValueError(UNKNOWN_METHOD.format(method=method, methods=methods))
+            names = ", ".join(repr(m) for m in available)
+            raise ValueError(UNKNOWN_METHOD.format(method=method, methods=names))
         log.debug(CHOSE_GIVEN.format(method=method))
         return multiprocessing.get_context(method)
     fallback = next((m for m in _FALLBACKS if m in available), available[0])
@@ -73,12 +78,12 @@ def get_context(
         log.debug(CHOSE_NO_FORK.format(method=fallback))
         return multiprocessing.get_context(fallback)
     try:
-        if _check is None:
-            from forksafe._check import check
+        if check is None:
+            from forksafe._check import check_for
 
-            report = check()
+            report = check_for("multiprocessing")  # what a multiprocessing child meets
         else:
-            report = _check()
+            report = check()
     except Exception as exc:  # unsure whether fork is safe: do not risk it
         log.debug(CHOSE_AFTER_ERROR.format(method=fallback,
                                            error=f"{type(exc).__name__}: {exc}"))

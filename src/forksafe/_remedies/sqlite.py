@@ -46,6 +46,13 @@ would run SQLite's close (and rollback) in the child — but detaches it: the
 object is marked closed for this process and kept alive forever, so that
 garbage collection never closes it either. That makes the common "close what
 you inherited after fork" idiom (Django's ``connections.close_all()``) safe.
+
+An in-memory database (``:memory:``, ``""``, ``file::memory:`` or a URI with
+``mode=memory``) is left unprotected: it lives in the process's own memory, so
+after a fork each process has its own copy and nothing is shared that could be
+corrupted. Django's parallel test runner relies on exactly that: its forked
+workers go on using the parent's in-memory test database (Django does not close
+in-memory connections).
 """
 
 from __future__ import annotations
@@ -130,6 +137,8 @@ def _protect_layer(original: Callable[..., Any]) -> Callable[..., Any]:
         module = sys.modules.get("sqlite3")
         if module is None:  # taken out of sys.modules (a test harness): connect unprotected
             return original(*args, **kwargs)
+        if _ledger.in_memory(args[0] if args else kwargs.get("database")):
+            return original(*args, **kwargs)  # private to each process: nothing to protect
         if len(args) > 5:  # factory given positionally (deprecated, still allowed)
             factory = _protected_class(args[5], module)
             if factory is not None:

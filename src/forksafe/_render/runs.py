@@ -12,8 +12,9 @@ from forksafe._render.sites import site_text
 #: Said when a long run kept only the forks that matter (``forksafe._runreport.MAX_FORKS``).
 OMITTED = "; {count} more, whose children exited uneventfully, not kept"
 
-#: The line that lists forks with no hazards whose children neither crashed nor hung.
-QUIET_FORKS = "clean forks (no hazards; no child crashed or hung)"
+#: The line that lists forks with nothing at warning level or above whose children
+#: neither crashed nor hung (notes, such as a thread that handles fork itself, aside).
+QUIET_FORKS = "clean forks (nothing above info; no child crashed or hung)"
 
 #: How many lines of a child's traceback the summary shows (the report has all of it).
 TRACEBACK_LINES = 12
@@ -24,9 +25,10 @@ def render_events(command: object, exit_code: object, events: Sequence[EventLike
     """Text for a run's fork events, grouped so that a pool of 1,000 reads as one finding.
 
     Forks with the same mechanism, site, action and hazards (numbers such as
-    thread ids aside) fold into one entry with a count; within it, children
-    with the same fate (same status, signal and diagnosis, pids aside) fold
-    too. Clean forks whose children all exited are one line per site.
+    thread ids aside, but not the lines that started a thread: hazards started
+    elsewhere are another finding) fold into one entry with a count; within it,
+    children with the same fate (same status, signal and diagnosis, pids aside)
+    fold too. Clean forks whose children all exited are one line per site.
     """
     shown = " ".join(str(c) for c in command) if isinstance(command, list) else "?"
     crashed = sum(1 for e in events if e.outcome is not None and e.outcome.crashed)
@@ -45,19 +47,20 @@ def render_events(command: object, exit_code: object, events: Sequence[EventLike
     groups: dict[tuple[Any, ...], list[EventLike]] = {}
     for event in events:
         key = (event.mechanism, event.site, event.action,
-               tuple((h.kind, h.severity, _digits(h.summary))
+               tuple((h.kind, h.severity, _shape(h.summary))
                      for h in event.report.sorted_hazards()))
         groups.setdefault(key, []).append(event)
-    quiet: list[str] = []
+    quiet: dict[str, int] = {}  # "mechanism at site" -> forks
     for group in groups.values():
         first = group[0]
         where = f" at {site_text(first.site)}" if first.site else ""
-        count = f" x{len(group)}" if len(group) > 1 else ""
         troubled = [e for e in group if e.outcome is not None and _noteworthy(e.outcome)]
-        if not first.report.hazards and not troubled:
-            quiet.append(f"{first.mechanism}{where}{count}")
+        if first.report.is_safe and not troubled:
+            place = f"{first.mechanism}{where}"
+            quiet[place] = quiet.get(place, 0) + len(group)
             continue
         lines.append("")
+        count = f" x{len(group)}" if len(group) > 1 else ""
         lines.append(f"fork via {first.mechanism}{where}{count}: {first.action}")
         lines.extend(render_hazards(first.report.sorted_hazards(), indent="  "))
         if not first.report.hazards:
@@ -65,7 +68,8 @@ def render_events(command: object, exit_code: object, events: Sequence[EventLike
         lines.extend(_render_outcomes(group))
     if quiet:
         lines.append("")
-        lines.append(f"{QUIET_FORKS}: " + "; ".join(quiet))
+        lines.append(f"{QUIET_FORKS}: " + "; ".join(
+            f"{place} x{n}" if n > 1 else place for place, n in quiet.items()))
     return "\n".join(lines).rstrip()
 
 
@@ -123,4 +127,14 @@ def _fate(outcome: OutcomeLike) -> str:
 
 def _digits(text: str) -> str:
     return re.sub(r"\d+", "#", text)
+
+
+_HEX = re.compile(r"0x[0-9a-fA-F]+")
+_NUMBER = re.compile(r"(?<!\.py:)(?<![\w.])\d+")
+
+
+def _shape(text: str) -> str:
+    """``text`` with the numbers that differ from fork to fork (pids, thread ids, thread
+    counts, ``Thread-3``) made alike, and the ``file.py:line`` sites kept."""
+    return _NUMBER.sub("#", _HEX.sub("0x#", text))
 
