@@ -46,6 +46,10 @@ class Runtime:
     #: An environment variable that turns on the runtime's own fork support;
     #: when it is set to a true value an active runtime is a warning, not an error.
     fork_support: str | None = None
+    #: Python packages that drive the runtime: their code on a failing or stalled
+    #: child's stack links the failure to the runtime (``forksafe._diagnose``,
+    #: ``forksafe._hang``).
+    modules: tuple[str, ...] = ()
     _library_re: re.Pattern[str] = field(init=False, repr=False, compare=False)
     _thread_re: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
 
@@ -138,6 +142,7 @@ RUNTIMES: tuple[Runtime, ...] = (
     ),
     Runtime(
         key="grpc",
+        modules=("grpc",),
         name="gRPC core",
         libraries=r"/(cygrpc\.[^/]*\.so|libgrpc[^/]*\.so[^/]*)$",
         threads=r"(grpc_global_tim|event_engine|lifeguard|default-executo|resolver-execu|grpc_)",
@@ -154,6 +159,7 @@ RUNTIMES: tuple[Runtime, ...] = (
     ),
     Runtime(
         key="cuda",
+        modules=("torch", "cupy", "pycuda", "numba", "jax"),
         name="NVIDIA CUDA driver",
         libraries=r"/libcuda\.(so[^/]*|dylib)$",
         threads=r"cuda-",
@@ -169,6 +175,7 @@ RUNTIMES: tuple[Runtime, ...] = (
     ),
     Runtime(
         key="rocm",
+        modules=("torch", "cupy"),
         name="AMD ROCm HIP runtime",
         libraries=r"/libamdhip64\.so[^/]*$",
         why="like CUDA, an initialised HIP runtime cannot be used in a forked child",
@@ -176,6 +183,7 @@ RUNTIMES: tuple[Runtime, ...] = (
     ),
     Runtime(
         key="mpi",
+        modules=("mpi4py",),
         name="MPI library",
         libraries=r"/lib(mpi|mpich)(\.so|_)[^/]*$",
         loaded=Severity.WARNING,
@@ -187,6 +195,7 @@ RUNTIMES: tuple[Runtime, ...] = (
     ),
     Runtime(
         key="jvm",
+        modules=("jpype", "jnius"),
         name="Java VM (libjvm)",
         libraries=r"/libjvm\.(so|dylib)$",
         loaded=Severity.WARNING,
@@ -264,6 +273,7 @@ RUNTIMES: tuple[Runtime, ...] = (
     ),
     Runtime(
         key="apple-sqlite",
+        modules=("sqlite3",),
         name="Apple's system SQLite (/usr/lib/libsqlite3.dylib)",
         libraries=r"^/usr/lib/libsqlite3(\.0)?\.dylib$",
         loaded=Severity.WARNING,

@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import re
 import signal
-from typing import Iterable
+from typing import Any, Iterable
 
+from forksafe._exits import HEADER
 from forksafe._render import forks, outcomes
 from forksafe._report import CRASH_SIGNALS, ForkEvent, Hazard, Outcome, Severity, Site
 from forksafe._tracebacks import sections
@@ -34,7 +35,94 @@ def outcome_for(event: ForkEvent, status: int, traceback: str | None,
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     if hung is not None:
         return Outcome("hung", code, None, hung.traceback or traceback, hung.diagnosis)
-    return Outcome("exited", code, None, traceback, None)
+    diagnosis = None
+    if code and traceback is not None and HEADER in traceback:
+        diagnosis = diagnose_exit(event, code, traceback)
+    return Outcome("exited", code, None, traceback, diagnosis)
+
+
+def diagnose_exit(event: ForkEvent, code: int, text: str) -> str:
+    """A child that exited non-zero after an uncaught exception (``forksafe._exits``):
+    the exception, where, and the fork-time hazard it involves — or plainly none."""
+    record = text[text.index(HEADER) + len(HEADER):].strip()
+    lines = [line for line in record.splitlines() if line.strip()]
+    exception = lines[-1].strip() if lines else "an exception"
+    frames = [Site(m["file"], int(m["line"]), m["function"])
+              for m in _TRACEBACK_LINE.finditer(record)]
+    place = ""
+    if frames:
+        frame = _outside_forksafe(frames[::-1])
+        place = outcomes.crash_place(frame, _caller(frames[::-1]))
+    blamed = involved(event.report.hazards, exception, frames)
+    return outcomes.failed_exit(event.child_pid, forks.describe_fork(event.mechanism, event.site),
+                                code, exception, place, blamed=blamed,
+                                clean=not any(h.severity >= Severity.WARNING
+                                              for h in event.report.hazards))
+
+
+_TRACEBACK_LINE = re.compile(r'^\s+File "(?P<file>.*)", line (?P<line>\d+), in (?P<function>.*)$',
+                             re.MULTILINE)
+
+
+def involved(hazards: Iterable[Hazard], exception: str, frames: list[Site]) -> list[Hazard]:
+    """The fork-time hazards a child's failure involves: the inherited SQLite connection
+    behind an ``sqlite3`` error, the runtime or the vanished thread whose package raised
+    it or is on its stack. Empty when none does: the failure is not blamed on the fork."""
+    kind = exception.partition(":")[0].strip()
+    packages = {kind.partition(".")[0]} if "." in kind else set()
+    packages |= {p for p in (package_of(f.file) for f in frames) if p}
+    found = []
+    for hazard in hazards:
+        if hazard.severity < Severity.WARNING:
+            continue
+        ev = hazard.evidence
+        if hazard.kind == "sqlite-connection":
+            if kind.startswith("sqlite3.") or "inherited across fork" in exception:
+                found.append(hazard)
+        elif hazard.kind == "native-runtime":
+            if set(_runtime_modules(ev.get("runtime"))) & packages:
+                found.append(hazard)
+        elif hazard.kind == "thread" and thread_packages(ev) & packages:
+            found.append(hazard)
+    return found
+
+
+def _runtime_modules(key: object) -> tuple[str, ...]:
+    from forksafe import _catalog
+
+    try:
+        return _catalog.find(str(key)).modules
+    except KeyError:
+        return ()
+
+
+def thread_packages(evidence: Any) -> set[str]:
+    """The top-level packages a fork-time thread's code lives in (its target's, and its
+    frames'), but for the standard library's plumbing and the program's own scripts."""
+    found = set()
+    target = evidence.get("target")
+    if isinstance(target, str) and "." in target and not target.startswith("__main__"):
+        found.add(target.partition(".")[0])
+    for site in evidence.get("current") or ():
+        if isinstance(site, dict):
+            package = package_of(str(site.get("file", "")))
+            if package:
+                found.add(package)
+    return found - _PLUMBING
+
+
+#: Packages every thread passes through: no evidence of who owns it.
+_PLUMBING = {"threading", "selectors", "socket", "queue", "time", "ssl", "asyncio"}
+
+
+def package_of(path: str) -> str | None:
+    """The top-level package a source file belongs to (``concurrent`` for
+    ``.../concurrent/futures/thread.py``, ``grpc`` for an installed gRPC); None for a
+    script outside any package search path."""
+    from forksafe._accept import module_of
+
+    module = module_of(path)
+    return module.partition(".")[0] if module else None
 
 
 def diagnose_death(event: ForkEvent, signame: str, traceback: str | None) -> str:

@@ -42,7 +42,7 @@ from _operator import methodcaller
 from _thread import _local as thread_local
 from _thread import get_native_id
 
-from forksafe import _quiet, _record
+from forksafe import _exits, _quiet, _record
 from forksafe._decide import (
     Decision,
     Lazy,
@@ -206,6 +206,7 @@ def set_followers(child: ChildSide | None, outcome: FollowerSide | None) -> None
     global child_side, follower
     child_side, follower = child, outcome
     _record.set_followers(child, outcome)
+    _exits.armed = child.armed if child is not None else None
 
 
 class Link:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from forksafe import _forkpath, _patching, _quiet, _reaping, _record
+from forksafe import _exits, _forkpath, _patching, _quiet, _reaping, _record
 from forksafe._config import Config
 from forksafe._decide import Lazy
 from forksafe._forkpath import flush_pending, own_state
@@ -69,6 +69,7 @@ def uninstall() -> None:
 
         close_files()
     _patching.restore_all()
+    _exits.uninstall()
     if _watcher is not None:
         _watcher.stop()
         _watcher = None
@@ -158,8 +159,11 @@ def apply(config: Config) -> None:
         # imported here for a program that does not import it itself.
         _watcher = _patching.ImportWatcher({"threading": _start_observing,
                                             "sqlite3": _observe_connections,
-                                            "subprocess": _patch_subprocess})
+                                            "subprocess": _patch_subprocess,
+                                            "multiprocessing.process":
+                                                _exits.wrap_multiprocessing})
         _watcher.start()
+        _exits.install()  # a failing child's exception is kept for its parent
     if config.policy == "raise" and not _owned.get("sqlite"):
         _owned["sqlite"] = _protect_sqlite()
     elif config.policy != "raise" and _owned.pop("sqlite", False):

@@ -192,12 +192,19 @@ def on_reaped(pid: int, status: int, *, event: ForkEvent | None = None,
     else:
         outcome = outcome_for(event, status, traceback, hung)
     guard.attach_outcome(pid, outcome)
+    if outcome.status == "hung":
+        # A pool waiting for the task this child held would wait forever.
+        from forksafe._unstick import worker_hung
+
+        worker_hung(pid, outcome.diagnosis or f"child {pid} hung")
     if traceback is not None and _program_faulthandler():
         # Arming pointed the child's faulthandler at its crash file; the program had
         # it on (pytest does, so does PYTHONFAULTHANDLER), so it expects the
         # traceback where the child would have written it: the shared stderr.
         write_stderr(outcomes.echo(pid, traceback))
-    if (outcome.status == "hung" or outcome.crashed) and _warns(guard):
+    if (outcome.status == "hung" or outcome.crashed or (
+            outcome.status == "exited" and outcomes.involves_fork(outcome.diagnosis))) \
+            and _warns(guard):
         warn(outcome.diagnosis or f"child {pid} {outcome.status}", event)
 
 

@@ -4,8 +4,8 @@
 reaps through ``os.waitpid`` looked up at call time, so these wrappers see its
 children too. A child that exited has nothing urgent to say: without a report file
 or a hang timeout its reap is queued with its fork and recorded by the batch
-(``forksafe._record.flush``); a child killed by a signal is recorded at once, so
-that its warning comes at its own wait.
+(``forksafe._record.flush``); a child killed by a signal, or that exited with a
+failure, is recorded at once, so that its warning comes at its own wait.
 
 Apart from the fork path (``forksafe._forkpath``) because they run after a child
 is gone: what they write then is copied for no child (copy-on-write), so they need
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 def wrap_wait(original: Callable[..., WaitResult]) -> Callable[..., WaitResult]:
     """``os.waitpid``/``wait``/``wait3``/``wait4``: tell the record of a reaped child."""
-    exited = os.WIFEXITED
     getpid = os.getpid
     path = _forkpath
 
@@ -37,7 +36,7 @@ def wrap_wait(original: Callable[..., WaitResult]) -> Callable[..., WaitResult]:
         config = path.config
         if pid > 0 and config is not None:
             status = result[1]
-            if path.defer and exited(status):
+            if path.defer and status == 0:  # exited 0: nothing to say at once
                 queue = path.own_state(getpid()).queue
                 queue.append((pid, status))
                 if len(queue) >= path.QUEUE_SIZE:

@@ -77,6 +77,8 @@ class ChildSide(Protocol):
 
     def close_memory_files(self) -> None: ...
 
+    def armed(self) -> CrashFile | None: ...
+
 
 class FollowerSide(Protocol):
     """``forksafe._outcome``, as the guard uses it: told of forks and reaps."""

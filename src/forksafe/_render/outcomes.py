@@ -60,6 +60,29 @@ def death(pid: int | None, forked: str, signal: str, place: str, *,
     return f"{head}; {cause}. " + FIX.format(remedy=blamed[0].remedy)
 
 
+EXITED = "child {pid} ({forked}) exited {code} with {exception}{where}"
+#: Marks a failed exit's diagnosis that links it to the fork (``involves_fork``).
+INVOLVED_MARK = "it involves what was wrong at fork time"
+INVOLVED = INVOLVED_MARK + ": {hazards}"
+NOT_INVOLVED = "nothing at fork time is involved in it, so fork is probably not the cause"
+CLEAN_EXIT = "the fork was clean, so fork is probably not the cause"
+
+
+def failed_exit(pid: int | None, forked: str, code: int, exception: str, place: str, *,
+                blamed: Sequence[HazardLike], clean: bool) -> str:
+    """A child that failed with an uncaught exception, and what at fork time it involves."""
+    head = EXITED.format(pid=pid, forked=forked, code=code, exception=exception, where=place)
+    if not blamed:
+        return f"{head}; {CLEAN_EXIT if clean else NOT_INVOLVED}"
+    hazards = "; ".join(hazard_text(h) for h in blamed[:3])
+    return f"{head}; {INVOLVED.format(hazards=hazards)}. " + FIX.format(remedy=blamed[0].remedy)
+
+
+def involves_fork(diagnosis: str | None) -> bool:
+    """Whether a failed exit's diagnosis links the failure to the fork."""
+    return diagnosis is not None and INVOLVED_MARK in diagnosis
+
+
 def hung_then(diagnosis: str | None, signal: str) -> str:
     """A hang, then the signal that ended the child."""
     return HUNG_THEN.format(diagnosis=diagnosis or "hung", signal=signal)
