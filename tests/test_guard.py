@@ -784,7 +784,7 @@ def test_bad_arguments_are_one_clear_error() -> None:
         _config.Config.make("loud", "error", None, None)
     with pytest.raises(ValueError, match="expected one of: warning, error"):
         _config.Config.make("warn", "info", None, None)
-    with pytest.raises(ValueError, match="not a positive number"):
+    with pytest.raises(ValueError, match="not a finite positive number"):
         _config.Config.make("warn", "error", -1.0, None)
     assert _guard.installed() is None  # nothing was installed in the test runner
 
