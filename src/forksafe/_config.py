@@ -53,11 +53,15 @@ LEVELS = {"warning": 20, "error": 30}
 BAD_CHOICE = "{name}={value!r}: expected one of: {choices}"
 BAD_SECONDS = "{name}={value!r} is not a finite positive number of seconds"
 IGNORED = "forksafe: ignoring {problem}; {consequence}"
+#: ``FORKSAFE_FAIL_ON`` without a policy: it is ``raise``'s threshold, and nothing raises.
+FAIL_ON_ALONE = "{name}={value!r}: it only applies with {policy}=raise, which is not set"
 #: What the environment hook does instead of a bad value.
 CONSEQUENCES = {
     "policy": "the fork guard is off in this process",
     "fail_on": "using error",
     "hang_timeout": "hung children are not watched in this process",
+    "fail_on_alone": "the fork guard is off in this process",
+    "fail_on_implied": "forks are only logged (policy log)",
 }
 
 
@@ -180,31 +184,43 @@ def shown(value: object) -> object:
 def from_environment(environ: Mapping[str, str]) -> tuple[Config | None, list[str]]:
     """The configuration the environment asks for (None: no guard), and the lines to say.
 
-    Nothing is asked for unless ``FORKSAFE_POLICY`` or ``FORKSAFE_REPORT`` is set;
-    ``FORKSAFE_REPORT`` alone means policy "log" (recording was asked for).
-    A bad value is dropped for its default, with one line saying so; a bad policy
-    leaves the process unguarded.
+    Nothing is asked for unless ``FORKSAFE_POLICY``, ``FORKSAFE_REPORT`` or
+    ``FORKSAFE_HANG_TIMEOUT`` is set; the latter two alone mean policy "log"
+    (recording, or watching for hangs, was asked for: both need the guard, and
+    "log" changes nothing the program sees). ``FORKSAFE_FAIL_ON`` only matters
+    under policy "raise": set without ``FORKSAFE_POLICY`` it would be silently
+    ignored, so it gets one line saying so. A bad value is dropped for its
+    default, with one line saying so; a bad policy leaves the process unguarded.
     """
     policy = environ.get(ENV_POLICY, "").strip()
     report = environ.get(ENV_REPORT, "").strip() or None
-    if not policy and report is None:
-        return None, []
+    hang = environ.get(ENV_HANG_TIMEOUT, "").strip() or None
+    fail_on = environ.get(ENV_FAIL_ON, "").strip()
+    problems: list[str] = []
+    if fail_on and not policy:
+        problems.append(IGNORED.format(
+            problem=FAIL_ON_ALONE.format(name=ENV_FAIL_ON, value=shown(fail_on),
+                                         policy=ENV_POLICY),
+            consequence=CONSEQUENCES["fail_on_alone"] if report is None and hang is None
+            else CONSEQUENCES["fail_on_implied"]))
+    if not policy and report is None and hang is None:
+        return None, problems
     if policy.lower() == "off":
         return None, []
     values: dict[str, object] = {
         "policy": policy or "log",
-        "fail_on": environ.get(ENV_FAIL_ON, "").strip() or "error",
-        "hang_timeout": environ.get(ENV_HANG_TIMEOUT),
+        "fail_on": fail_on or "error",
+        "hang_timeout": hang,
         "report": report,
     }
-    problems: list[str] = []
     while True:
         try:
             return Config.make(**values, source=ENVIRONMENT), problems
         except ConfigError as exc:
             problems.append(IGNORED.format(problem=exc, consequence=CONSEQUENCES[exc.field]))
-            if exc.field == "policy":
-                return None, problems
+            if exc.field == "policy" or (exc.field == "hang_timeout" and not policy
+                                         and report is None):
+                return None, problems  # nothing else asked for the guard
             values[exc.field] = {"fail_on": "error", "hang_timeout": None}[exc.field]
 
 
