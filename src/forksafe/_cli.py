@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", type=_option("policy"), default="warn",
                      metavar="{log,warn,raise}",
                      help="what the guard does at a hazardous fork (default: warn)")
-    run.add_argument("--report", metavar="FILE", help="write the JSON report to FILE")
+    run.add_argument("--report", type=_option("report"), metavar="FILE",
+                     help="write the JSON report to FILE (a FIFO or device is written to "
+                          "as it is)")
     run.add_argument("--hang-timeout", type=_option("hang_timeout"), metavar="SECONDS",
                      default=None,
                      help="report a forked child that makes no progress for this long")

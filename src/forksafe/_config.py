@@ -69,12 +69,16 @@ class Source:
     """One door in (see the module docstring): how each setting is spelled there, and
     whether its values arrive as text to parse."""
 
-    __slots__ = ("names", "off", "text")
+    __slots__ = ("blank", "names", "off", "text")
 
-    def __init__(self, names: dict[str, str], *, text: bool, off: bool = False) -> None:
+    def __init__(self, names: dict[str, str], *, text: bool, off: bool = False,
+                 blank: bool = True) -> None:
         self.names = names
         self.text = text
         self.off = off  # whether the policy "off" is accepted here
+        # Whether a blank report name means "no report" (an unset variable reads as
+        # ""), or is an error (``--report ''``: a file was asked for, and none named).
+        self.blank = blank
 
 
 ARGUMENTS = Source({"policy": "policy", "fail_on": "fail_on", "hang_timeout": "hang_timeout",
@@ -83,7 +87,8 @@ ENVIRONMENT = Source({"policy": ENV_POLICY, "fail_on": ENV_FAIL_ON,
                       "hang_timeout": ENV_HANG_TIMEOUT, "report": ENV_REPORT},
                      text=True, off=True)
 OPTIONS = Source({"policy": "--policy", "fail_on": "--fail-on",
-                  "hang_timeout": "--hang-timeout", "report": "--report"}, text=True)
+                  "hang_timeout": "--hang-timeout", "report": "--report"}, text=True,
+                 blank=False)
 
 
 class ConfigError(ValueError):
@@ -165,7 +170,7 @@ def _hang_timeout(value: object, source: Source) -> float | None:
 def _report(value: object, source: Source) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str):
+    if not isinstance(value, str) or (not source.blank and not value.strip()):
         raise ConfigError(f"{source.names['report']}={value!r} is not a file name", "report")
     return value.strip() or None if source.text else value or None
 
