@@ -149,3 +149,34 @@ def test_bad_option_values_are_named_as_written(project: pathlib.Path, args: lis
     proc = forksafe(*args, cwd=project)
     assert proc.returncode == 2
     assert named in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("fails", "code"), [(False, 1), (True, 2)])
+def test_check_exits_although_the_module_started_a_non_daemon_thread(
+        project: pathlib.Path, fails: bool, code: int) -> None:
+    """A module whose non-daemon thread never ends: the report (or the import error) is
+    printed whole and check exits with its own code instead of waiting for the thread."""
+    (project / "server_app.py").write_text(
+        "import threading\n"
+        "threading.Thread(target=threading.Event().wait, name='serve-forever').start()\n"
+        + ("raise RuntimeError('boom after the thread started')\n" if fails else ""))
+    proc = forksafe("check", "--import", "server_app", "--fail-on", "warning", "--json",
+                    cwd=project)  # the hard timeout (120 s) fails the test if it hangs
+    assert proc.returncode == code, proc.stderr
+    if fails:
+        assert proc.stderr.strip() == IMPORT_FAILED.format(
+            module="server_app", error="RuntimeError: boom after the thread started")
+    else:
+        names = [h["evidence"]["name"] for h in json.loads(proc.stdout)["hazards"]
+                 if h["kind"] == "thread"]
+        assert names == ["serve-forever"], "the JSON was flushed whole before the exit"
+
+
+def test_check_without_a_thread_exits_normally(project: pathlib.Path) -> None:
+    """Safe twin: with no thread left, check ends the normal way (the modules' atexit
+    handlers run)."""
+    (project / "tidy_app.py").write_text(
+        "import atexit\natexit.register(lambda: print('atexit ran', flush=True))\n")
+    proc = forksafe("check", "--import", "tidy_app", cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("atexit ran")

@@ -16,7 +16,8 @@ import sys
 from conftest import MARK, ROOT, run_scenario
 from forksafe import _config, _hook
 
-UNSET = {"FORKSAFE_POLICY": "", "FORKSAFE_REPORT": "", "FORKSAFE_HANG_TIMEOUT": ""}
+UNSET = {"FORKSAFE_POLICY": "", "FORKSAFE_REPORT": "", "FORKSAFE_HANG_TIMEOUT": "",
+         "FORKSAFE_FAIL_ON": ""}
 
 # The script knows nothing about forksafe; it reports what the hook did.
 SCRIPT = f"""
@@ -168,3 +169,47 @@ print({MARK!r} + '{{"heavy": %s, "policy": "%s"}}' % (heavy, guard.installed().p
 """
     s = run_scenario(code, tmp_path, env={**UNSET, "FORKSAFE_POLICY": "warn"})
     assert s.result == {"heavy": [], "policy": "warn"}
+
+
+def test_the_pth_line_looks_at_exactly_the_user_variables() -> None:
+    """The .pth condition and _config name the same variables: a variable only _config
+    knows would be silently ignored, one only the .pth knows would import for nothing."""
+    import re
+
+    line = (ROOT / "src" / "forksafe-hook.pth").read_text()
+    assert tuple(re.findall(r'get\("(FORKSAFE_\w+)"\)', line)) == _config.USER_VARIABLES
+
+
+def test_hang_timeout_alone_implies_log(tmp_path: pathlib.Path) -> None:
+    """FORKSAFE_HANG_TIMEOUT alone asks for hang watching: the guard runs under 'log'."""
+    s = _run(tmp_path, FORKSAFE_HANG_TIMEOUT="30")
+    assert s.result == {"imported": True, "policy": "log", "hang_timeout": 30.0,
+                        "events": ["logged"]}
+    assert _ours(s.stderr) == []
+
+
+def test_fail_on_alone_says_it_needs_policy_raise(tmp_path: pathlib.Path) -> None:
+    """FORKSAFE_FAIL_ON alone would do nothing: one line says so, and nothing is installed."""
+    s = _run(tmp_path, FORKSAFE_FAIL_ON="warning")
+    assert s.result["policy"] is None
+    assert s.returncode == 0
+    [line] = _ours(s.stderr)
+    assert "FORKSAFE_FAIL_ON='warning'" in line and "FORKSAFE_POLICY=raise" in line
+    assert "guard is off" in line
+
+
+def test_fail_on_with_an_implied_policy_says_forks_are_only_logged() -> None:
+    """FORKSAFE_FAIL_ON with FORKSAFE_REPORT (policy log implied): said once, recording on."""
+    config, [line] = _config.from_environment({"FORKSAFE_FAIL_ON": "warning",
+                                               "FORKSAFE_REPORT": "r.jsonl"})
+    assert config is not None and config.policy == "log" and config.report == "r.jsonl"
+    assert "only logged" in line
+    config, lines = _config.from_environment({"FORKSAFE_FAIL_ON": "warning",
+                                              "FORKSAFE_POLICY": "raise"})
+    assert config is not None and config.fail_on == _config.LEVELS["warning"] and lines == []
+
+
+def test_a_bad_hang_timeout_alone_installs_nothing() -> None:
+    """FORKSAFE_HANG_TIMEOUT=-3 alone: the one reason for the guard is gone, and so is it."""
+    config, [line] = _config.from_environment({"FORKSAFE_HANG_TIMEOUT": "-3"})
+    assert config is None and "FORKSAFE_HANG_TIMEOUT='-3'" in line

@@ -54,10 +54,10 @@ DUMP_SIGNAL: int | None = (
     int(signal.SIGRTMAX) - 3 if hasattr(signal, "SIGRTMAX") else None  # type: ignore[attr-defined,unused-ignore]
 )
 
-_FLAGS = (
-    os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-)
+#: A crash file by name is always a new file (``O_EXCL``), reached without following a
+#: link (``O_NOFOLLOW``), in a directory ``forksafe._statedir`` checked is ours.
+_FLAGS = _statedir.CREATE_FLAGS | os.O_APPEND
+_create = _statedir.create
 
 
 #: The crash file this process's faulthandler writes to, once armed (``armed()``),
@@ -190,7 +190,7 @@ def arm(parent_pid: int, hang_timeout: float | None, spare: CrashFile | None = N
             if prepared is None or prepared[1] is None:
                 return
             path = prepared[1] + str(os.getpid()) + ".crash"
-            fd = _out_of_the_way(os.open(path, _FLAGS, 0o600))
+            fd = _out_of_the_way(_create(path, _FLAGS))
             crash = (fd, None, None, path, parent_pid, prepared[1])
         inherited, _armed_box[0] = _armed_box[0], None
         faulthandler.enable(fd, True)
@@ -270,7 +270,7 @@ def open_spare(hang_timeout: float | None, pid: int | None = None) -> CrashFile 
             return None
         _spare_count += 1
         path = f"{prefix}{pid}-{_spare_count}.spare"
-        crash = _opened(lambda: os.open(path, _FLAGS, 0o600), path, pid, prefix)
+        crash = _opened(lambda: _create(path, _FLAGS), path, pid, prefix)
         if crash is None:
             return None
     return crash

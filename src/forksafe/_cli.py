@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--policy", type=_option("policy"), default="warn",
                      metavar="{log,warn,raise}",
                      help="what the guard does at a hazardous fork (default: warn)")
-    run.add_argument("--report", metavar="FILE", help="write the JSON report to FILE")
+    run.add_argument("--report", type=_option("report"), metavar="FILE",
+                     help="write the JSON report to FILE (a FIFO or device is written to "
+                          "as it is)")
     run.add_argument("--hang-timeout", type=_option("hang_timeout"), metavar="SECONDS",
                      default=None,
                      help="report a forked child that makes no progress for this long")
@@ -141,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     try:
         if args.command == "check":
-            return _check(args)
+            return _leave_despite_threads(_check(args))
         if args.command == "explain":
             return _explain(args)
         if args.command == "run":
@@ -156,6 +158,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.debug:
             traceback.print_exc()
         print(str(exc), file=sys.stderr)
+        if args.command == "check":  # a module may have started a thread, then failed
+            _leave_despite_threads(EXIT_USAGE)
         return EXIT_USAGE
     raise AssertionError(f"unhandled command {args.command!r}")
 
@@ -181,6 +185,30 @@ def _check(args: argparse.Namespace) -> int:
         print(report)
     worst = report.max_severity
     return EXIT_HAZARDS if worst is not None and worst >= Severity.parse(args.fail_on) else 0
+
+
+def _leave_despite_threads(code: int) -> int:
+    """``code``, or exit with it right now when an imported module left a non-daemon
+    thread running.
+
+    ``check --import`` imports the user's modules only to look at the process;
+    a module that starts a non-daemon thread (a scheduler, a server loop) would
+    otherwise keep the interpreter in its shutdown, joining that thread, forever,
+    after the report is printed. So the report is flushed and the process ends
+    with ``os._exit``, as ``forksafe check`` is done. Only then: a normal exit
+    runs the modules' ``atexit`` handlers, which ``os._exit`` skips.
+    """
+    import threading
+
+    main = threading.main_thread()
+    if not any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        return code
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # a closed or broken stream: nothing more can be said there
+            continue
+    os._exit(code)
 
 
 def check_json(report: Report) -> dict[str, Any]:

@@ -55,11 +55,15 @@ LEVELS = {"warning": 20, "error": 30}
 BAD_CHOICE = "{name}={value!r}: expected one of: {choices}"
 BAD_SECONDS = "{name}={value!r} is not a finite positive number of seconds"
 IGNORED = "forksafe: ignoring {problem}; {consequence}"
+#: ``FORKSAFE_FAIL_ON`` without a policy: it is ``raise``'s threshold, and nothing raises.
+FAIL_ON_ALONE = "{name}={value!r}: it only applies with {policy}=raise, which is not set"
 #: What the environment hook does instead of a bad value.
 CONSEQUENCES = {
     "policy": "the fork guard is off in this process",
     "fail_on": "using error",
     "hang_timeout": "hung children are not watched in this process",
+    "fail_on_alone": "the fork guard is off in this process",
+    "fail_on_implied": "forks are only logged (policy log)",
 }
 
 
@@ -67,12 +71,16 @@ class Source:
     """One door in (see the module docstring): how each setting is spelled there, and
     whether its values arrive as text to parse."""
 
-    __slots__ = ("names", "off", "text")
+    __slots__ = ("blank", "names", "off", "text")
 
-    def __init__(self, names: dict[str, str], *, text: bool, off: bool = False) -> None:
+    def __init__(self, names: dict[str, str], *, text: bool, off: bool = False,
+                 blank: bool = True) -> None:
         self.names = names
         self.text = text
         self.off = off  # whether the policy "off" is accepted here
+        # Whether a blank report name means "no report" (an unset variable reads as
+        # ""), or is an error (``--report ''``: a file was asked for, and none named).
+        self.blank = blank
 
 
 ARGUMENTS = Source({"policy": "policy", "fail_on": "fail_on", "hang_timeout": "hang_timeout",
@@ -81,7 +89,8 @@ ENVIRONMENT = Source({"policy": ENV_POLICY, "fail_on": ENV_FAIL_ON,
                       "hang_timeout": ENV_HANG_TIMEOUT, "report": ENV_REPORT},
                      text=True, off=True)
 OPTIONS = Source({"policy": "--policy", "fail_on": "--fail-on",
-                  "hang_timeout": "--hang-timeout", "report": "--report"}, text=True)
+                  "hang_timeout": "--hang-timeout", "report": "--report"}, text=True,
+                 blank=False)
 
 
 class ConfigError(ValueError):
@@ -163,7 +172,7 @@ def _hang_timeout(value: object, source: Source) -> float | None:
 def _report(value: object, source: Source) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str):
+    if not isinstance(value, str) or (not source.blank and not value.strip()):
         raise ConfigError(f"{source.names['report']}={value!r} is not a file name", "report")
     return value.strip() or None if source.text else value or None
 
@@ -182,31 +191,43 @@ def shown(value: object) -> object:
 def from_environment(environ: Mapping[str, str]) -> tuple[Config | None, list[str]]:
     """The configuration the environment asks for (None: no guard), and the lines to say.
 
-    Nothing is asked for unless ``FORKSAFE_POLICY`` or ``FORKSAFE_REPORT`` is set;
-    ``FORKSAFE_REPORT`` alone means policy "log" (recording was asked for).
-    A bad value is dropped for its default, with one line saying so; a bad policy
-    leaves the process unguarded.
+    Nothing is asked for unless ``FORKSAFE_POLICY``, ``FORKSAFE_REPORT`` or
+    ``FORKSAFE_HANG_TIMEOUT`` is set; the latter two alone mean policy "log"
+    (recording, or watching for hangs, was asked for: both need the guard, and
+    "log" changes nothing the program sees). ``FORKSAFE_FAIL_ON`` only matters
+    under policy "raise": set without ``FORKSAFE_POLICY`` it would be silently
+    ignored, so it gets one line saying so. A bad value is dropped for its
+    default, with one line saying so; a bad policy leaves the process unguarded.
     """
     policy = environ.get(ENV_POLICY, "").strip()
     report = environ.get(ENV_REPORT, "").strip() or None
-    if not policy and report is None:
-        return None, []
+    hang = environ.get(ENV_HANG_TIMEOUT, "").strip() or None
+    fail_on = environ.get(ENV_FAIL_ON, "").strip()
+    problems: list[str] = []
+    if fail_on and not policy:
+        problems.append(IGNORED.format(
+            problem=FAIL_ON_ALONE.format(name=ENV_FAIL_ON, value=shown(fail_on),
+                                         policy=ENV_POLICY),
+            consequence=CONSEQUENCES["fail_on_alone"] if report is None and hang is None
+            else CONSEQUENCES["fail_on_implied"]))
+    if not policy and report is None and hang is None:
+        return None, problems
     if policy.lower() == "off":
         return None, []
     values: dict[str, object] = {
         "policy": policy or "log",
-        "fail_on": environ.get(ENV_FAIL_ON, "").strip() or "error",
-        "hang_timeout": environ.get(ENV_HANG_TIMEOUT),
+        "fail_on": fail_on or "error",
+        "hang_timeout": hang,
         "report": report,
     }
-    problems: list[str] = []
     while True:
         try:
             return Config.make(**values, source=ENVIRONMENT), problems
         except ConfigError as exc:
             problems.append(IGNORED.format(problem=exc, consequence=CONSEQUENCES[exc.field]))
-            if exc.field == "policy":
-                return None, problems
+            if exc.field == "policy" or (exc.field == "hang_timeout" and not policy
+                                         and report is None):
+                return None, problems  # nothing else asked for the guard
             values[exc.field] = {"fail_on": "error", "hang_timeout": None}[exc.field]
 
 

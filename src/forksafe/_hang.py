@@ -44,6 +44,7 @@ import linecache
 import os
 import re
 import signal
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -52,7 +53,7 @@ from forksafe._child import DUMP_SIGNAL
 from forksafe._platform import _procinfo
 from forksafe._render import forks, outcomes
 from forksafe._report import ForkEvent, Hazard, Outcome, Severity, Site
-from forksafe._statedir import crash_path, state_dir, write_hung_marker
+from forksafe._statedir import crash_path, write_hung_marker
 from forksafe._tracebacks import parse_sections
 
 #: The system calls a thread blocked acquiring a lock is seen in (after a signal
@@ -81,14 +82,17 @@ def sample(pid: int, started: str | None, *, proc: str = "/proc") -> tuple[Any, 
 _stops = itertools.count()
 
 
-def request_dump(pid: int, *, directory: str, wait: float = DUMP_WAIT) -> str:
+def request_dump(pid: int, *, directory: str | None, wait: float = DUMP_WAIT) -> str:
     """Ask the child for its Python stacks (DUMP_SIGNAL) and return what it wrote.
 
     Sent only when the child catches the signal (armed by ``_child.arm``): the
     default action of a real-time signal would kill it. The dump is cut off the
-    crash file again, so that a later crash finds the file as it was.
+    crash file again, so that a later crash finds the file as it was. The file
+    is opened once, without following a link, and must be a regular file of
+    ours: sizes, reading and cutting then go through that descriptor, never
+    through a path that could be swapped meanwhile.
     """
-    if DUMP_SIGNAL is None or not _procinfo.catches(pid, DUMP_SIGNAL):
+    if directory is None or DUMP_SIGNAL is None or not _procinfo.catches(pid, DUMP_SIGNAL):
         return ""
     path = crash_path(pid, directory=directory)
     if _procinfo.has_open(pid, path) is False:
@@ -97,28 +101,32 @@ def request_dump(pid: int, *, directory: str, wait: float = DUMP_WAIT) -> str:
         # number. Better no stacks than a stack dump in someone's data.
         return ""
     try:
-        before = os.path.getsize(path)
-        os.kill(pid, DUMP_SIGNAL)
+        fd = os.open(path, _DUMP_FLAGS)
     except OSError:
         return ""
-    deadline = time.monotonic() + wait
-    size, stable = before, 0
-    while time.monotonic() < deadline and stable < 3:
-        time.sleep(0.02)
-        try:
-            now = os.path.getsize(path)
-        except OSError:
-            return ""
-        stable = stable + 1 if now == size and now > before else 0
-        size = now
     try:
-        with open(path, "rb") as f:
-            f.seek(before)
-            data = f.read(64 * 1024)
-        os.truncate(path, before)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return ""
+        before = info.st_size
+        os.kill(pid, DUMP_SIGNAL)
+        deadline = time.monotonic() + wait
+        size, stable = before, 0
+        while time.monotonic() < deadline and stable < 3:
+            time.sleep(0.02)
+            now = os.fstat(fd).st_size
+            stable = stable + 1 if now == size and now > before else 0
+            size = now
+        data = os.pread(fd, 64 * 1024, before)
+        os.ftruncate(fd, before)
     except OSError:
         return ""
+    finally:
+        os.close(fd)
     return data.decode("utf-8", "replace").strip()
+
+
+_DUMP_FLAGS = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
 
 
 @dataclass
@@ -129,7 +137,7 @@ class Finding:
     text: str
 
 
-def analyse(event: ForkEvent, seconds: float, *, directory: str,
+def analyse(event: ForkEvent, seconds: float, *, directory: str | None,
             proc: str = "/proc") -> Outcome | None:
     """A ``hung`` outcome for ``event``'s stuck child, or None when fork does not explain it."""
     pid = event.child_pid
@@ -263,14 +271,16 @@ class HangMonitor:
         timeout: float,
         *,
         on_hung: Callable[[ForkEvent, Outcome], None],
-        directory: str | None = None,
+        directory: str | None,
         kill: bool = True,
         proc: str = "/proc",
         _clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.timeout = timeout
         self.on_hung = on_hung
-        self.directory = directory or state_dir()
+        # The state directory (crash files, hang markers) as the watched program checked
+        # it; None: there is none, so no Python stacks are asked for and no marker left.
+        self.directory = directory
         self.kill = kill
         self.proc = proc
         self._clock = _clock
@@ -319,7 +329,8 @@ class HangMonitor:
             self._report(pid, event, outcome)
 
     def _report(self, pid: int, event: ForkEvent, outcome: Outcome) -> None:
-        write_hung_marker(pid, outcome, directory=self.directory)
+        if self.directory is not None:
+            write_hung_marker(pid, outcome, directory=self.directory)
         self.hung.append(event)
         try:
             self.on_hung(event, outcome)

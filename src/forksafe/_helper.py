@@ -32,7 +32,7 @@ from forksafe._interpreter import interpreter_problem
 from forksafe._platform import _procinfo
 from forksafe._render import outcomes
 from forksafe._report import ForkEvent, Outcome
-from forksafe._statedir import state_dir
+from forksafe._statedir import current
 
 
 class Client:
@@ -112,7 +112,10 @@ class Client:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
         argv = [sys.executable, "-m", "forksafe._helper", "--timeout", repr(self.timeout),
-                "--dir", state_dir(), "--parent", str(os.getpid())]
+                "--parent", str(os.getpid())]
+        directory = current()  # the one this process checked: never a planted one
+        if directory:
+            argv += ["--dir", directory]
         if self.report:
             argv += ["--report", self.report]
         env[_config.ENV_HELPER_DETACH] = "1"
@@ -155,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m forksafe._helper")
     parser.add_argument("--timeout", type=float, required=True)
-    parser.add_argument("--dir", required=True)
+    parser.add_argument("--dir", help="the state directory; none: no stacks, no markers")
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--report")
     args = parser.parse_args(argv)

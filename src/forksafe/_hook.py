@@ -2,10 +2,11 @@
 
 ``forksafe-hook.pth``, installed next to the package in site-packages, holds
 one line that ``site`` runs at every interpreter start. It reads
-``os.environ`` (already imported by ``site``) and does nothing else unless
-``FORKSAFE_POLICY`` or ``FORKSAFE_REPORT`` is set, so a Python without those
-variables pays one dictionary lookup. Only then is this module imported and
-``activate()`` called.
+``os.environ`` (already imported by ``site``) and does nothing else unless one of
+the four user variables (``forksafe._config.USER_VARIABLES``) is set, so a Python
+without them pays four dictionary lookups. Only then is this module imported and
+``activate()`` called (which may only say that ``FORKSAFE_FAIL_ON`` alone does
+nothing).
 
 Why a ``.pth`` file and not a ``sitecustomize`` module: there is only one
 ``sitecustomize`` per interpreter (Debian and many distributions ship their

@@ -180,12 +180,11 @@ def on_reaped(pid: int, status: int, *, event: ForkEvent | None = None,
     # A hang marker is written only by a hang monitor: `forksafe run`'s, or the
     # helper a hang timeout starts. Without either there is nothing to look for.
     watched = _hangs_watched(guard)
-    prefix = ""
-    if held is None or watched:
-        prefix = _state_prefix(directory)
-    traceback = _statedir.take_crash_file(prefix + str(pid) + ".crash") if held is None \
-        else held or None
-    hung = _statedir.take_hung_marker(pid, directory=prefix) if watched else None
+    prefix = _state_prefix(directory) if held is None or watched else None
+    # No state directory at all (none of ours could be made): nothing was left by name.
+    traceback = held or None if held is not None else \
+        _statedir.take_crash_file(prefix + str(pid) + ".crash") if prefix else None
+    hung = _statedir.take_hung_marker(pid, directory=prefix) if watched and prefix else None
     if hung is None and traceback is None and os.WIFEXITED(status):
         code = os.WEXITSTATUS(status)
         outcome = _EXITED.get(code) or _EXITED.setdefault(code, Outcome("exited", code))
@@ -208,13 +207,11 @@ def on_reaped(pid: int, status: int, *, event: ForkEvent | None = None,
         warn(outcome.diagnosis or f"child {pid} {outcome.status}", event)
 
 
-def _state_prefix(directory: str | None) -> str:
-    """``directory``, else this process's state directory, with a trailing separator."""
+def _state_prefix(directory: str | None) -> str | None:
+    """``directory``, else this process's state directory (as ``forksafe._statedir``
+    checked it), with a trailing separator; None when there is none."""
     if directory is None:
-        prefix = _child.crash_prefix()
-        if prefix:
-            return prefix
-        directory = _statedir.state_dir()
+        return _child.crash_prefix() or _statedir.current()
     return os.path.join(directory, "")
 
 

@@ -54,6 +54,7 @@ from forksafe._statedir import fast_temp_root
 NO_COMMAND = "forksafe run: no command given; usage: forksafe run [OPTIONS] -- COMMAND [ARG]..."
 CANNOT_RUN = "forksafe run: cannot run {command!r}: {error}"
 REPORT_WRITTEN = "forksafe: report written to {path}"
+REPORT_LOST = "the summary above is all there is; exit code {code} is COMMAND's own"
 
 #: Signals passed on to COMMAND's process group.
 FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT")
@@ -83,8 +84,14 @@ def cli(args: argparse.Namespace) -> int:
     result = run(argv, policy=args.policy, hang_timeout=args.hang_timeout, accept=rules)
     sys.stderr.write(render_run(result.report) + "\n")
     if args.report:
-        write_report(result.report, args.report)
-        sys.stderr.write(REPORT_WRITTEN.format(path=args.report) + "\n")
+        # COMMAND has run: its exit code is the result, also when the report cannot be
+        # written now (a full disk, a directory removed meanwhile): one line says so.
+        try:
+            write_report(result.report, args.report)
+        except UsageError as exc:
+            sys.stderr.write(f"{exc}; {REPORT_LOST.format(code=result.exit_code)}\n")
+        else:
+            sys.stderr.write(REPORT_WRITTEN.format(path=args.report) + "\n")
     sys.stderr.flush()
     return result.exit_code
 

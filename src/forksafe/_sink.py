@@ -20,6 +20,7 @@ microseconds, next to a fork's hundreds.
 
 from __future__ import annotations
 
+import errno
 import os
 
 TYPE_CHECKING = False
@@ -33,14 +34,35 @@ SINK_UNWRITABLE = (
 
 
 class Sink:
-    """The report file. ``write`` never raises: a full disk must not stop a fork."""
+    """The report file. ``write`` never raises: a full disk must not stop a fork.
 
-    FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+    The path often comes from the environment and names a shared place (``/tmp``),
+    where another local user may have put something first: a symbolic link to a
+    file of the victim's (which we would append to), or a file or FIFO of their own
+    (which would receive our events: command lines, paths, thread names). So the
+    file is opened without following a link (``O_NOFOLLOW``), created 0600, and
+    checked once, when the sink is made, to belong to this user (or to root, who
+    can read it anyway: ``/dev/null``). ``O_NONBLOCK``: a FIFO that nobody reads
+    fails at once instead of blocking the program at every fork.
+    """
+
+    FLAGS = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+             | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
 
     def __init__(self, path: str) -> None:
-        """Check now that ``path`` can be opened for appending (OSError if not)."""
+        """Check now that ``path`` can be opened for appending, and is ours (OSError if
+        not, whose ``strerror`` says why in words)."""
         self.path = os.path.abspath(path)
-        os.close(os.open(self.path, self.FLAGS, 0o644))
+        try:
+            fd = os.open(self.path, self.FLAGS, 0o600)
+        except OSError as exc:
+            raise OSError(exc.errno, _why(exc)) from None
+        try:
+            owner = os.fstat(fd).st_uid
+        finally:
+            os.close(fd)
+        if owner not in (os.getuid(), 0):
+            raise OSError(errno.EPERM, NOT_OURS.format(uid=owner, me=os.getuid()))
 
     def write(self, record: dict[str, Any]) -> bool:
         """Append ``record`` as one line; False if it could not be written."""
@@ -48,7 +70,7 @@ class Sink:
 
         data = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
         try:
-            fd = os.open(self.path, self.FLAGS, 0o644)
+            fd = os.open(self.path, self.FLAGS, 0o600)
         except OSError:
             return False
         try:
@@ -67,6 +89,20 @@ class Sink:
 
     def close(self) -> None:
         """Nothing is held open; kept so that callers need not know."""
+
+
+#: Why a report file is refused when another user owns it.
+NOT_OURS = ("it belongs to uid {uid}, not to this user (uid {me}); forksafe never writes "
+            "its events into another user's file")
+
+
+def _why(exc: OSError) -> str:
+    """The words for a failed open, where the system's own would puzzle."""
+    if exc.errno == errno.ELOOP:
+        return "it is a symbolic link, which forksafe does not follow"
+    if exc.errno == errno.ENXIO:
+        return "it is a FIFO that nobody reads"
+    return exc.strerror or str(exc)
 
 
 def unusable(path: str, source: str) -> str | None:

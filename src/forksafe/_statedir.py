@@ -7,9 +7,11 @@ parent may look for it: ``forksafe run`` or a hang monitor. Then it has a name,
 marker a hang monitor leaves for a child it reported hung (its outcome, as JSON).
 
 ``forksafe run`` gives its tree a private directory (``FORKSAFE_STATE_DIR``) and
-removes it at the end; otherwise it is one directory per user under a temp root,
-used only when it is ours and no one else can write to it (``checked_prefix``).
-Leftovers of processes that are gone are swept now and then (``sweep``).
+removes it at the end; otherwise it is one directory per user under a temp root.
+Either is used only when it is ours and no one else can write to it
+(``checked_prefix``), else a private one made for the process; every file in it is
+created new, never through a link (``create``). Leftovers of processes that are
+gone are swept now and then (``sweep``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ _READ_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLO
 
 
 def state_dir(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
-    """Where crash files and hang markers live: per run, or one per user.
+    """The shared state directory: per run, or one per user. Whether it may be used is
+    ``checked_prefix``'s decision; everything that writes or reads there goes by that.
 
     Computed from ``os.environ`` only (no ``tempfile``, whose lock another thread
     may hold at fork time).
@@ -61,31 +64,151 @@ def fast_temp_root(environ: dict[str, str] | os._Environ[str] | None = None) -> 
     return env.get("TMPDIR") or "/tmp"
 
 
-def checked_prefix() -> str | None:
-    """``<state dir>/`` when it is a directory of our own that no one else may write to.
+#: Said once per process when the shared state directory cannot be trusted.
+NOT_OURS = ("forksafe: not using the state directory {path!r}: it {why}; crash files and "
+            "hang markers of this process go to the private directory {private!r} instead")
+NO_PLACE = ("forksafe: not using the state directory {path!r}: it {why}, and no private "
+            "directory could be made ({error}); children of this process are not followed "
+            "by name (no crash file for forksafe run, no hang diagnosis)")
 
-    In a shared temporary directory another user could otherwise plant it and
-    read our tracebacks, or swap files under us. ``None``: crash files are off.
+#: This process's decision: (pid, ``<directory>/`` or None). A forked child decides anew
+#: (``forksafe._child.prepare`` calls ``checked_prefix`` once per process).
+_decided: tuple[int, str | None] | None = None
+#: The private directory fallen back to, by this process or the one it was forked from
+#: (a forked child keeps using it), and the pid that made it (it removes it at exit).
+_private: tuple[int, str] | None = None
+#: Whether this process (or the one it was forked from) said why it fell back.
+_warned = False
+
+
+def checked_prefix() -> str | None:
+    """``<directory>/`` for this process's crash files and hang markers; None: none at all.
+
+    The shared directory (``state_dir``) is used only when it is ours: a real
+    directory, not a symbolic link, owned by this user, open to nobody else,
+    in a parent where nobody else can swap it (sticky, or writable by its owner
+    only). It is checked with ``lstat``, created with mode 0700 when missing, and
+    checked again after creating it (another user may have won the race).
+    Otherwise another local user could have planted it (say, 0777 and full of
+    symbolic links named after our future children's pids), to have our files
+    written through the links, read our tracebacks, or silently turn crash
+    capture and hang detection off. Then a private directory is made instead
+    (random name, mode 0700), said once on stderr; a process forked from this
+    one inherits it. Decided once per process (``forksafe._child.prepare``):
+    never on the fork path.
     """
+    global _decided
     directory = state_dir()
+    why = _untrusted(directory, create=True)
+    prefix = os.path.join(directory, "") if why is None else _fall_back(directory, why)
+    _decided = (os.getpid(), prefix)
+    return prefix
+
+
+def current() -> str | None:
+    """``<directory>/`` as this process decided (deciding now if it has not): where the
+    hang helper, the reaping parent and the sweep look."""
+    decided = _decided
+    if decided is not None and decided[0] == os.getpid():
+        return decided[1]
+    return checked_prefix()
+
+
+def _untrusted(directory: str, *, create: bool) -> str | None:
+    """Why ``directory`` must not hold our files (a phrase after "it"); None when it is ours."""
     try:
         info = os.lstat(directory)
     except FileNotFoundError:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        info = os.lstat(directory)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        if not create:
+            return "does not exist"
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass  # someone made it meanwhile: judged below like any other
+        except OSError as exc:
+            return f"cannot be created ({exc.strerror or exc})"
+        return _untrusted(directory, create=False)
+    except OSError as exc:
+        return f"cannot be examined ({exc.strerror or exc})"
+    if stat.S_ISLNK(info.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return "is not a directory"
+    uid = os.getuid()
+    if info.st_uid != uid:
+        return f"belongs to uid {info.st_uid}, not to this user (uid {uid})"
+    if info.st_mode & 0o077:
+        return f"is open to other users (mode {stat.S_IMODE(info.st_mode):o}, not 700)"
+    try:
+        parent = os.stat(os.path.dirname(os.path.abspath(directory)))
+    except OSError as exc:
+        return f"lies in a directory that cannot be examined ({exc.strerror or exc})"
+    if parent.st_uid not in (0, uid) or (
+            parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX):
+        return "lies in a directory where others may rename or replace it"
+    return None
+
+
+def _fall_back(shared: str, why: str) -> str | None:
+    """A private directory of ours instead of ``shared``; said once per process."""
+    global _private, _warned
+    private = _private
+    if private is not None and _untrusted(private[1], create=False) is None:
+        return os.path.join(private[1], "")  # made by this process or the one it forked from
+    error = "no temporary directory"
+    made = None
+    roots = dict.fromkeys((fast_temp_root(), os.environ.get("TMPDIR") or "/tmp", "/tmp"))
+    for root in roots:
+        for _ in range(4):
+            path = os.path.join(root, f"forksafe-{os.getuid()}-{os.urandom(6).hex()}")
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                error = exc.strerror or str(exc)
+                break
+            if _untrusted(path, create=False) is None:
+                made = path
+                break
+            error = f"{path} {_untrusted(path, create=False)}"
+        if made is not None:
+            break
+    if not _warned:
+        _warned = True
+        from forksafe._errors import write_fd2  # no lock: this may run in a forked child
+
+        write_fd2(NOT_OURS.format(path=shared, why=why, private=made) if made else
+                  NO_PLACE.format(path=shared, why=why, error=error))
+    if made is None:
         return None
-    return os.path.join(directory, "")
+    _private = (os.getpid(), made)
+    import atexit
+
+    atexit.register(_remove_private)
+    return os.path.join(made, "")
+
+
+def _remove_private() -> None:
+    """At exit of the process that made the private directory: its leftovers of
+    finished processes go (``sweep``), then the directory if that left it empty. A
+    child still running keeps it (and its files) until the next sweep of its own."""
+    private = _private
+    if private is None or private[0] != os.getpid():
+        return  # a forked child exiting through atexit: the directory is its parent's
+    with contextlib.suppress(OSError):
+        sweep(private[1], now=time.time() + STALE_AFTER)
+        os.rmdir(private[1])
 
 
 def crash_path(child_pid: int, *, directory: str | None = None) -> str:
     """The file the child with ``child_pid`` writes its tracebacks into."""
-    return os.path.join(directory or state_dir(), f"{child_pid}.crash")
+    return os.path.join(directory or current() or state_dir(), f"{child_pid}.crash")
 
 
 def hung_path(child_pid: int, *, directory: str | None = None) -> str:
     """The marker a hang monitor leaves for a child it reported hung (JSON outcome)."""
-    return os.path.join(directory or state_dir(), f"{child_pid}.hung")
+    return os.path.join(directory or current() or state_dir(), f"{child_pid}.hung")
 
 
 def take_crash_text(pid: int, *, directory: str | None = None) -> str | None:
@@ -120,27 +243,67 @@ def take_crash_file(path: str) -> str | None:
     return text or None
 
 
-def write_hung_marker(pid: int, outcome: Outcome, *, directory: str) -> None:
-    """Leave ``outcome`` for the parent of hung child ``pid`` (whole, or not at all)."""
-    marker = hung_path(pid, directory=directory)
+#: How a file is made in the state directory: never through a link, never over a file
+#: that is there already (a leftover is removed first: the directory is ours alone).
+CREATE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+                | getattr(os, "O_NOFOLLOW", 0))
+#: The most of a hang marker that is read (an outcome with its traceback, bounded).
+MAX_MARKER_BYTES = 1024 * 1024
+
+
+def create(path: str, flags: int = CREATE_FLAGS) -> int:
+    """A new file at ``path`` (mode 0600), opened with ``flags`` (which hold ``O_EXCL``
+    and ``O_NOFOLLOW``); a leftover of the same name, or a link, is removed and the file
+    made anew, once. OSError when that fails too."""
     try:
-        with open(marker + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(outcome.to_dict(), f)
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        os.unlink(path)  # removes a link itself, never its target
+        return os.open(path, flags, 0o600)
+
+
+def write_hung_marker(pid: int, outcome: Outcome, *, directory: str) -> None:
+    """Leave ``outcome`` for the parent of hung child ``pid`` (whole, or not at all):
+    written to a new temporary file, then renamed within ``directory``."""
+    marker = hung_path(pid, directory=directory)
+    data = json.dumps(outcome.to_dict()).encode()
+    try:
+        fd = create(marker + ".tmp")
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         os.replace(marker + ".tmp", marker)
     except OSError:
-        pass
+        with contextlib.suppress(OSError):
+            os.unlink(marker + ".tmp")
 
 
 def take_hung_marker(pid: int, *, directory: str | None = None) -> Outcome | None:
-    """The outcome a hang monitor recorded for ``pid``, removing the marker."""
+    """The outcome a hang monitor recorded for ``pid``, removing the marker. Only a
+    regular file of this user's, reached without following a link, counts."""
     path = hung_path(pid, directory=directory)
     try:
-        with open(path, encoding="utf-8") as f:
-            data: Any = json.load(f)
-    except (OSError, ValueError):
+        fd = os.open(path, _READ_FLAGS)
+    except OSError:
         return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return None
+        raw = os.read(fd, MAX_MARKER_BYTES)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(path)
+    try:
+        data: Any = json.loads(raw)
+    except ValueError:
+        return None
     return Outcome.from_dict(data) if isinstance(data, dict) else None
 
 
@@ -157,8 +320,12 @@ def sweep(directory: str | None = None, *, now: float | None = None) -> int:
     """
     removed = 0
     now = time.time() if now is None else now
+    if directory is None:
+        directory = current()
+        if directory is None:
+            return 0
     try:
-        entries = list(os.scandir(directory or state_dir()))
+        entries = list(os.scandir(directory))
     except OSError:
         return 0
     for entry in entries:
