@@ -44,8 +44,9 @@ ENV_SUPERVISOR = "FORKSAFE_SUPERVISOR"
 #: Set for the hang helper only: its first process exits at once (see ``forksafe._helper``).
 ENV_HELPER_DETACH = "FORKSAFE_HELPER_DETACH"
 
-#: The variables a user sets, in the order the README lists them.
-USER_VARIABLES = (ENV_POLICY, ENV_REPORT, ENV_HANG_TIMEOUT, ENV_FAIL_ON, ENV_ACCEPT)
+#: The variables that ask for the guard, in the order the README lists them: the
+#: ``.pth`` hook looks at exactly these (``FORKSAFE_ACCEPT`` alone asks for nothing).
+USER_VARIABLES = (ENV_POLICY, ENV_REPORT, ENV_HANG_TIMEOUT, ENV_FAIL_ON)
 
 POLICIES = ("log", "warn", "raise")
 FAIL_ON = ("warning", "error")
