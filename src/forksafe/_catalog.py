@@ -290,6 +290,14 @@ RUNTIMES: tuple[Runtime, ...] = (
 )
 
 
+def modules_of(key: object) -> tuple[str, ...]:
+    """The Python packages of runtime ``key`` (none for a key the catalog lacks)."""
+    for runtime in RUNTIMES:
+        if runtime.key == key:
+            return runtime.modules
+    return ()
+
+
 def find(key: str) -> Runtime:
     """The entry with this key; KeyError names the known keys."""
     for runtime in RUNTIMES:

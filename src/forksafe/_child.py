@@ -11,7 +11,7 @@ crashed inside C code, or that is stuck in C code holding the GIL.
 The file survives the child's death. It is ``<state dir>/<child pid>.crash``
 (``forksafe._statedir``) when a hang monitor or ``forksafe run`` may look for
 it, which reads and removes it, else a memory file the parent reads when it
-reaps the child (``forksafe._outcome.on_reaped``). Three signals write into it:
+reaps the child (``forksafe._outcome.on_reaped``). Four signals write into it:
 
 * the fatal signals ``faulthandler.enable`` covers (SIGSEGV, SIGBUS, SIGILL,
   SIGFPE, SIGABRT): traceback, then the signal's default action, so the child
@@ -21,6 +21,9 @@ reaps the child (``forksafe._outcome.on_reaped``). Three signals write into it:
   registered with ``chain=True``: faulthandler then restores the previous
   disposition (the default: terminate with a core) and re-raises, so the child
   dies by SIGTRAP instead of returning to the trapping instruction and looping;
+* SIGTERM, when it has its default action, the same way (``chain=True``): some
+  runtimes that find themselves in a forked child end it so, and its stacks then
+  show where (``forksafe._diagnose.ended_itself``); the child dies as it would;
 * ``DUMP_SIGNAL``, only when a hang timeout is set: the hang monitor, which runs
   in another process, sends it to a child that made no progress to get the
   Python stacks of all its threads. ``chain=False``: the handler writes and
@@ -162,6 +165,7 @@ _prepared: tuple[int, str | None, bool] | None = None
 #: Whether the dump signal is free for us (the program has no handler for it).
 _dump_free = False
 _SIGTRAP: int | None = getattr(signal, "SIGTRAP", None)
+_SIGTERM: int | None = getattr(signal, "SIGTERM", None)
 # The C functions, without signal's enum conversion: fewer objects touched per fork.
 _getsignal = _signal.getsignal
 _SIG_DFL = _signal.SIG_DFL
@@ -196,6 +200,9 @@ def arm(parent_pid: int, hang_timeout: float | None, spare: CrashFile | None = N
         faulthandler.enable(fd, True)
         if _SIGTRAP is not None:
             faulthandler.register(_SIGTRAP, fd, True, True)
+        term = _default_term()
+        if term is not None:
+            faulthandler.register(term, fd, True, True)
         # A child of a child without a hang timeout drops the dump handler it
         # inherited, which would write to its parent's crash file.
         if _dump_free:
@@ -225,8 +232,20 @@ def memory_armer(crash: CrashFile) -> tuple[Callable[[], object], ...] | None:
     calls: list[Callable[[], object]] = [partial(faulthandler.enable, fd, True)]
     if _SIGTRAP is not None:
         calls.append(partial(faulthandler.register, _SIGTRAP, fd, True, True))
+    term = _default_term()
+    if term is not None:
+        calls.append(partial(faulthandler.register, term, fd, True, True))
     calls.append(partial(_armed_box.__setitem__, 0, crash))
     return tuple(calls)
+
+
+def _default_term() -> int | None:
+    """SIGTERM, when it has its default action, so that a child ended by it may leave its
+    stacks (``chain=True``: written, then the default action, the same death); None for
+    a program that handles or ignores it, which keeps it as it is."""
+    if _SIGTERM is not None and _getsignal(_SIGTERM) == _SIG_DFL:
+        return _SIGTERM
+    return None
 
 
 def open_spare(hang_timeout: float | None, pid: int | None = None) -> CrashFile | None:

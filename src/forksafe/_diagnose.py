@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sysconfig
 from typing import Any, Iterable
 
+from forksafe import _catalog
 from forksafe._exits import HEADER
 from forksafe._render import forks, outcomes
 from forksafe._report import CRASH_SIGNALS, ForkEvent, Hazard, Outcome, Severity, Site
@@ -23,15 +25,24 @@ from forksafe._tracebacks import sections
 
 
 def outcome_for(event: ForkEvent, status: int, traceback: str | None,
-                hung: Outcome | None = None) -> Outcome:
-    """The outcome of ``event``'s child from its raw wait status and what it left."""
+                hung: Outcome | None = None, stall: Outcome | None = None) -> Outcome:
+    """The outcome of ``event``'s child from its raw wait status and what it left
+    (its crash file's ``traceback``, a hang monitor's ``hung`` marker or ``stall`` note)."""
     if os.WIFSIGNALED(status):
         name = signal_name(os.WTERMSIG(status))
         if hung is not None:
             return Outcome("hung", None, name, hung.traceback or traceback,
                            outcomes.hung_then(hung.diagnosis, name))
-        diagnosis = diagnose_death(event, name, traceback) if name in CRASH_SIGNALS else None
-        return Outcome("signaled", None, name, traceback, diagnosis)
+        if name in CRASH_SIGNALS:
+            return Outcome("signaled", None, name, traceback,
+                           diagnose_death(event, name, traceback))
+        if stall is not None:
+            # Stalled for no reason forksafe could tell, then ended from outside (its
+            # parent's timeout): the stall is what there is to say.
+            return Outcome("signaled", None, name, stall.traceback or traceback,
+                           outcomes.hung_then(stall.diagnosis, name))
+        return Outcome("signaled", None, name, traceback,
+                       ended_itself(event, name, traceback))
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
     if hung is not None:
         return Outcome("hung", code, None, hung.traceback or traceback, hung.diagnosis)
@@ -39,6 +50,33 @@ def outcome_for(event: ForkEvent, status: int, traceback: str | None,
     if code and traceback is not None and HEADER in traceback:
         diagnosis = diagnose_exit(event, code, traceback)
     return Outcome("exited", code, None, traceback, diagnosis)
+
+
+#: Signals a runtime ends a child with when it finds itself forked (besides SIGABRT,
+#: a crash signal): diagnosed only when the child was inside such a runtime's code.
+SELF_ENDING = frozenset({"SIGTERM"})
+
+
+def ended_itself(event: ForkEvent, signame: str, traceback: str | None) -> str | None:
+    """A child ended by SIGTERM while inside the code of a fork-time hazard (a runtime's
+    package or library on its stack): runtimes that detect an unsafe fork end the child
+    so. Anywhere else, SIGTERM is how parents stop children: no diagnosis."""
+    if signame not in SELF_ENDING or not traceback:
+        return None
+    parsed = sections(traceback)
+    current = next((frames for is_current, frames in parsed if is_current and frames),
+                   parsed[0][1] if parsed else [])
+    packages = {p for p in (package_of(f.file) for f in current) if p}
+    involved = [h for h in event.report.hazards if h.severity >= Severity.WARNING and (
+        (h.kind == "native-runtime" and set(_catalog.modules_of(h.evidence.get("runtime")))
+         & packages) or (h.kind in ("native-runtime", "native-thread")
+                         and _mentioned(h, traceback.lower())))]
+    if not involved or not current:
+        return None
+    frame = _outside_forksafe(current)
+    return outcomes.ended_itself(event.child_pid,
+                                 forks.describe_fork(event.mechanism, event.site), signame,
+                                 outcomes.crash_place(frame, _caller(current)), involved)
 
 
 def diagnose_exit(event: ForkEvent, code: int, text: str) -> str:
@@ -80,35 +118,40 @@ def involved(hazards: Iterable[Hazard], exception: str, frames: list[Site]) -> l
             if kind.startswith("sqlite3.") or "inherited across fork" in exception:
                 found.append(hazard)
         elif hazard.kind == "native-runtime":
-            if set(_runtime_modules(ev.get("runtime"))) & packages:
+            if set(_catalog.modules_of(ev.get("runtime"))) & packages:
                 found.append(hazard)
         elif hazard.kind == "thread" and thread_packages(ev) & packages:
             found.append(hazard)
     return found
 
 
-def _runtime_modules(key: object) -> tuple[str, ...]:
-    from forksafe import _catalog
-
-    try:
-        return _catalog.find(str(key)).modules
-    except KeyError:
-        return ()
-
-
-def thread_packages(evidence: Any) -> set[str]:
+def thread_packages(evidence: Any, *, libraries: bool = False) -> set[str]:
     """The top-level packages a fork-time thread's code lives in (its target's, and its
-    frames'), but for the standard library's plumbing and the program's own scripts."""
+    frames'), but for the standard library's plumbing and the program's own scripts;
+    ``libraries``: only installed packages and the standard library, from its frames."""
     found = set()
     target = evidence.get("target")
-    if isinstance(target, str) and "." in target and not target.startswith("__main__"):
+    if not libraries and isinstance(target, str) and "." in target and \
+            not target.startswith("__main__"):
         found.add(target.partition(".")[0])
     for site in evidence.get("current") or ():
         if isinstance(site, dict):
-            package = package_of(str(site.get("file", "")))
+            file = str(site.get("file", ""))
+            if libraries and not library_code(file):
+                continue
+            package = package_of(file)
             if package:
                 found.add(package)
     return found - _PLUMBING
+
+
+_STDLIB = tuple(os.path.join(p, "") for p in {
+    sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]})
+
+
+def library_code(path: str) -> bool:
+    """Code of an installed package or of the standard library, not the program's own."""
+    return f"-packages{os.sep}" in path or path.startswith(_STDLIB)
 
 
 #: Packages every thread passes through: no evidence of who owns it.

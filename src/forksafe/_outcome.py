@@ -185,11 +185,12 @@ def on_reaped(pid: int, status: int, *, event: ForkEvent | None = None,
     traceback = held or None if held is not None else \
         _statedir.take_crash_file(prefix + str(pid) + ".crash") if prefix else None
     hung = _statedir.take_hung_marker(pid, directory=prefix) if watched and prefix else None
-    if hung is None and traceback is None and os.WIFEXITED(status):
+    stall = _statedir.take_stall_marker(pid, directory=prefix) if watched and prefix else None
+    if hung is None and traceback is None and stall is None and os.WIFEXITED(status):
         code = os.WEXITSTATUS(status)
         outcome = _EXITED.get(code) or _EXITED.setdefault(code, Outcome("exited", code))
     else:
-        outcome = outcome_for(event, status, traceback, hung)
+        outcome = outcome_for(event, status, traceback, hung, stall)
     guard.attach_outcome(pid, outcome)
     if outcome.status == "hung":
         # A pool waiting for the task this child held would wait forever.
@@ -201,9 +202,7 @@ def on_reaped(pid: int, status: int, *, event: ForkEvent | None = None,
         # it on (pytest does, so does PYTHONFAULTHANDLER), so it expects the
         # traceback where the child would have written it: the shared stderr.
         write_stderr(outcomes.echo(pid, traceback))
-    if (outcome.status == "hung" or outcome.crashed or (
-            outcome.status == "exited" and outcomes.involves_fork(outcome.diagnosis))) \
-            and _warns(guard):
+    if outcomes.blames_fork(outcome) and _warns(guard):
         warn(outcome.diagnosis or f"child {pid} {outcome.status}", event)
 
 

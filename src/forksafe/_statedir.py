@@ -31,7 +31,7 @@ SHM = "/dev/shm"
 MAX_CRASH_BYTES = 64 * 1024
 #: What a process leaves here: crash file (and a spare not yet named for its child),
 #: hang marker (and its temp file).
-LEFTOVERS = ("crash", "spare", "hung", "hung.tmp")
+LEFTOVERS = ("crash", "spare", "hung", "hung.tmp", "stall", "stall.tmp")
 #: Seconds after which a dead process's traceback or hang marker is no longer awaited.
 STALE_AFTER = 600.0
 
@@ -263,9 +263,19 @@ def create(path: str, flags: int = CREATE_FLAGS) -> int:
 
 
 def write_hung_marker(pid: int, outcome: Outcome, *, directory: str) -> None:
-    """Leave ``outcome`` for the parent of hung child ``pid`` (whole, or not at all):
-    written to a new temporary file, then renamed within ``directory``."""
-    marker = hung_path(pid, directory=directory)
+    """Leave ``outcome`` for the parent of hung child ``pid`` (whole, or not at all)."""
+    write_marker(hung_path(pid, directory=directory), outcome)
+
+
+def stall_path(child_pid: int, *, directory: str | None = None) -> str:
+    """The note a hang monitor keeps on a child stalled for no reason it can tell
+    (``forksafe._stall``): gone when the child moves on, read if it dies stalled."""
+    return os.path.join(directory or state_dir(), f"{child_pid}.stall")
+
+
+def write_marker(marker: str, outcome: Outcome) -> None:
+    """Write ``outcome`` as JSON to ``marker``, whole or not at all: to a new temporary
+    file (``O_EXCL``, no link followed), then renamed within its directory."""
     data = json.dumps(outcome.to_dict()).encode()
     try:
         fd = create(marker + ".tmp")
@@ -281,10 +291,24 @@ def write_hung_marker(pid: int, outcome: Outcome, *, directory: str) -> None:
             os.unlink(marker + ".tmp")
 
 
+def remove_marker(marker: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(marker)
+
+
 def take_hung_marker(pid: int, *, directory: str | None = None) -> Outcome | None:
     """The outcome a hang monitor recorded for ``pid``, removing the marker. Only a
     regular file of this user's, reached without following a link, counts."""
-    path = hung_path(pid, directory=directory)
+    return take_marker(hung_path(pid, directory=directory))
+
+
+def take_stall_marker(pid: int, *, directory: str | None = None) -> Outcome | None:
+    """The stall a hang monitor noted for ``pid`` (``stall_path``), removing the note."""
+    return take_marker(stall_path(pid, directory=directory))
+
+
+def take_marker(path: str) -> Outcome | None:
+    """The outcome in marker ``path``, removing it (see ``take_hung_marker``)."""
     try:
         fd = os.open(path, _READ_FLAGS)
     except OSError:

@@ -10,7 +10,7 @@ import os
 from typing import Sequence
 
 from forksafe._render.hazards import hazard_text
-from forksafe._render.shapes import HazardLike, SiteLike
+from forksafe._render.shapes import HazardLike, OutcomeLike, SiteLike
 from forksafe._render.sites import evidence_where, frame_text, path
 
 # -- deaths --------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def death(pid: int | None, forked: str, signal: str, place: str, *,
 
 
 EXITED = "child {pid} ({forked}) exited {code} with {exception}{where}"
-#: Marks a failed exit's diagnosis that links it to the fork (``involves_fork``).
+#: Marks a failed exit's diagnosis that links it to the fork (``blames_fork``).
 INVOLVED_MARK = "it involves what was wrong at fork time"
 INVOLVED = INVOLVED_MARK + ": {hazards}"
 NOT_INVOLVED = "nothing at fork time is involved in it, so fork is probably not the cause"
@@ -78,9 +78,30 @@ def failed_exit(pid: int | None, forked: str, code: int, exception: str, place: 
     return f"{head}; {INVOLVED.format(hazards=hazards)}. " + FIX.format(remedy=blamed[0].remedy)
 
 
-def involves_fork(diagnosis: str | None) -> bool:
-    """Whether a failed exit's diagnosis links the failure to the fork."""
-    return diagnosis is not None and INVOLVED_MARK in diagnosis
+def blames_fork(outcome: OutcomeLike) -> bool:
+    """Whether an outcome is one the fork explains, and so worth a warning: a hang, a
+    crash, a failure or a self-inflicted end linked to what was wrong at fork time."""
+    diagnosis = outcome.diagnosis or ""
+    return outcome.status == "hung" or outcome.crashed or (
+        outcome.status == "exited" and INVOLVED_MARK in diagnosis) or (
+        outcome.status == "signaled" and ENDED_ITSELF_MARK in diagnosis)
+
+
+#: Marks the diagnosis of a child that ended itself (``blames_fork``).
+ENDED_ITSELF_MARK = "runtimes that find themselves in a forked child end it so"
+ENDED_ITSELF = (
+    "child {pid} ({forked}) was ended by {signal}{where}, inside code that was active at "
+    "fork time (" + ENDED_ITSELF_MARK + "): {hazards}"
+)
+
+
+def ended_itself(pid: int | None, forked: str, signal: str, place: str,
+                 involved: Sequence[HazardLike]) -> str:
+    """A child ended by SIGTERM inside the code of a runtime active at fork time."""
+    hazards = "; ".join(hazard_text(h) for h in involved[:3])
+    head = ENDED_ITSELF.format(pid=pid, forked=forked, signal=signal, where=place,
+                               hazards=hazards)
+    return f"{head}. " + FIX.format(remedy=involved[0].remedy)
 
 
 def hung_then(diagnosis: str | None, signal: str) -> str:
@@ -139,6 +160,45 @@ def thread_link(who: str, call: str, library: str, holder: str) -> str:
     """A child blocked inside a library whose own thread was alive at fork time."""
     return THREAD_LINK.format(who=who, call=call, library=os.path.basename(library),
                               holder=holder)
+
+
+RUNTIME_CODE_LINK = (
+    "{who} waits in {where} ({package}), the Python side of {runtime}, which was active at "
+    "fork time ({signals}) and whose threads do not exist in the child"
+)
+THREAD_CODE_LINK = (
+    "{who} waits in {where} ({package}), the code of thread {holder!r}{started}, which ran "
+    "at fork time and does not exist in the child: what it would have done is never done"
+)
+STALLED = (
+    "stalled for {seconds:g} s{where}; no fork-time hazard explains it (so forksafe left it "
+    "alone)"
+)
+
+
+def runtime_code_link(who: str, frame: SiteLike, package: str, runtime: str,
+                      signals: str) -> str:
+    """A child waiting in the Python code of a runtime that was active at fork time."""
+    return RUNTIME_CODE_LINK.format(who=who, where=frame_text(frame), package=package,
+                                    runtime=runtime, signals=signals or "active")
+
+
+def thread_code_link(who: str, frame: SiteLike, package: str, holder: str,
+                     started: SiteLike | None) -> str:
+    """A child waiting in the code of a thread that did not survive the fork."""
+    since = f" (started at {path(started.file)}:{started.line})" if started else ""
+    return THREAD_CODE_LINK.format(who=who, where=frame_text(frame), package=package,
+                                   holder=holder, started=since)
+
+
+def frame_place(frame: SiteLike) -> str:
+    """`` in threading.py:331 (wait)``."""
+    return f" in {frame_text(frame)}"
+
+
+def stalled(seconds: float, where: str) -> str:
+    """A child stuck for no reason forksafe can tell."""
+    return STALLED.format(seconds=round(seconds, 1), where=where)
 
 
 def blocked_thread(tid: int, name: str, several: bool) -> str:
