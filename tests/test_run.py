@@ -5,6 +5,7 @@ Every test runs the real command line in a child process with a hard timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -105,6 +106,68 @@ print(daemon.pid, pid)
     assert len(pids) == 2
     time.sleep(0.1)
     assert not any(alive(p) for p in pids), "forksafe run ended what COMMAND left running"
+
+
+KILLED = """
+import json, os, subprocess, sys, time
+daemon = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leaves the group
+pid = os.fork()
+if pid == 0:
+    time.sleep(60)
+    os._exit(0)
+ready = {"command": os.getpid(), "daemon": daemon.pid, "child": pid,
+         "state": os.environ["FORKSAFE_STATE_DIR"],
+         "events": os.path.dirname(os.environ["FORKSAFE_REPORT"])}
+with open("ready.tmp", "w") as f:
+    json.dump(ready, f)
+os.rename("ready.tmp", "ready.json")
+time.sleep(60)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(p) for p in f.read().split()]
+    return found
+
+
+def test_sigkill_of_forksafe_run_leaves_nothing_behind(tmp_path: pathlib.Path) -> None:
+    """SIGKILL forksafe run while COMMAND, its forked child and a grandchild in a session of
+    its own run: its watchdog ends all three and removes both temporary directories, then
+    exits itself, within a few seconds."""
+    (tmp_path / "app.py").write_text(KILLED)
+    run_proc = subprocess.Popen([sys.executable, "-m", "forksafe", "run", "--", sys.executable,
+                                 "app.py"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ready = json.loads((tmp_path / "ready.json").read_text())
+        [watchdog] = [p for p in _children(run_proc.pid)
+                      if pathlib.Path(f"/proc/{p}/comm").read_text().strip() == "forksafe-watch"]
+        pids = [ready["command"], ready["child"], ready["daemon"], watchdog]
+        assert all(alive(p) for p in pids)
+        assert os.path.isdir(ready["state"]) and os.path.isdir(ready["events"])
+        run_proc.kill()
+        run_proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+                any(alive(p) for p in pids) or os.path.exists(ready["state"])
+                or os.path.exists(ready["events"])):
+            time.sleep(0.05)
+        assert [p for p in pids if alive(p)] == [], "every process of the tree is gone"
+        assert not os.path.exists(ready["state"]) and not os.path.exists(ready["events"])
+    finally:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if run_proc.poll() is None:
+            run_proc.kill()
+            run_proc.wait()
 
 
 # -- the report --------------------------------------------------------------------------
