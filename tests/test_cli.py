@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from forksafe._cli import IMPORT_FAILED, REPORT_FOREIGN, REPORT_UNREADABLE
+from forksafe._cli import IMPORT_FAILED
+from forksafe._explain import REPORT_FOREIGN, REPORT_UNREADABLE
 
 
 def forksafe(*args: str, cwd: pathlib.Path, stdin: str | None = None

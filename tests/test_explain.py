@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
 import subprocess
 import sys
 
-from forksafe._cli import REPORT_FOREIGN, REPORT_UNREADABLE
+import pytest
+
+from forksafe._explain import LINES_SKIPPED, REPORT_FOREIGN, REPORT_UNREADABLE
 from forksafe._render.runs import QUIET_FORKS
 from forksafe._runreport import render_run
 
@@ -116,3 +120,157 @@ def test_identical_fates_fold_into_one_diagnosis() -> None:
     assert "child 100 killed by SIGSEGV (and 4 more like it):" in text
     assert text.count("was killed by SIGSEGV") == 1
     assert "child 100 was killed by SIGSEGV (fix: see above)" in text
+
+
+def explain_text(tmp_path: pathlib.Path, content: str | bytes, **env: str
+                 ) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "r.json"
+    if isinstance(content, str):
+        content = content.encode()
+    path.write_bytes(content)
+    return subprocess.run([sys.executable, "-m", "forksafe", "explain", str(path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+
+
+def refused(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    [line] = proc.stderr.splitlines()
+    return line
+
+
+RUN_HEAD = '{"schema": "forksafe-report/1", "command": ["app"], "exit_code": 0, "forks": '
+CLEAN_FORK = {"parent_pid": 1, "child_pid": 2, "time": "2026-11-25T10:00:00Z",
+              "mechanism": "os.fork", "site": {"file": "app.py", "line": 3, "function": "main"},
+              "action": "allowed", "thread": "MainThread", "hazards": [],
+              "outcome": {"status": "exited", "exit_code": 0, "signal": None,
+                          "traceback": None, "diagnosis": None}}
+
+
+def test_a_schema_alone_says_what_is_missing(tmp_path: pathlib.Path) -> None:
+    """It used to render "if pid 0 forked now (from thread '')": now it says what is missing."""
+    line = refused(explain_text(tmp_path, '{"schema": "forksafe-report/1"}'))
+    assert "neither 'forks' (a run report) nor 'hazards' (a check)" in line
+    line = refused(explain_text(tmp_path, '{"schema": "forksafe-report/1", "hazards": []}'))
+    assert "a check without 'parent_pid'" in line
+    line = refused(explain_text(tmp_path, '{"schema": "forksafe-report/1", "forks": []}'))
+    assert "a run report without 'command'" in line
+
+
+@pytest.mark.parametrize(("forks", "said"), [
+    ("[1, 2]", "fork entry 1 is not an object"),
+    ('[{"parent_pid": 1}]', "fork entry 1 has no 'mechanism'"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (json.dumps([CLEAN_FORK, {**CLEAN_FORK, "outcome": {"status": "exploded"}}]),
+     "fork entry 2 has an outcome status 'exploded' this version does not know"),
+    (json.dumps([{**CLEAN_FORK, "hazards": [{"kind": "thread", "severity": "warning",
+                                             "summary": "s", "remedy": "r",
+                                             "evidence": {"state": ["running"]}}]}]),
+     "fork entry 1, hazard 1: evidence 'state' has the wrong type (list)"),
+])
+def test_malformed_entries_are_one_line(tmp_path: pathlib.Path, forks: str, said: str) -> None:
+    """Non-objects, missing fields, deep nesting (RecursionError), an outcome status this
+    version does not know (it rendered as a clean fork), evidence of the wrong shape."""
+    line = refused(explain_text(tmp_path, RUN_HEAD + forks + "}"))
+    assert line.startswith(REPORT_UNREADABLE.format(path=str(tmp_path / "r.json"), error=""))
+    assert said in line, line
+
+
+def test_dev_zero_is_refused_at_once() -> None:
+    """An endless input is not read to its end: /dev/zero fails at its first byte."""
+    proc = subprocess.run([sys.executable, "-m", "forksafe", "explain", "/dev/zero"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == REPORT_UNREADABLE.format(
+        path="/dev/zero", error="not valid JSON (Expecting value at line 1)")
+
+
+def test_non_ascii_report_renders_on_an_ascii_terminal(tmp_path: pathlib.Path) -> None:
+    """PYTHONIOENCODING=ascii: a valid report naming non-ASCII paths renders, escaped (it
+    used to be called corrupt); from stdin too."""
+    fork = {**CLEAN_FORK, "site": {"file": "café.py", "line": 3, "function": "crème"}}
+    content = RUN_HEAD + json.dumps([fork], ensure_ascii=False) + "}"
+    proc = explain_text(tmp_path, content, PYTHONIOENCODING="ascii")
+    assert proc.returncode == 0, proc.stderr
+    assert "caf\\xe9.py:3 in cr\\xe8me" in proc.stdout
+    piped = subprocess.run([sys.executable, "-m", "forksafe", "explain", "-"], input=content,
+                           capture_output=True, text=True, timeout=60, encoding="utf-8",
+                           env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert piped.returncode == 0 and piped.stdout == proc.stdout, piped.stderr
+
+
+def test_a_forksafe_report_event_file_is_explained(tmp_path: pathlib.Path) -> None:
+    """The JSON lines FORKSAFE_REPORT writes are merged as forksafe run merges them; a torn
+    last line is skipped and said (it was "Extra data at line 2")."""
+    (tmp_path / "app.py").write_text(CRASH)
+    env = {**os.environ, "FORKSAFE_REPORT": str(tmp_path / "events.jsonl"),
+           "FORKSAFE_POLICY": "log"}
+    subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=env, capture_output=True,
+                   timeout=60, check=True)
+    with open(tmp_path / "events.jsonl", "a") as f:
+        f.write('{"type": "fork", "parent_pid": 1, "chi')  # a writer killed mid-line
+    proc = forksafe(tmp_path, "explain", "events.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("forksafe: 2 forks seen in `app.py`: 1 child crashed")
+    assert "x2: logged" in proc.stdout and "killed by SIGSEGV" in proc.stdout
+    assert proc.stderr.strip() == LINES_SKIPPED.format(count=1, path="events.jsonl")
+
+
+def big_report(path: pathlib.Path, megabytes: int) -> int:
+    """A run report of ``megabytes``: forks of a few kinds, every child its own pid and
+    diagnosis; how many forks."""
+    hazard = {"kind": "thread", "severity": "warning", "summary": "thread 'holder' holds `lock`",
+              "remedy": "join it", "evidence": {"name": "holder", "state": "idle",
+                                                "locks": [{"lock": "lock", "at": "app.py:4",
+                                                           "locked": True}]}}
+    count = 0
+    with open(path, "w") as f:
+        f.write(RUN_HEAD + "[\n")
+        while f.tell() < megabytes * 1024 * 1024:
+            crashed = count % 3 == 0
+            outcome = ({"status": "signaled", "signal": "SIGSEGV",
+                        "traceback": "Fatal Python error: Segmentation fault\n" * 20,
+                        "diagnosis": f"child {1000 + count} was killed by SIGSEGV"}
+                       if crashed else {"status": "exited", "exit_code": 0})
+            fork = {**CLEAN_FORK, "child_pid": 1000 + count, "hazards": [hazard],
+                    "action": "logged", "outcome": outcome}
+            f.write(("," if count else "") + json.dumps(fork, indent=2))
+            count += 1
+        f.write("]}\n")
+    return count
+
+
+def test_a_large_report_renders_in_bounded_memory_with_progress(tmp_path: pathlib.Path) -> None:
+    """A 16 MB report: read as a stream (the summary's memory grows with kinds of fork, not
+    with forks), its progress shown on a terminal's stderr."""
+    import pty
+
+    path = tmp_path / "big.json"
+    count = big_report(path, 16)
+    master, slave = pty.openpty()
+    with open(tmp_path / "out.txt", "w") as out_file:
+        proc = subprocess.Popen([sys.executable, "-m", "forksafe", "explain", str(path)],
+                                stdout=out_file, stderr=slave)
+    os.close(slave)
+    shown = b""
+    try:
+        with contextlib.suppress(OSError):  # EIO once the child closed the terminal
+            while chunk := os.read(master, 4096):
+                shown += chunk
+        _, status, usage = os.wait4(proc.pid, 0)  # its own peak memory, not the suite's
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        os.close(master)
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    out = (tmp_path / "out.txt").read_text()
+    crashed = (count + 2) // 3
+    assert proc.returncode == 0, shown
+    assert out.startswith(f"forksafe: {count} forks seen in `app` (exit code 0): "
+                          f"{crashed} children crashed")
+    assert f"children: {crashed} killed by SIGSEGV, {count - crashed} exited 0" in out
+    assert b"forksafe: reading " in shown and b"MB of 16 MB" in shown, shown[:200]
+    assert usage.ru_maxrss < 45_000, usage  # KB: the file alone is 16 MB, and read whole
+    # it took ~95 MB

@@ -55,6 +55,11 @@ pid = os.fork()  # an exit
 if pid == 0:
     os._exit(3)
 os.waitpid(pid, 0)
+for _ in range(2):  # alike, uneventful: one entry that counts them
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
 subprocess.run(["true"], preexec_fn=lambda: None, check=True)
 forksafe.install("raise", fail_on="warning", report=os.environ["FORKSAFE_REPORT"])
 try:
@@ -114,6 +119,8 @@ def test_a_real_run_report_validates(
     assert {"warned", "refused"} <= actions
     statuses = {fork["outcome"]["status"] for fork in report["forks"] if "outcome" in fork}
     assert {"signaled", "exited"} <= statuses
+    assert [fork["outcome"]["exit_code"] for fork in report["forks"]
+            if fork.get("count") == 2] == [0], "the two alike forks are one counted entry"
 
 
 def test_real_event_lines_validate(

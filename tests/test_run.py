@@ -5,6 +5,7 @@ Every test runs the real command line in a child process with a hard timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any, Iterator
 
 import pytest
 
@@ -106,6 +108,68 @@ print(daemon.pid, pid)
     assert not any(alive(p) for p in pids), "forksafe run ended what COMMAND left running"
 
 
+KILLED = """
+import json, os, subprocess, sys, time
+daemon = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leaves the group
+pid = os.fork()
+if pid == 0:
+    time.sleep(60)
+    os._exit(0)
+ready = {"command": os.getpid(), "daemon": daemon.pid, "child": pid,
+         "state": os.environ["FORKSAFE_STATE_DIR"],
+         "events": os.path.dirname(os.environ["FORKSAFE_REPORT"])}
+with open("ready.tmp", "w") as f:
+    json.dump(ready, f)
+os.rename("ready.tmp", "ready.json")
+time.sleep(60)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(p) for p in f.read().split()]
+    return found
+
+
+def test_sigkill_of_forksafe_run_leaves_nothing_behind(tmp_path: pathlib.Path) -> None:
+    """SIGKILL forksafe run while COMMAND, its forked child and a grandchild in a session of
+    its own run: its watchdog ends all three and removes both temporary directories, then
+    exits itself, within a few seconds."""
+    (tmp_path / "app.py").write_text(KILLED)
+    run_proc = subprocess.Popen([sys.executable, "-m", "forksafe", "run", "--", sys.executable,
+                                 "app.py"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "ready.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        ready = json.loads((tmp_path / "ready.json").read_text())
+        [watchdog] = [p for p in _children(run_proc.pid)
+                      if pathlib.Path(f"/proc/{p}/comm").read_text().strip() == "forksafe-watch"]
+        pids = [ready["command"], ready["child"], ready["daemon"], watchdog]
+        assert all(alive(p) for p in pids)
+        assert os.path.isdir(ready["state"]) and os.path.isdir(ready["events"])
+        run_proc.kill()
+        run_proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (
+                any(alive(p) for p in pids) or os.path.exists(ready["state"])
+                or os.path.exists(ready["events"])):
+            time.sleep(0.05)
+        assert [p for p in pids if alive(p)] == [], "every process of the tree is gone"
+        assert not os.path.exists(ready["state"]) and not os.path.exists(ready["events"])
+    finally:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if run_proc.poll() is None:
+            run_proc.kill()
+            run_proc.wait()
+
+
 # -- the report --------------------------------------------------------------------------
 
 
@@ -136,13 +200,15 @@ def test_report_merges_outcomes_into_forks(tmp_path: pathlib.Path) -> None:
     assert report["command"] == [sys.executable, "app.py"]
     assert report["exit_code"] == 0
     forks = report["forks"]
-    assert len(forks) == 3
+    assert sum(f.get("count", 1) for f in forks) == 3
     for fork in forks:
         assert {"parent_pid", "child_pid", "time", "mechanism", "site", "action", "hazards",
                 "outcome"} <= set(fork)
         assert fork["site"]["file"].endswith("app.py") and fork["site"]["line"] == 10
-    statuses = sorted((f["outcome"]["status"], f["outcome"]["signal"]) for f in forks)
-    assert statuses == [("exited", None), ("exited", None), ("signaled", "SIGSEGV")]
+    statuses = sorted((f["outcome"]["status"], f["outcome"]["signal"], f.get("count"))
+                      for f in forks)
+    assert statuses == [("exited", None, 2), ("signaled", "SIGSEGV", None)], \
+        "the two children that exited 0 are one entry that counts them; the crash is kept"
     assert "forksafe: report written to r.json" in proc.stderr
 
 
@@ -179,9 +245,9 @@ def test_many_concurrent_writers_lose_nothing(tmp_path: pathlib.Path) -> None:
     proc = run(tmp_path, POOL, "--policy", "log", "--report", "r.json", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     forks = json.loads((tmp_path / "r.json").read_text())["forks"]
-    assert len(forks) == 1000
-    assert len({(f["parent_pid"], f["child_pid"]) for f in forks}) == 1000
+    assert sum(f.get("count", 1) for f in forks) == 1000
     assert len({f["parent_pid"] for f in forks}) == 4, "grandchildren are guarded too"
+    assert len(forks) == 4, "each worker's 250 identical forks are one entry with a count"
     assert all(f["outcome"]["status"] == "exited" for f in forks)
     assert "x1000: logged" in proc.stderr, proc.stderr[-2000:]
     assert "children: 1000 exited 0" in proc.stderr
@@ -225,14 +291,15 @@ def outcome(parent: int, child: int, **fields: object) -> dict[str, object]:
 
 
 def test_a_long_run_keeps_bounded_memory_and_every_crash() -> None:
-    """Past the limit, children that exited are dropped (counted); crashes are all kept."""
+    """Past the limit, children that exited (non-zero here: those are not folded into a
+    count) are dropped (counted); crashes are all kept."""
     merger = Merger(limit=10)
     for child in range(1000, 1100):
         merger.add(fork(1, child))
         if child == 1042:
             merger.add(outcome(1, child, status="signaled", signal="SIGSEGV", diagnosis="x"))
         else:
-            merger.add(outcome(1, child, status="exited", exit_code=0))
+            merger.add(outcome(1, child, status="exited", exit_code=1))
     report = merger.report(["app"], 0)
     assert len(report["forks"]) <= 10
     assert report["forks_omitted"] == 100 - len(report["forks"])
@@ -264,6 +331,119 @@ def test_a_reused_pid_is_a_new_fork() -> None:
     report = merge(["app"], 0, [fork(1, 5), outcome(1, 5, status="exited", exit_code=0),
                                 fork(1, 5), outcome(1, 5, status="signaled", signal="SIGILL")])
     assert [f["outcome"]["status"] for f in report["forks"]] == ["exited", "signaled"]
+
+
+def test_the_watcher_keeps_bounded_memory_over_100k_forks() -> None:
+    """100,000 forks and their outcomes (children reaped 32 forks later, every 1,000th
+    crashing), as EventTail hands them on, through Merger under tracemalloc: identical
+    uneventful forks fold into one entry with a count, so the watcher stays far under
+    50 MB (it kept every event, ~3.4 KB each with its hazards: ~340 MB)."""
+    import tracemalloc
+
+    hazard = {"kind": "thread", "severity": "warning",
+              "summary": "thread 'refresher' (started at app.py:41) holds `lock`",
+              "remedy": "join it", "evidence": {"name": "refresher", "state": "idle"}}
+
+    def records(forks: int = 100_000, in_flight: int = 32) -> Iterator[dict[str, Any]]:
+        for number in range(forks + in_flight):
+            if number < forks:  # fresh objects, as json.loads makes them for each line
+                yield {"type": "fork", "parent_pid": 7, "child_pid": 10_000 + number,
+                       "time": "2026-11-25T10:00:00Z", "mechanism": "os.fork",
+                       "site": {"file": "app.py", "line": 66, "function": "serve"},
+                       "action": "logged", "hazards": [dict(hazard)], "command": ["app.py"]}
+            if number >= in_flight:
+                child = 10_000 + number - in_flight
+                fate = {"status": "exited", "exit_code": 0} if child % 1000 else {
+                    "status": "signaled", "signal": "SIGSEGV", "diagnosis": f"child {child}"}
+                yield {"type": "outcome", "parent_pid": 7, "child_pid": child, "outcome": fate}
+
+    tracemalloc.start()
+    try:
+        merger = Merger()
+        for record in records():
+            merger.add(record)
+        report = merger.report(["app.py"], 0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    forks = report["forks"]
+    assert peak < 50e6, f"{peak / 1e6:.1f} MB"
+    assert sum(f.get("count", 1) for f in forks) == 100_000 and "forks_omitted" not in report
+    assert len(forks) == 101, "one entry counts the 99,900 alike; the 100 crashes are kept"
+    assert forks[1]["count"] == 99_900 and forks[1]["child_pid"] == 10_001
+    text = render_run(report)
+    assert text.startswith("forksafe: 100000 forks seen in `app.py` (exit code 0): "
+                           "100 children crashed")
+    assert "children: 100 killed by SIGSEGV, 99900 exited 0" in text
+
+
+def test_the_event_tail_reads_a_backlog_a_burst_at_a_time(tmp_path: pathlib.Path) -> None:
+    """A poll reads at most BURST bytes (the rest at the next one); the final read, all."""
+    class Small(EventTail):
+        CHUNK, BURST = 100, 300
+
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(fork(1, child)) + "\n" for child in range(40)))
+    tail = Small(str(path))
+    first = [r["child_pid"] for r in tail.read()]
+    assert 0 < len(first) < 40 and first == list(range(len(first)))
+    rest = [r["child_pid"] for r in tail.read(final=True)]
+    assert first + rest == list(range(40)) and tail.skipped == 0
+
+
+def test_a_refused_or_crashed_fork_is_never_folded() -> None:
+    """Safe twin of the folding: evidence stays one entry per fork; alike clean ones fold."""
+    records = [fork(1, 2), outcome(1, 2, status="exited", exit_code=0),
+               fork(1, 3), outcome(1, 3, status="exited", exit_code=0),
+               fork(1, 4), outcome(1, 4, status="signaled", signal="SIGSEGV"),
+               fork(1, 5), outcome(1, 5, status="signaled", signal="SIGSEGV"),
+               fork(1, 6), outcome(1, 6, status="exited", exit_code=3),
+               fork(1, None, action="refused"), fork(1, None, action="refused"),
+               fork(1, 7, hazards=[{"kind": "thread", "severity": "warning",
+                                    "summary": "t", "remedy": "r", "evidence": {}}]),
+               outcome(1, 7, status="exited", exit_code=0), fork(1, 8)]
+    forks = merge(["app"], 0, records)["forks"]
+    assert [(f["child_pid"], f.get("count")) for f in forks] == [
+        (2, 2), (4, None), (5, None), (6, None), (None, None), (None, None), (7, None),
+        (8, None)]
+    assert forks[-1]["outcome"]["status"] == "unknown", "still running: kept as it is"
+
+
+def test_counting_alike_events_leaves_the_summary_as_it_was() -> None:
+    """Runs (each kind of fork once, with a count) renders the very text the events one by
+    one do, in whatever order they came: it must stay at least as fine as the summary's
+    own grouping."""
+    import random
+
+    from forksafe._render.runs import render_events
+    from forksafe._report import ForkEvent
+    from forksafe._runreport import Runs
+
+    rng = random.Random(14)
+    events = []
+    for i in range(400):
+        hazards = [] if rng.random() < 0.3 else [
+            {"kind": "thread", "severity": rng.choice(["warning", "error"]),
+             "summary": f"thread 'Thread-{rng.randint(1, 3)}' holds `lock` at app.py:{i % 2}",
+             "remedy": "join it", "evidence": {"name": f"Thread-{i}"}}]
+        outcome = rng.choice([
+            None, {"status": "exited", "exit_code": rng.choice([0, 1])},
+            {"status": "signaled", "signal": rng.choice(["SIGSEGV", "SIGTERM"]),
+             "diagnosis": rng.choice([None, f"child {i} died. fix: join it"]),
+             "traceback": f"trace {i}"},
+            {"status": "hung", "diagnosis": f"child {i} hung"}, {"status": "unknown"}])
+        events.append(ForkEvent.from_dict({
+            "parent_pid": rng.randint(1, 3), "child_pid": 100 + i, "time": i,
+            "mechanism": rng.choice(["os.fork", "multiprocessing"]),
+            "site": {"file": "app.py", "line": rng.randint(1, 2), "function": "main"},
+            "action": rng.choice(["logged", "warned"]), "thread": "MainThread",
+            "hazards": hazards, **({"outcome": outcome} if outcome else {})}))
+    runs = Runs()
+    for event in events:
+        runs.add(event)
+    assert runs.distinct < len(events) == len(runs)
+    assert render_events(["app"], 0, runs) == render_events(["app"], 0, events)
+    assert list(runs)[7] is runs[7] and runs[-1] is list(runs)[-1]
 
 
 # -- usage errors -------------------------------------------------------------------------

@@ -20,8 +20,6 @@ from forksafe._errors import UsageError
 from forksafe._report import SCHEMA, Report, Severity
 
 IMPORT_FAILED = "forksafe: cannot import {module!r}: {error}"
-REPORT_UNREADABLE = "forksafe: cannot read report {path!r}: {error}"
-REPORT_FOREIGN = "forksafe: {path!r} is not a forksafe report (expected schema {schema!r})"
 
 EXIT_CLEAN, EXIT_HAZARDS, EXIT_USAGE = 0, 1, 2
 
@@ -145,7 +143,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.command == "check":
             return _leave_despite_threads(_check(args))
         if args.command == "explain":
-            return _explain(args)
+            from forksafe._explain import cli as explain_cli
+
+            return explain_cli(args)
         if args.command == "run":
             from forksafe._run import cli as run_cli
 
@@ -230,46 +230,3 @@ def _import(module: str) -> None:
             raise
         what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         raise UsageError(IMPORT_FAILED.format(module=module, error=what)) from exc
-
-
-def _explain(args: argparse.Namespace) -> int:
-    path = args.file
-    try:
-        if path == "-":
-            text = sys.stdin.read()
-        else:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        data = json.loads(text)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(REPORT_UNREADABLE.format(path=path, error=_reason(exc))) from exc
-    except json.JSONDecodeError as exc:
-        error = f"not valid JSON ({exc.msg} at line {exc.lineno})"
-        raise UsageError(REPORT_UNREADABLE.format(path=path, error=error)) from exc
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise UsageError(REPORT_FOREIGN.format(path=path, schema=SCHEMA))
-    try:
-        print(render_saved(data))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise UsageError(REPORT_UNREADABLE.format(path=path, error=f"corrupt: {exc}")) from exc
-    return EXIT_CLEAN
-
-
-def render_saved(data: dict[str, Any]) -> str:
-    """Text for a saved report: a check (one entry) or a run (a list of forks)."""
-    if "forks" not in data:
-        return str(Report.from_dict(data))
-    forks = data["forks"]
-    if not isinstance(forks, list):
-        raise ValueError("'forks' must be a list")
-    from forksafe._render.runs import render_events
-    from forksafe._report import ForkEvent
-
-    events = [ForkEvent.from_dict(f) for f in forks]
-    return render_events(data.get("command"), data.get("exit_code"), events)
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__

@@ -20,7 +20,9 @@ How it works:
   and SIGQUIT that reach ``forksafe run`` are passed on to that whole group,
   as a terminal would deliver them. When COMMAND ends, whatever it left
   running is sent SIGTERM, then SIGKILL after a grace period: no process is
-  left behind.
+  left behind. A watchdog process (``forksafe._watchdog``) does the same, and
+  removes the temporary directories, should ``forksafe run`` itself be killed
+  by SIGKILL.
 * The exit status is COMMAND's own; when COMMAND was killed by signal N it is
   128+N, the shell's convention (re-raising the signal in ourselves would make
   a SIGSEGV'd command look like a crash of forksafe).
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
 
-from forksafe import _config
+from forksafe import _config, _watchdog
 from forksafe._errors import UsageError
 from forksafe._render import outcomes
 from forksafe._report import ForkEvent, Outcome
@@ -120,6 +122,8 @@ def run(
         state = tempfile.mkdtemp(prefix="forksafe-run-state-", dir=fast_temp_root())
     except OSError:
         state = tempfile.mkdtemp(prefix="forksafe-run-state-")
+    # Before COMMAND exists: should we be SIGKILLed from here on, it cleans up for us.
+    watchdog = _watchdog.start([workdir, state])
     try:
         events = os.path.join(workdir, "events.jsonl")
         child_env = _config.tree_environment(
@@ -149,10 +153,12 @@ def run(
                 raise UsageError(CANNOT_RUN.format(command=argv[0],
                                                    error=exc.strerror or exc)) from exc
             forwarder.attach(proc.pid)
+            if watchdog is not None:
+                watchdog.command(proc.pid)
             try:
                 status = _supervise(proc, tail, merger, monitor)
             finally:  # also if supervising failed: no process is left behind
-                _end_leftovers(proc.pid)
+                _end_leftovers(proc.pid, spare=watchdog.pid if watchdog else None)
         for record in tail.read(final=True):
             merger.add(record)
         report = merger.report(argv, exit_code(status))
@@ -161,6 +167,8 @@ def run(
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
+        if watchdog is not None:
+            watchdog.done()
 
 
 def exit_code(status: int) -> int:
@@ -253,10 +261,11 @@ def _become_subreaper() -> None:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def _end_leftovers(group: int, *, grace: float = GRACE) -> None:
-    """Whatever COMMAND left running: SIGTERM, then SIGKILL; reap them all."""
+def _end_leftovers(group: int, *, grace: float = GRACE, spare: int | None = None) -> None:
+    """Whatever COMMAND left running: SIGTERM, then SIGKILL; reap them all. ``spare``
+    (the watchdog, a child of ours too) is left to exit when told."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        targets = _leftovers(group)
+        targets = [pid for pid in _leftovers(group) if pid != spare]
         if not targets:
             return
         for pid in targets:
@@ -265,7 +274,7 @@ def _end_leftovers(group: int, *, grace: float = GRACE) -> None:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             _reap(-1)
-            if not _leftovers(group):
+            if not [pid for pid in _leftovers(group) if pid != spare]:
                 return
             time.sleep(0.02)
     _reap(-1)

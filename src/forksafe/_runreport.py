@@ -13,10 +13,11 @@ import contextlib
 import errno
 import json
 import os
+import re
 import stat
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator, Sequence, overload
 
 from forksafe._errors import UsageError
 from forksafe._report import CRASH_SIGNALS, SCHEMA, ForkEvent, Outcome
@@ -30,47 +31,82 @@ class EventTail:
 
     A line is complete when its newline is there. At the final read, what is
     left without a newline is a torn write of a process that died: skipped, as
-    is any line that is not a JSON object (counted in ``skipped``).
+    is any line that is not a JSON object (counted in ``skipped``). The file is
+    read a chunk at a time and its records handed on as they are parsed, so a
+    tree that wrote a hundred megabytes between two polls costs a chunk of
+    memory, not the backlog.
     """
+
+    #: Bytes read at a time; a poll (not final) reads at most ``BURST`` of them.
+    CHUNK = 1024 * 1024
+    BURST = 8 * CHUNK
+    #: A line longer than this is not one of ours: skipped, resynchronised at its end.
+    MAX_LINE = 64 * 1024 * 1024
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._offset = 0
         self._partial = b""
+        self._dropping = False  # inside an overlong line, skipping to its newline
         self.skipped = 0
         self.extra: list[dict[str, Any]] = []  # outcomes this process adds itself
 
-    def read(self, *, final: bool = False) -> list[dict[str, Any]]:
-        """New complete records since the last call; at ``final``, also the torn last
-        line is given up on, and this process's own records (``extra``) follow."""
-        new: list[dict[str, Any]] = []
+    @property
+    def position(self) -> int:
+        """How much of the file has been read."""
+        return self._offset
+
+    def read(self, *, final: bool = False) -> Iterator[dict[str, Any]]:
+        """New complete records since the last call, as they are parsed; at ``final``,
+        everything up to the end, the torn last line given up on, and this process's
+        own records (``extra``) after them."""
+        for data in self._chunks(None if final else self.BURST):
+            yield from self._lines(data)
+        if final:
+            if self._partial.strip() or self._dropping:
+                self.skipped += 1
+            self._partial, self._dropping = b"", False
+            extra, self.extra = self.extra, []
+            yield from extra
+
+    def _chunks(self, budget: int | None) -> Iterator[bytes]:
+        """What was appended since the last read, a chunk at a time (``budget`` bytes
+        at most, when given); nothing while the file does not exist yet."""
         try:
             with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read()
+                while budget is None or budget > 0:
+                    f.seek(self._offset)
+                    data = f.read(self.CHUNK)
+                    if not data:
+                        return
+                    self._offset += len(data)
+                    if budget is not None:
+                        budget -= len(data)
+                    yield data
         except OSError:
-            data = b""
-        self._offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
+            return
+
+    def _lines(self, data: bytes) -> Iterator[dict[str, Any]]:
+        *lines, partial = (self._partial + data).split(b"\n")
+        if self._dropping and lines:
+            lines, self._dropping = lines[1:], False  # the end of the overlong line
+        if self._dropping or len(partial) > self.MAX_LINE:
+            if not self._dropping:
+                self.skipped += 1
+            partial, self._dropping = b"", True
+        self._partial = partial
         for line in lines:
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 self.skipped += 1
                 continue
             if isinstance(record, dict):
-                new.append(record)
+                yield record
             else:
                 self.skipped += 1
-        if final and self._partial.strip():
-            self.skipped += 1
-            self._partial = b""
-        if final:
-            new.extend(self.extra)
-            self.extra = []
-        return new
 
 
 def merge(command: list[str], code: int, records: list[dict[str, Any]],
@@ -98,7 +134,16 @@ class Merger:
     several (its parent reaped it after the hang monitor reported it), "hung"
     wins, then the latest. A child's own ``fork-pending`` record (see
     ``forksafe._outcome.announce_pending``) stands in only for a fork whose parent
-    never wrote one: it hung with the child. Memory stays bounded (``MAX_FORKS``).
+    never wrote one: it hung with the child.
+
+    Memory stays bounded. A server forks the same way from the same line
+    millions of times, and each entry is a few kilobytes (its hazards): so once
+    a child's uneventful outcome is known (it exited 0, or its parent stopped
+    it), its entry folds into the first entry of the same parent, mechanism,
+    site, action, hazards (numbers in their texts aside) and fate, which counts
+    them (``count``, docs/report-format.md); only forks still running, and
+    eventful ones, are kept one by one. Past ``MAX_FORKS`` entries the oldest
+    uneventful ones are dropped and counted (``forks_omitted``).
     """
 
     def __init__(self, *, state: str | None = None, limit: int = MAX_FORKS,
@@ -112,12 +157,15 @@ class Merger:
         self._pending: set[int] = set()  # entries made from a child's own record
         self._seen: dict[int, float] = {}
         self._early: dict[tuple[Any, Any], dict[str, Any]] = {}  # outcomes before their fork
+        self._folds: dict[tuple[Any, ...], int] = {}  # fold key -> the entry that counts them
         self._serial = 0
         self._retry_at = 0  # after an eviction that freed too little, wait for more growth
 
     def add(self, record: dict[str, Any]) -> None:
         kind = record.get("type", "fork")
         key = (record.get("parent_pid"), record.get("child_pid"))
+        if not all(pid is None or type(pid) is int for pid in key):
+            return  # not a record of ours (the file is readable by `forksafe explain` too)
         if kind == "outcome":
             if isinstance(record.get("outcome"), dict):
                 self._outcome(key, record["outcome"])
@@ -165,6 +213,28 @@ class Merger:
                 outcome.get("status") != "hung":
             return
         target["outcome"] = outcome
+        if number not in self._pending and uneventful(outcome):
+            self._fold(number, target)
+
+    def _fold(self, number: int, entry: dict[str, Any]) -> None:
+        """Count an uneventful fork in the first entry like it, instead of keeping it.
+
+        Both leave the index: the child's story is told, and a later fork that
+        gets the same pid again is a new entry.
+        """
+        fold = fold_key(entry)
+        if fold is None:
+            return
+        key = (entry.get("parent_pid"), entry.get("child_pid"))
+        if self._index.get(key) == number:
+            del self._index[key]
+        into = self._folds.setdefault(fold, number)
+        if into == number:
+            return  # the first of its kind: it counts the others
+        counter = self._entries[into]
+        counter["count"] = counter.get("count", 1) + entry.get("count", 1)
+        del self._entries[number]
+        self._seen.pop(number, None)
 
     def _evict(self) -> None:
         """Drop the oldest uneventful entries until a tenth of the room is free again."""
@@ -181,7 +251,11 @@ class Merger:
                 key = (entry.get("parent_pid"), entry.get("child_pid"))
                 if self._index.get(key) == number:
                     del self._index[key]
-                self.omitted += 1
+                if "count" in entry or "outcome" in entry:
+                    fold = fold_key(entry)
+                    if fold is not None and self._folds.get(fold) == number:
+                        del self._folds[fold]
+                self.omitted += entry.get("count", 1)
         # Whatever is left is evidence or still running: scan again only after the
         # next tenth has arrived, not on every new fork.
         self._retry_at = len(self._entries) + max(1, self.limit // 10)
@@ -189,9 +263,8 @@ class Merger:
     def _droppable(self, number: int, entry: dict[str, Any], now: float) -> bool:
         outcome = entry.get("outcome")
         if isinstance(outcome, dict):
-            status = outcome.get("status")
-            return not outcome.get("diagnosis") and (status == "exited" or (
-                status == "signaled" and outcome.get("signal") not in CRASH_SIGNALS))
+            return uneventful(outcome) or (
+                outcome.get("status") == "exited" and not outcome.get("diagnosis"))
         # No outcome (reaped by code the guard does not wrap): droppable once the
         # child is long gone and left no crash file behind. A refused fork has no
         # child at all: its record is the evidence, kept.
@@ -220,6 +293,44 @@ class Merger:
         if self.omitted:
             report["forks_omitted"] = self.omitted
         return report
+
+
+def uneventful(outcome: dict[str, Any]) -> bool:
+    """A child that exited 0, or that its parent stopped (SIGTERM, SIGKILL, ...), and
+    left nothing to explain: one of many, whose entry may fold into a count."""
+    if outcome.get("diagnosis") or outcome.get("traceback"):
+        return False
+    status = outcome.get("status")
+    return (status == "exited" and outcome.get("exit_code") == 0) or (
+        status == "signaled" and outcome.get("signal") not in CRASH_SIGNALS)
+
+
+def fold_key(entry: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What an uneventful fork entry must share with another to be counted with it: the
+    parent, mechanism, site, action, hazards (kind, severity, summary with its numbers
+    aside, as the summary groups them) and the child's fate. None: not foldable."""
+    hazards, site, outcome = entry.get("hazards"), entry.get("site"), entry.get("outcome")
+    if not isinstance(hazards, list) or not isinstance(outcome, dict) or not (
+            site is None or isinstance(site, dict)):
+        return None
+    try:
+        key = (entry.get("parent_pid"), entry.get("mechanism"), entry.get("action"),
+               None if site is None else (site.get("file"), site.get("line"),
+                                          site.get("function")),
+               tuple((h.get("kind"), h.get("severity"), _digits(str(h.get("summary"))))
+                     for h in hazards),
+               (outcome.get("status"), outcome.get("exit_code"), outcome.get("signal")))
+        hash(key)
+    except (AttributeError, TypeError):  # a hazard that is no object, an unhashable value
+        return None
+    return key
+
+
+def _digits(text: str) -> str:
+    return _DIGITS.sub("#", text)
+
+
+_DIGITS = re.compile(r"\d+")
 
 
 _FATAL = {
@@ -369,13 +480,85 @@ def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def events_of(report: dict[str, Any]) -> list[ForkEvent]:
-    """The fork events of a saved run report; entries that do not parse are skipped."""
+class Runs(Sequence[ForkEvent]):
+    """A run's fork events for the summary, in memory that grows with the kinds of
+    fork, not their number: each distinct event once, with how many times it occurs.
+
+    ``forksafe._render.runs.render_events`` takes a sequence of events and
+    groups them itself; a report entry with ``count`` N stands for N forks, and a
+    long run has hundreds of thousands. So events that the summary cannot tell
+    apart - same mechanism, site, action, hazards and child's fate, numbers in
+    texts aside (the same key the summary groups by, only finer) - are stored
+    once and given back once per occurrence, gathered at the place of the first.
+    The summary is the same text as for the events one by one: it shows only the
+    first event of each group and of each fate within it, and counts the rest
+    (tested against the plain list).
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[Any, ...], list[Any]] = {}
+        self._total = 0
+
+    def add(self, event: ForkEvent, count: int = 1) -> None:
+        key = summary_key(event)
+        run = self._runs.get(key)
+        if run is None:
+            self._runs[key] = [event, count]
+        else:
+            run[1] += count
+        self._total += count
+
+    @property
+    def distinct(self) -> int:
+        return len(self._runs)
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __iter__(self) -> Iterator[ForkEvent]:
+        for event, count in self._runs.values():
+            for _ in range(count):
+                yield event
+
+    @overload
+    def __getitem__(self, index: int) -> ForkEvent: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ForkEvent]: ...
+
+    def __getitem__(self, index: int | slice) -> ForkEvent | Sequence[ForkEvent]:
+        if isinstance(index, slice):
+            return list(self)[index]
+        if index < 0:
+            index += self._total
+        if not 0 <= index < self._total:
+            raise IndexError(index)
+        for event, count in self._runs.values():
+            if index < count:
+                return event  # type: ignore[no-any-return]
+            index -= count
+        raise IndexError(index)  # pragma: no cover - the total says otherwise
+
+
+def summary_key(event: ForkEvent) -> tuple[Any, ...]:
+    """What the run summary tells events apart by (see ``Runs``)."""
+    outcome = event.outcome
+    fate = None if outcome is None else (
+        outcome.status, outcome.exit_code, outcome.signal, _digits(outcome.diagnosis or ""))
+    return (event.mechanism, event.site, event.action,
+            tuple((h.kind, h.severity, _digits(h.summary))
+                  for h in event.report.sorted_hazards()), fate)
+
+
+def events_of(report: dict[str, Any]) -> Runs:
+    """The fork events of a saved run report (an entry's ``count`` as that many forks);
+    entries that do not parse are skipped."""
     forks = report.get("forks", [])
-    events = []
+    events = Runs()
     for data in forks if isinstance(forks, list) else []:
         try:
-            events.append(ForkEvent.from_dict(data))
+            count = data.get("count", 1)
+            events.add(ForkEvent.from_dict(data),
+                       count if type(count) is int and count > 0 else 1)
         except (ValueError, TypeError, KeyError, AttributeError):
             continue
     return events
