@@ -1,8 +1,9 @@
 """Build the small C fixtures in ``tests/native/`` with gcc, at test time.
 
 The fixtures reproduce real fork hazards: a GNU OpenMP pool, a C thread
-holding a pthread mutex, a CUDA driver stand-in with its event thread, and an
-imitation of libdispatch that traps in a forked child.
+holding a pthread mutex, a CUDA driver stand-in with its event thread, an
+imitation of libdispatch that traps in a forked child, a library that does its
+work on its own worker and I/O threads, and one that ends a child it finds forked.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ FIXTURES = {
     "native_mutex": ("libnative_mutex.so", ["-pthread"]),
     "fake_cuda": ("libcuda.so.1", ["-pthread"]),
     "fake_dispatch": ("libdispatch.so", ["-pthread"]),
+    "worker_pool": ("libworker_pool.so", ["-pthread"]),
+    "forkcheck": ("libforkcheck.so", ["-pthread"]),
 }
 
 

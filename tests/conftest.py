@@ -39,7 +39,7 @@ def native_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     if not _native.gcc_available():
         pytest.skip(_native.SKIP_REASON)
     out = tmp_path_factory.mktemp("native")
-    for name in ("omp_pool", "fake_dispatch", "native_mutex", "fake_cuda"):
+    for name in _native.FIXTURES:
         _native.build(name, out)
     return out
 

@@ -113,7 +113,7 @@ def gunicorn(tmp_path: pathlib.Path, app: str) -> tuple[str, dict[str, Any]]:
 def test_gunicorn_preload_re_forks_are_quiet(tmp_path: pathlib.Path) -> None:
     err, report = gunicorn(tmp_path, CLEAN_APP)
     forks = report["forks"]
-    assert len(forks) >= 4, "workers were replaced (--max-requests)"
+    assert sum(f.get("count", 1) for f in forks) >= 4, "workers were replaced (--max-requests)"
     assert above_info(report) == []
     assert {f["action"] for f in forks} == {"allowed"}
     assert "ForkSafetyWarning" not in err
@@ -198,13 +198,16 @@ DJANGO = {
 }
 
 
-def django_test(tmp_path: pathlib.Path, **env: str) -> subprocess.CompletedProcess[str]:
+def django_test(tmp_path: pathlib.Path, files: dict[str, str] | None = None,
+                **env: str) -> subprocess.CompletedProcess[str]:
     pytest.importorskip("django", reason="Django is in the test extras")
-    for name, text in DJANGO.items():
+    for name, text in (DJANGO if files is None else files).items():
         path = tmp_path / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(textwrap.dedent(text))
-    return subprocess.run([sys.executable, "manage.py", "test", "--parallel", "2"],
+    command = [env.pop("DJANGO_COMMAND")] if "DJANGO_COMMAND" in env else \
+        ["manage.py", "test", "--parallel", "2"]
+    return subprocess.run([sys.executable, *command],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "FORKSAFE_POLICY": "raise", **env})
 
@@ -223,6 +226,70 @@ def test_django_parallel_tests_on_disk_pass_too(tmp_path: pathlib.Path) -> None:
     proc = django_test(tmp_path, ON_DISK="1")
     assert proc.returncode == 0, proc.stderr
     assert "Ran 2 tests" in proc.stderr and "ForkSafetyError" not in proc.stderr
+
+
+#: A module that keeps prices fresh on a thread started when Django loads the app: it
+#: holds its lock most of the time, so a worker forked meanwhile never gets it.
+PRICES = """
+    import threading, time
+    lock = threading.Lock()
+    def refresh():
+        while True:
+            with lock:
+                time.sleep(30)
+    threading.Thread(target=refresh, name="price-refresher", daemon=True).start()
+    time.sleep(0.05)
+"""
+HANGING_TESTS = """
+    import time
+    from django.test import SimpleTestCase
+    from shop import prices
+    class PriceTests(SimpleTestCase):
+        def test_price(self):
+            with prices.lock:  # hang-line
+                pass
+    class FastTests(SimpleTestCase):
+        def test_a(self):
+            time.sleep(0.3)
+        def test_b(self):
+            time.sleep(0.3)
+    class MoreTests(SimpleTestCase):
+        def test_c(self):
+            time.sleep(0.3)
+"""
+
+
+@pytest.mark.parametrize("how", ["hang-timeout", "forksafe-run"])
+def test_django_parallel_test_that_hangs_in_a_worker_fails_with_the_diagnosis(
+        tmp_path: pathlib.Path, how: str) -> None:
+    """The hung worker is diagnosed and ended; its test fails with the diagnosis; the other
+    tests run in the replacement worker; the run ends instead of waiting forever."""
+    files = {**DJANGO, "shop/prices.py": PRICES, "shop/tests.py": HANGING_TESTS,
+             "shop/models.py": "from shop import prices  # noqa: F401\n"}
+    if how == "forksafe-run":
+        files["run.py"] = """
+            import subprocess, sys
+            sys.exit(subprocess.call([sys.executable, "-m", "forksafe", "run", "--policy",
+                                      "log", "--hang-timeout", "1", "--", sys.executable,
+                                      "manage.py", "test", "--parallel", "2"]))
+        """
+    proc = django_test(tmp_path, files, FORKSAFE_POLICY="log",
+                       **({"FORKSAFE_HANG_TIMEOUT": "1"} if how == "hang-timeout" else {}),
+                       **({"DJANGO_COMMAND": "run.py"} if how == "forksafe-run" else {}))
+    assert proc.returncode == 1, proc.stderr
+    assert "Ran 4 tests" in proc.stderr and "FAILED (errors=1)" in proc.stderr, proc.stderr
+    assert "ERROR: test_price (shop.tests.PriceTests" in proc.stderr
+    assert "forksafe.ForkSafetyError: this test hung in worker " in proc.stderr
+    hang = line_of(HANGING_TESTS, "# hang-line")
+    start = line_of(PRICES, ".start()")
+    assert f"it is blocked taking `lock` at shop/tests.py:{hang} (test_price); at fork time " \
+        f"thread 'price-refresher' (started at shop/prices.py:{start}) held `lock`" in proc.stderr
+
+
+def line_of(text: str, part: str) -> int:
+    """The 1-based line of a dedented file text that holds ``part``."""
+    lines = textwrap.dedent(text).splitlines()
+    return next(n for n, line in enumerate(lines, 1) if part in line)
 
 
 # -- OpenTelemetry ------------------------------------------------------------------------------

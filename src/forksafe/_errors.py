@@ -31,6 +31,11 @@ class ForkSafetyError(Exception):
         self.report = report
 
 
+# Shown and pickled under the name users import them by (a pool's result queue
+# carries a ForkSafetyError from one process to another).
+ForkSafetyWarning.__module__ = ForkSafetyError.__module__ = "forksafe"
+
+
 class UsageError(Exception):
     """A user error that the command line reports as one line with exit status 2."""
 

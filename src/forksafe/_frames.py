@@ -89,6 +89,23 @@ def stack(frame: types.FrameType | None, limit: int = 12) -> list[Site]:
     return out
 
 
+def scope_holding(module: str, function: str, name: str, value: object) -> dict[str, Any] | None:
+    """The variables of a running ``module.function`` (in any thread) whose local
+    ``name`` is ``value`` itself: how the code that consumes an object is found
+    (``forksafe._unstick`` finds the test runner that reads a pool's results)."""
+    import sys
+
+    for top in sys._current_frames().values():
+        frame: types.FrameType | None = top
+        while frame is not None:
+            if frame.f_code.co_name == function and frame.f_globals.get("__name__") == module:
+                scope = frame.f_locals
+                if scope.get(name) is value:
+                    return dict(scope)
+            frame = frame.f_back
+    return None
+
+
 def source_line(site: Site) -> str:
     return linecache.getline(site.file, site.line).strip()
 

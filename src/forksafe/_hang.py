@@ -311,7 +311,12 @@ def native_findings(natives: Sequence[tuple[_procinfo.Task, tuple[str, ...]]],
                 owner = str(ev["owner"])
                 if not _same(owner, names):
                     continue
-                text = outcomes.thread_link(who, call, owner, str(ev.get("name", "?")))
+                # One sentence for all of the library's vanished threads.
+                mates = [h for h in hazards if h.kind == "native-thread"
+                         and h.evidence.get("owner") == owner]
+                seen.update(id(h) for h in mates)
+                text = outcomes.thread_link(who, call, owner,
+                                            [str(h.evidence.get("name", "?")) for h in mates])
             else:
                 continue
             seen.add(id(hazard))

@@ -196,7 +196,7 @@ def on_reaped(pid: int, status: int, *, event: ForkEvent | None = None,
         # A pool waiting for the task this child held would wait forever.
         from forksafe._unstick import worker_hung
 
-        worker_hung(pid, outcome.diagnosis or f"child {pid} hung")
+        worker_hung(pid, outcome.diagnosis or f"child {pid} hung", outcome.traceback)
     if traceback is not None and _program_faulthandler():
         # Arming pointed the child's faulthandler at its crash file; the program had
         # it on (pytest does, so does PYTHONFAULTHANDLER), so it expects the

@@ -179,7 +179,7 @@ class Site:
 class Outcome:
     """What became of a forked child, as its parent saw it."""
 
-    status: str  # exited | signaled | hung | unknown
+    status: str  # exited | signaled | hung | stalled | unknown
     exit_code: int | None = None
     signal: str | None = None
     traceback: str | None = None

@@ -133,6 +133,8 @@ def run(
         tail = EventTail(events)
         merger = Merger(state=state)
         monitor = None
+        # Children stalled for no reason the monitor could tell: never ended, shown.
+        stalls: dict[tuple[int | None, int | None], Outcome] = {}
         if hang_timeout is not None:
             from forksafe._hang import HangMonitor
 
@@ -143,7 +145,15 @@ def run(
                     out.write(outcomes.hung_live(event.child_pid, hang_timeout) + "\n")
                     out.flush()
 
-            monitor = HangMonitor(hang_timeout, on_hung=on_hung, directory=state)
+            def on_stall(event: ForkEvent, note: Outcome | None) -> None:
+                key = (event.parent_pid, event.child_pid)
+                if note is None:
+                    stalls.pop(key, None)  # it moved again
+                else:
+                    stalls[key] = note
+
+            monitor = HangMonitor(hang_timeout, on_hung=on_hung, directory=state,
+                                  on_stall=on_stall)
         # Signals are caught from before COMMAND starts until everything it left is
         # gone: one arriving in between must not end us and orphan COMMAND.
         with _Forwarder() as forwarder:
@@ -161,6 +171,8 @@ def run(
                 _end_leftovers(proc.pid, spare=watchdog.pid if watchdog else None)
         for record in tail.read(final=True):
             merger.add(record)
+        for (parent, child), note in stalls.items():
+            merger.stalled(parent, child, note.to_dict())
         report = merger.report(argv, exit_code(status))
         return RunResult(exit_code(status), report, tail.skipped,
                          monitor.hung if monitor else [])

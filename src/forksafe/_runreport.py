@@ -278,6 +278,15 @@ class Merger:
                     return False
         return True
 
+    def stalled(self, parent_pid: int | None, child_pid: int | None,
+                outcome: dict[str, Any]) -> None:
+        """A child the hang monitor saw stalled, for no reason it could tell, and that
+        nobody reaped afterwards: the stall is its outcome. A child reaped after the
+        stall has its real outcome already (with the stall in it), which stays."""
+        number = self._index.get((parent_pid, child_pid))
+        if number is not None and "outcome" not in self._entries[number]:
+            self._entries[number]["outcome"] = outcome
+
     def report(self, command: list[str], code: int) -> dict[str, Any]:
         """The report, docs/report-format.md (``forks_omitted`` when entries were dropped)."""
         forks = list(self._entries.values())

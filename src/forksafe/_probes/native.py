@@ -192,11 +192,14 @@ def _runtime_hazard(
         summary += f" ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
     summary += f" in {library_name(paths[0])}"
     if runtime.fork_support is not None:
-        enabled = os.environ.get(runtime.fork_support, "").strip().lower() in _TRUE
+        setting = os.environ.get(runtime.fork_support, "").strip().lower()
+        enabled = setting in _TRUE
         evidence["fork_support"] = {"variable": runtime.fork_support, "enabled": enabled}
         if enabled:
             severity = min(severity, Severity.WARNING)
             summary += f"; {runtime.fork_support} is on, so it prepares for fork itself"
+        elif setting:
+            summary += f"; fork support is switched off ({runtime.fork_support} is false)"
         else:
             summary += f"; fork support is off ({runtime.fork_support} not set)"
     return Hazard("native-runtime", severity, summary, runtime.remedy, evidence)

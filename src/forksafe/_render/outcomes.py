@@ -132,8 +132,9 @@ RUNTIME_LINK = (
     "({signals}), and its threads do not exist in the child"
 )
 THREAD_LINK = (
-    "{who} is blocked ({call}) inside {library}, whose own thread {holder!r} was alive at "
-    "fork time and does not exist in the child (a lock it held stays held)"
+    "{who} is blocked ({call}) inside {library}, whose own {threads} alive at fork time and "
+    "{exist} in the child: a lock {they} held stays held, and work {they} would have done "
+    "is never done"
 )
 ENDED = "forksafe: {diagnosis} [ended with SIGKILL]"
 HUNG_LIVE = (
@@ -156,10 +157,14 @@ def runtime_link(who: str, call: str, library: str, runtime: str, signals: str) 
                                runtime=runtime, signals=signals)
 
 
-def thread_link(who: str, call: str, library: str, holder: str) -> str:
-    """A child blocked inside a library whose own thread was alive at fork time."""
+def thread_link(who: str, call: str, library: str, holders: Sequence[str]) -> str:
+    """A child blocked inside a library whose own threads were alive at fork time."""
+    names = ", ".join(repr(h) for h in holders)
+    one = len(holders) == 1
     return THREAD_LINK.format(who=who, call=call, library=os.path.basename(library),
-                              holder=holder)
+                              threads=f"thread {names} was" if one else f"threads {names} were",
+                              exist="does not exist" if one else "do not exist",
+                              they="it" if one else "they")
 
 
 RUNTIME_CODE_LINK = (
@@ -171,8 +176,8 @@ THREAD_CODE_LINK = (
     "at fork time and does not exist in the child: what it would have done is never done"
 )
 STALLED = (
-    "stalled for {seconds:g} s{where}; no fork-time hazard explains it (so forksafe left it "
-    "alone)"
+    "stalled: no progress for at least {seconds:g} s{where}; no fork-time hazard explains "
+    "it (so forksafe left it running)"
 )
 
 

@@ -33,6 +33,7 @@ def render_events(command: object, exit_code: object, events: Sequence[EventLike
     shown = " ".join(str(c) for c in command) if isinstance(command, list) else "?"
     crashed = sum(1 for e in events if e.outcome is not None and e.outcome.crashed)
     hung = sum(1 for e in events if e.outcome is not None and e.outcome.status == "hung")
+    stalled = sum(1 for e in events if e.outcome is not None and e.outcome.status == "stalled")
     head = f"forksafe: {len(events)} fork{'s' if len(events) != 1 else ''} seen in `{shown}`"
     if isinstance(exit_code, int):
         head += f" (exit code {exit_code})"
@@ -43,6 +44,8 @@ def render_events(command: object, exit_code: object, events: Sequence[EventLike
         fates.append(f"{crashed} child{'ren' if crashed != 1 else ''} crashed")
     if hung:
         fates.append(f"{hung} child{'ren' if hung != 1 else ''} hung")
+    if stalled:
+        fates.append(f"{stalled} child{'ren' if stalled != 1 else ''} stalled")
     lines = [head + (": " + ", ".join(fates) if fates else "")]
     groups: dict[tuple[Any, ...], list[EventLike]] = {}
     for event in events:
@@ -114,7 +117,7 @@ def _without_known_fix(diagnosis: str, event: EventLike) -> str:
 
 def _noteworthy(outcome: OutcomeLike) -> bool:
     """A crash, a hang, or anything diagnosed; not an exit, nor a child stopped by SIGTERM."""
-    return bool(outcome.status == "hung" or outcome.diagnosis or outcome.crashed)
+    return bool(outcome.status in ("hung", "stalled") or outcome.diagnosis or outcome.crashed)
 
 
 def _fate(outcome: OutcomeLike) -> str:
