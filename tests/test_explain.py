@@ -159,15 +159,19 @@ def test_a_schema_alone_says_what_is_missing(tmp_path: pathlib.Path) -> None:
 
 
 @pytest.mark.parametrize(("forks", "said"), [
-    ("[1, 2]", "fork entry 1 is not an object"),
-    ('[{"parent_pid": 1}]', "fork entry 1 has no 'mechanism'"),
-    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
-    (json.dumps([CLEAN_FORK, {**CLEAN_FORK, "outcome": {"status": "exploded"}}]),
-     "fork entry 2 has an outcome status 'exploded' this version does not know"),
-    (json.dumps([{**CLEAN_FORK, "hazards": [{"kind": "thread", "severity": "warning",
-                                             "summary": "s", "remedy": "r",
-                                             "evidence": {"state": ["running"]}}]}]),
-     "fork entry 1, hazard 1: evidence 'state' has the wrong type (list)"),
+    pytest.param("[1, 2]", "fork entry 1 is not an object", id="non-objects"),
+    pytest.param('[{"parent_pid": 1}]', "fork entry 1 has no 'mechanism'", id="missing"),
+    # An id of its own: pytest puts the test's id in the environment (PYTEST_CURRENT_TEST),
+    # and 200,000 brackets there make every exec fail with E2BIG.
+    pytest.param("[" * 100_000 + "]" * 100_000, "nested too deeply", id="deep"),
+    pytest.param(json.dumps([CLEAN_FORK, {**CLEAN_FORK, "outcome": {"status": "exploded"}}]),
+                 "fork entry 2 has an outcome status 'exploded' this version does not know",
+                 id="unknown-status"),
+    pytest.param(json.dumps([{**CLEAN_FORK, "hazards": [
+        {"kind": "thread", "severity": "warning", "summary": "s", "remedy": "r",
+         "evidence": {"state": ["running"]}}]}]),
+        "fork entry 1, hazard 1: evidence 'state' has the wrong type (list)",
+        id="evidence-shape"),
 ])
 def test_malformed_entries_are_one_line(tmp_path: pathlib.Path, forks: str, said: str) -> None:
     """Non-objects, missing fields, deep nesting (RecursionError), an outcome status this
