@@ -190,6 +190,16 @@ def test_dev_zero_is_refused_at_once() -> None:
         path="/dev/zero", error="not valid JSON (Expecting value at line 1)")
 
 
+def test_a_closed_stdin_is_one_line() -> None:
+    """``explain -`` started with no standard input at all (``0<&-``): one line, not an
+    AttributeError on ``sys.stdin`` (which Python then sets to None)."""
+    proc = subprocess.run(["sh", "-c", '"$0" -m forksafe explain - 0<&-', sys.executable],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == REPORT_UNREADABLE.format(
+        path="-", error="there is no standard input"), proc.stderr
+
+
 def test_non_ascii_report_renders_on_an_ascii_terminal(tmp_path: pathlib.Path) -> None:
     """PYTHONIOENCODING=ascii: a valid report naming non-ASCII paths renders, escaped (it
     used to be called corrupt); from stdin too."""
