@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from forksafe import _cli
 
 EXAMPLES = int(os.environ.get("FORKSAFE_FUZZ_EXAMPLES", "0")) or None
-FUZZ = settings(max_examples=EXAMPLES or 150, deadline=None, derandomize=EXAMPLES is None,
+FUZZ = settings(max_examples=EXAMPLES or 100, deadline=None, derandomize=EXAMPLES is None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 APP = """

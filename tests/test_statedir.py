@@ -36,7 +36,7 @@ if planted:  # links named after the pids to come, to the victim's file
         os.mkdir(target)
     os.chmod(target, 0o777)
     me = os.getpid()
-    for pid in range(me, me + 600):
+    for pid in range(me, me + 300):
         for name in (f"{{pid}}.crash", f"{{pid}}.hung", f"{{pid}}.hung.tmp",
                      *(f"{{pid}}-{{n}}.spare" for n in range(1, 5))):
             os.symlink({victim!r}, os.path.join(target, name))

@@ -69,7 +69,10 @@ def cli(args: Any) -> int:
     path: str = args.file
     try:
         if path == "-":
-            source: IO[bytes] = sys.stdin.buffer
+            stdin = getattr(sys.stdin, "buffer", None)  # None when stdin was closed
+            if stdin is None:
+                raise OSError(0, "there is no standard input")
+            source: IO[bytes] = stdin
             size = None
         else:
             source = open(path, "rb")  # noqa: SIM115 - closed below, after streaming
@@ -92,7 +95,7 @@ def cli(args: Any) -> int:
         raise UsageError(REPORT_UNREADABLE.format(path=path, error=error[:300])) from exc
     finally:
         progress.done()
-        if source is not sys.stdin.buffer:
+        if path != "-":
             source.close()
     _print(text, sys.stdout)
     if skipped:
