@@ -20,6 +20,7 @@ import time
 from typing import Any, Iterator, Sequence, overload
 
 from forksafe._errors import UsageError
+from forksafe._render.runs import shape
 from forksafe._report import CRASH_SIGNALS, SCHEMA, ForkEvent, Outcome
 from forksafe._statedir import crash_path, take_crash_text
 
@@ -316,8 +317,9 @@ def uneventful(outcome: dict[str, Any]) -> bool:
 
 def fold_key(entry: dict[str, Any]) -> tuple[Any, ...] | None:
     """What an uneventful fork entry must share with another to be counted with it: the
-    parent, mechanism, site, action, hazards (kind, severity, summary with its numbers
-    aside, as the summary groups them) and the child's fate. None: not foldable."""
+    parent, mechanism, site, action, hazards (kind, severity, summary with the numbers
+    that differ from fork to fork aside, as the summary groups them) and the child's
+    fate. None: not foldable."""
     hazards, site, outcome = entry.get("hazards"), entry.get("site"), entry.get("outcome")
     if not isinstance(hazards, list) or not isinstance(outcome, dict) or not (
             site is None or isinstance(site, dict)):
@@ -326,7 +328,7 @@ def fold_key(entry: dict[str, Any]) -> tuple[Any, ...] | None:
         key = (entry.get("parent_pid"), entry.get("mechanism"), entry.get("action"),
                None if site is None else (site.get("file"), site.get("line"),
                                           site.get("function")),
-               tuple((h.get("kind"), h.get("severity"), _digits(str(h.get("summary"))))
+               tuple((h.get("kind"), h.get("severity"), shape(str(h.get("summary"))))
                      for h in hazards),
                (outcome.get("status"), outcome.get("exit_code"), outcome.get("signal")))
         hash(key)
@@ -554,7 +556,7 @@ def summary_key(event: ForkEvent) -> tuple[Any, ...]:
     fate = None if outcome is None else (
         outcome.status, outcome.exit_code, outcome.signal, _digits(outcome.diagnosis or ""))
     return (event.mechanism, event.site, event.action,
-            tuple((h.kind, h.severity, _digits(h.summary))
+            tuple((h.kind, h.severity, shape(h.summary))
                   for h in event.report.sorted_hazards()), fate)
 
 

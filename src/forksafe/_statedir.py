@@ -208,7 +208,12 @@ def crash_path(child_pid: int, *, directory: str | None = None) -> str:
 
 def hung_path(child_pid: int, *, directory: str | None = None) -> str:
     """The marker a hang monitor leaves for a child it reported hung (JSON outcome)."""
-    return os.path.join(directory or current() or state_dir(), f"{child_pid}.hung")
+    return _beside(f"{child_pid}.hung", directory)
+
+
+def _beside(name: str, directory: str | None) -> str:
+    """``name`` in ``directory``, else in the state directory as this process checked it."""
+    return os.path.join(directory or current() or state_dir(), name)
 
 
 def take_crash_text(pid: int, *, directory: str | None = None) -> str | None:
@@ -270,7 +275,7 @@ def write_hung_marker(pid: int, outcome: Outcome, *, directory: str) -> None:
 def stall_path(child_pid: int, *, directory: str | None = None) -> str:
     """The note a hang monitor keeps on a child stalled for no reason it can tell
     (``forksafe._stall``): gone when the child moves on, read if it dies stalled."""
-    return os.path.join(directory or state_dir(), f"{child_pid}.stall")
+    return _beside(f"{child_pid}.stall", directory)
 
 
 def write_marker(marker: str, outcome: Outcome) -> None:

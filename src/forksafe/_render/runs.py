@@ -50,7 +50,7 @@ def render_events(command: object, exit_code: object, events: Sequence[EventLike
     groups: dict[tuple[Any, ...], list[EventLike]] = {}
     for event in events:
         key = (event.mechanism, event.site, event.action,
-               tuple((h.kind, h.severity, _shape(h.summary))
+               tuple((h.kind, h.severity, shape(h.summary))
                      for h in event.report.sorted_hazards()))
         groups.setdefault(key, []).append(event)
     quiet: dict[str, int] = {}  # "mechanism at site" -> forks
@@ -136,7 +136,7 @@ _HEX = re.compile(r"0x[0-9a-fA-F]+")
 _NUMBER = re.compile(r"(?<!\.py:)(?<![\w.])\d+")
 
 
-def _shape(text: str) -> str:
+def shape(text: str) -> str:
     """``text`` with the numbers that differ from fork to fork (pids, thread ids, thread
     counts, ``Thread-3``) made alike, and the ``file.py:line`` sites kept."""
     return _NUMBER.sub("#", _HEX.sub("0x#", text))
