@@ -80,3 +80,17 @@ def test_thread_name_patterns() -> None:
     assert not _catalog.find("cuda").matches_thread_name("python3")
     with pytest.raises(KeyError, match="known: gnu-openmp"):
         _catalog.find("nope")
+
+
+def test_known_threads_are_found_by_their_index_as_by_a_full_search() -> None:
+    """``known_thread`` looks functions up in an index (every fork checks every thread):
+    it finds, for every stack, the entry a search of the whole catalog finds first."""
+    from forksafe._catalog import THREADS, known_thread
+
+    stacks = [[("/x/" + suffix, function)] for known in THREADS for suffix, function in known.code]
+    stacks += [[("/x/other.py", "run"), *stack] for stack in stacks]
+    stacks += [[(f"/x/{a[0][0]}", b[0][1])] for a, b in zip(stacks, stacks[1:])]  # mismatched
+    stacks.append([("/x/app.py", "main")])
+    for stack in stacks:
+        first = next((known for known in THREADS if known.matches(stack)), None)
+        assert known_thread(stack) is first, stack

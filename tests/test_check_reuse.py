@@ -270,3 +270,48 @@ print("FORKSAFE-RESULT:" + json.dumps({"unchanged": unchanged, "mapped": mapped,
     assert s.result["mapped"] == 2, "a new mapping: read again"
     assert s.result["after"] == 3, "without watching, always read"
     assert s.result["same"] and s.result["closed"] == -1
+
+
+def test_a_report_is_kept_only_if_nothing_moved_while_the_probes_looked(
+        tmp_path: pathlib.Path) -> None:
+    """The fingerprint is computed once per check: what tells that the stacks it saw
+    still hold after the probes (``_unmoved``) must see a thread that moved to another
+    line, one that started, and one that ended."""
+    s = run_scenario(LOOK + """
+from forksafe._platform import current
+def key_now():
+    seen = []
+    key = _check._fingerprint(current(), sys._current_frames, True, seen)
+    return key, _check._tops(seen[0] if seen else {})
+go, reached, done = threading.Event(), threading.Event(), threading.Event()
+def worker():
+    park_at(go, reached)
+    done.wait()
+t = threading.Thread(target=worker, name="worker-a")
+t.start(); reached.wait()
+key, tops = key_now()
+got = {"still": _check._unmoved(key, tops)}
+go.set()
+def names(ident):
+    frame, found = sys._current_frames()[ident], []
+    while frame is not None:
+        found.append(frame.f_code.co_name)
+        frame = frame.f_back
+    return found
+while "park_at" in names(t.ident) or names(t.ident)[0] != "wait":
+    time.sleep(0.01)
+time.sleep(0.05)
+got["moved"] = _check._unmoved(key, tops)
+key, tops = key_now()
+other = threading.Thread(target=done.wait, name="worker-b")
+other.start()
+got["started"] = _check._unmoved(key, tops)
+key, tops = key_now()
+done.set(); other.join(); t.join(); settle()
+got["ended"] = _check._unmoved(key, tops)
+key, tops = key_now()
+got["alone"] = _check._unmoved(key, tops)
+emit(**got)
+""", tmp_path)
+    assert s.result["still"] and s.result["alone"]
+    assert not s.result["moved"] and not s.result["started"] and not s.result["ended"]

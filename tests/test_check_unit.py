@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import types
 import warnings
+from typing import Any
 
 import pytest
 
@@ -61,3 +63,19 @@ def test_a_failing_fingerprint_means_a_fresh_check_not_an_error(
     assert first is not second
     assert first.hazards == second.hazards == _check.check_with(reuse=False).hazards
     assert not [h for h in first.hazards if h.kind == "probe-error"]
+
+
+def test_a_frame_at_an_instruction_of_no_line_is_read_at_its_first_line() -> None:
+    """Another thread's frame can have ``f_lineno`` None (at an instruction of no line; a
+    storm of forking threads met it): its stack and its ``with`` blocks still read."""
+    from forksafe import _frames
+
+    def parked() -> None:
+        with open(__file__):  # a with block, not at the first line
+            pass
+
+    frame: Any = types.SimpleNamespace(f_code=parked.__code__, f_lineno=None, f_back=None,
+                                       f_locals={}, f_globals={})
+    [site] = _frames.stack(frame)
+    assert site.line == parked.__code__.co_firstlineno
+    assert _frames.held_locks(frame) == []

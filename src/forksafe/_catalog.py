@@ -421,5 +421,19 @@ POOL_FILES = {_MP_POOL[1]: (_MP_POOL[0],), _BILLIARD_POOL[1]: (_BILLIARD_POOL[0]
 
 
 def known_thread(frames: list[tuple[str, str]]) -> KnownThread | None:
-    """The catalog's entry for a thread whose stack and target are ``frames``."""
-    return next((known for known in THREADS if known.matches(frames)), None)
+    """The catalog's entry for a thread whose stack and target are ``frames``: the
+    first of ``THREADS`` that matches, as ``KnownThread.matches`` would find it, through
+    an index by function name (every fork checks every thread's stack)."""
+    best: int | None = None
+    for file, function in frames:
+        for suffix, order in _BY_FUNCTION.get(function, ()):
+            if (best is None or order < best) and file.endswith(suffix):
+                best = order
+    return None if best is None else THREADS[best]
+
+
+#: function name -> (file suffix, position in THREADS) of every known thread's code.
+_BY_FUNCTION: dict[str, list[tuple[str, int]]] = {}
+for _order, _known in enumerate(THREADS):
+    for _suffix, _function in _known.code:
+        _BY_FUNCTION.setdefault(_function, []).append((_suffix, _order))

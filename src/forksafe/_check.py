@@ -28,11 +28,12 @@ import types
 import warnings
 from _thread import allocate_lock, get_ident
 from _weakref import ref
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Sequence, Tuple
 
 from forksafe._errors import ForkSafetyWarning
 from forksafe._platform import Platform, current
 from forksafe._probes import Probe, probes
+from forksafe._render.sites import one_working_directory
 from forksafe._report import Hazard, Report, Severity
 from forksafe._snapshot import Snapshot
 
@@ -116,13 +117,17 @@ def fork_check(
     ``uninstall()`` closes it (``close_files``).
     """
     platform = _current or current()
+    seen: list[dict[int, types.FrameType]] = []
     try:
-        key = _fingerprint(platform, current_frames, watch)
+        key = _fingerprint(platform, current_frames, watch, seen)
     except Exception:  # an odd thread object, say: then simply no reuse
         key = None
     last = _last
     if key is not None and last is not None and last[0] == key:
         return last[1]
+    if seen:  # the probes look at the very stacks the fingerprint saw
+        frames = seen[0]
+        return _run_probes(platform, lambda: dict(frames), None, key, _stacklevel + 1)
     return _run_probes(platform, current_frames, None, key, _stacklevel + 1)
 
 
@@ -134,42 +139,87 @@ def _last_report() -> Report | None:
 def _run_probes(
     platform: Platform,
     _current_frames: Callable[[], dict[int, types.FrameType]],
-    _probes: list[tuple[str, Probe]] | None,
+    _probes: Sequence[tuple[str, Probe]] | None,
     key: Fingerprint | None,
     stacklevel: int,
 ) -> Report:
-    """Run the probes; keep the report for reuse when ``key`` allows it."""
+    """Run the probes; keep the report for reuse when ``key`` allows it.
+
+    ``key`` was computed once, from the stacks ``_current_frames`` gives (the guard
+    passes the very table the fingerprint read). The report is kept only if nothing
+    moved while the probes looked (``_unmoved``): computing the fingerprint a second
+    time to tell, as this once did, was a third of a fork's check in a fork storm.
+    """
     global _last, _current
     if key is not None:
         _current = platform
     snapshot = Snapshot(platform, _current_frames)
+    tops = _tops(snapshot.frames) if key is not None else ()
     hazards: list[Hazard] = []
     failed = False
-    for name, probe in _all_probes() if _probes is None else _probes:
-        try:
-            hazards.extend(probe(snapshot))
-        except Exception as exc:  # a probe bug must never break the host program
-            failed = True
-            error = f"{type(exc).__name__}: {exc}"
-            hazards.append(Hazard(
-                "probe-error", Severity.INFO, f"the {name} probe failed: {error}",
-                "the check went on without this probe; please report the error",
-                {"probe": name, "error": error},
-            ))
-            if name not in _reported_failures:
-                _reported_failures.add(name)
-                warnings.warn(PROBE_FAILED.format(probe=name, error=error),
-                              ForkSafetyWarning, stacklevel=stacklevel)
+    # The fingerprint read the working directory: every site's text is made against it.
+    with one_working_directory(key[4] if key is not None else None):
+        for name, probe in _all_probes() if _probes is None else _probes:
+            failed |= _run_probe(name, probe, snapshot, hazards, stacklevel)
     report = Report(hazards=tuple(hazards), thread=snapshot.caller.name)
     if key is not None:
-        # Kept only if nothing changed while the probes looked.
         try:
-            still = not failed and not snapshot.volatile and (
-                _fingerprint(platform, _current_frames) == key)
+            still = not failed and not snapshot.volatile and _unmoved(key, tops)
         except Exception:
             still = False
         _last = (key, report) if still else None
     return report
+
+
+Tops = Tuple[Tuple[int, types.FrameType, "int | None"], ...]
+#: The length of a key made for a process with one thread (no stacks in it).
+_ALONE = 5
+
+
+def _tops(frames: dict[int, types.FrameType]) -> Tops:
+    """Each thread's innermost frame and its line, as the probes are about to see them."""
+    return tuple((ident, frame, frame.f_lineno) for ident, frame in frames.items())
+
+
+def _unmoved(key: Fingerprint, tops: Tops) -> bool:
+    """Nothing the report depends on moved since ``key``: the same threads (Python and
+    OS), each still in the same innermost frame at the same line — and while that frame
+    is on top, every frame below it is as it was. A library loaded meanwhile changes
+    the images version, so the key is never met again: no need to look."""
+    if _LIMBO or (len(key) == _ALONE and tops):
+        return False  # a thread is starting, or one started after a key made alone
+    me = get_ident()
+    if {ident for ident in _ACTIVE if ident != me} != {ident for ident, _, _ in tops}:
+        return False
+    try:
+        if _lstat("/proc/self/task").st_nlink - 2 != len(_ACTIVE):
+            return False
+    except OSError:
+        return False
+    now = sys._current_frames()
+    return all(now.get(ident) is frame and frame.f_lineno == line
+               for ident, frame, line in tops)
+
+
+def _run_probe(name: str, probe: Probe, snapshot: Snapshot, hazards: list[Hazard],
+               stacklevel: int) -> bool:
+    """Add one probe's hazards; True if it failed (its failure is an info hazard, and a
+    warning once per process: a probe bug must never break the host program)."""
+    try:
+        hazards.extend(probe(snapshot))
+        return False
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        hazards.append(Hazard(
+            "probe-error", Severity.INFO, f"the {name} probe failed: {error}",
+            "the check went on without this probe; please report the error",
+            {"probe": name, "error": error},
+        ))
+        if name not in _reported_failures:
+            _reported_failures.add(name)
+            warnings.warn(PROBE_FAILED.format(probe=name, error=error),
+                          ForkSafetyWarning, stacklevel=stacklevel + 1)
+        return True
 
 
 #: (platform, its ``images_version_reader()``): looked up once, not on every fork.
@@ -230,27 +280,35 @@ def close_files() -> None:
         return
 
 
-_probe_list: list[tuple[str, Probe]] = []
+#: The probes, once built: published whole by one assignment, never extended in place.
+_probe_list: tuple[tuple[str, Probe], ...] | None = None
 #: The platform, once known: one call less per fork than asking current().
 _current: Platform | None = None
 
 
-def _all_probes() -> list[tuple[str, Probe]]:
-    if not _probe_list:
-        _probe_list.extend(probes())
-    return _probe_list
+def _all_probes() -> tuple[tuple[str, Probe], ...]:
+    """The probe list. Threads forking at once may each build it the first time (no
+    lock: a forked child must never find one held), but each publishes a whole list
+    and every check runs one list: each probe once, each hazard once."""
+    global _probe_list
+    found = _probe_list
+    if found is None:
+        found = _probe_list = tuple(probes())
+    return found
 
 
 def _fingerprint(
     platform: Platform,
     current_frames: Callable[[], dict[int, types.FrameType]],
     watch: bool = False,
+    seen: list[dict[int, types.FrameType]] | None = None,
 ) -> Fingerprint | None:
     """What a reusable report depends on, or None when it cannot be told cheaply.
 
     A thread is recognised by a weak
     reference (equal while the same object lives; no thread is kept alive),
-    and its stack by the code object and line of every frame.
+    and its stack by the code object and line of every frame. ``seen`` gets the
+    table of stacks it read (none for a process with one thread).
     """
     global _reader
     reader = _reader
@@ -305,6 +363,8 @@ def _fingerprint(
         return (pid, me, name, images, cwd)
     frames = current_frames()
     frames.pop(me, None)  # our own frame would refer back to this table
+    if seen is not None:
+        seen.append(frames)
     parts: list[object] = [pid, me, name, images, cwd]
     dummy = threading._DummyThread
     for ident, thread in list(active.items()):

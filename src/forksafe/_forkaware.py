@@ -97,14 +97,49 @@ def _list_holding(item: object) -> list[Any] | None:
     return found[0] if len(found) == 1 else None
 
 
+#: The last answer of ``handlers``: (what it was read from, the handlers, its version).
+_answer: tuple[tuple[Any, ...], list[Handler], int] | None = None
+
+
 def handlers(guard_hooks: tuple[Callable[[], object], Callable[[], object]] | None = None
              ) -> list[Handler]:
     """Every fork handler of this process that may own something.
 
     ``guard_hooks``: the guard's own ``before`` and ``after_in_child`` hooks, when
     it registered them (they are in the lists already: no marker is needed).
+    Every check asks; the answer is made again only when a hook was registered (the
+    interpreter's lists only grow) or multiprocessing's registry changed.
     """
+    return versioned(guard_hooks)[0]
+
+
+def versioned(guard_hooks: tuple[Callable[[], object], Callable[[], object]] | None = None
+              ) -> tuple[list[Handler], int]:
+    """``handlers`` and a number that changes whenever their answer may have."""
+    global _answer
     before, child = _hook_lists(guard_hooks)
+    seen = (len(before or ()), len(child or ()), _registry_keys())
+    answer = _answer
+    if answer is not None and answer[0] == seen:
+        return answer[1], answer[2]
+    found = _read_handlers(before, child)
+    number = (answer[2] + 1) if answer is not None else 1
+    _answer = (seen, found, number)
+    return found, number
+
+
+def _registry_keys() -> tuple[Any, ...]:
+    util = sys.modules.get("multiprocessing.util")
+    registry = getattr(util, "_afterfork_registry", None)
+    if registry is None:
+        return ()
+    try:
+        return tuple(registry.keys())
+    except RuntimeError:  # changed size while we looked
+        return (object(),)  # unlike any other: read it all again
+
+
+def _read_handlers(before: list[Any] | None, child: list[Any] | None) -> list[Handler]:
     found: list[Handler] = []
     for when, hooks in ((BEFORE, before), (CHILD, child)):
         for hook in list(hooks or ()):

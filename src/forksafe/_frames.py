@@ -72,6 +72,46 @@ def is_library_file(filename: str) -> bool:
     return answer
 
 
+#: Whether a code object is forksafe's own, by code: bounded, cleared when full.
+OWN_CODE: dict[types.CodeType, bool] = {}
+
+
+def outside_forksafe(frame: types.FrameType | None) -> types.FrameType | None:
+    """The innermost frame of another thread's stack that is not forksafe's own.
+
+    A thread in the middle of its own guarded fork (its check, its wait) is where
+    the program put it: at the line that forks or waits. Its stack inside forksafe
+    says nothing about the program, and changes at every step of the check; from
+    its caller on, it is what the child loses. A stack all forksafe's is kept whole.
+    """
+    top = frame
+    while frame is not None:
+        code = frame.f_code
+        own = OWN_CODE.get(code)
+        if own is None:
+            if len(OWN_CODE) >= LIBRARY_FILES_SIZE:
+                OWN_CODE.clear()
+            filename = code.co_filename
+            path = os.path.normcase(os.path.realpath(filename)) if os.sep in filename else ""
+            own = OWN_CODE[code] = path.startswith(_OWN_DIR)
+        if not own:
+            return frame
+        frame = frame.f_back
+    return top
+
+
+def stack_key(frame: types.FrameType | None, limit: int = 64) -> tuple[object, ...] | None:
+    """A stack as (code, line) pairs, innermost first: equal while the thread stands
+    where it stood; None for a stack deeper than ``limit``."""
+    parts: list[object] = []
+    while frame is not None:
+        if len(parts) >= 2 * limit:
+            return None
+        parts += (frame.f_code, frame.f_lineno)
+        frame = frame.f_back
+    return tuple(parts)
+
+
 def user_site(sites: list[Site]) -> Site | None:
     """The innermost site in the user's code, else the innermost site at all."""
     for site in sites:
@@ -84,7 +124,7 @@ def stack(frame: types.FrameType | None, limit: int = 12) -> list[Site]:
     """Sites of ``frame`` and its callers, innermost first."""
     out: list[Site] = []
     while frame is not None and len(out) < limit:
-        out.append(Site(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
+        out.append(Site(frame.f_code.co_filename, line_of(frame), frame.f_code.co_name))
         frame = frame.f_back
     return out
 
@@ -106,6 +146,13 @@ def scope_holding(module: str, function: str, name: str, value: object) -> dict[
     return None
 
 
+def line_of(frame: types.FrameType) -> int:
+    """The line another thread's frame is at. ``f_lineno`` is None while that thread
+    is at an instruction of no line (a storm of forking threads meets it): then the
+    first line of the function, a place that takes no lock."""
+    return frame.f_lineno or frame.f_code.co_firstlineno
+
+
 def source_line(site: Site) -> str:
     return linecache.getline(site.file, site.line).strip()
 
@@ -116,7 +163,7 @@ def waiting(frame: types.FrameType) -> str | None:
     key = (os.path.basename(code.co_filename), code.co_name)
     if key in _WAIT_FUNCTIONS and is_library_file(code.co_filename):
         return _WAIT_FUNCTIONS[key]
-    line = linecache.getline(code.co_filename, frame.f_lineno)
+    line = linecache.getline(code.co_filename, line_of(frame))
     match = _BLOCKING_CALL.search(line)
     if match:
         return f"blocked in `{match.group(0).strip()}...)`"
@@ -149,7 +196,7 @@ def held_locks(frame: types.FrameType | None, limit: int = 12) -> list[HeldLock]
     while frame is not None and depth < limit:
         code = frame.f_code
         if not is_library_file(code.co_filename):
-            for expr, line in _enclosing_withs(code, frame.f_lineno):
+            for expr, line in _enclosing_withs(code, line_of(frame)):
                 obj, resolved = _resolve(expr, frame)
                 locked = _is_locked(obj) if resolved else None
                 if locked is not None or re.search(r"lock|mutex", expr, re.IGNORECASE):
@@ -159,7 +206,24 @@ def held_locks(frame: types.FrameType | None, limit: int = 12) -> list[HeldLock]
     return found
 
 
+#: Answers of ``_enclosing_withs`` by (code, line), bounded: cleared when full. Every
+#: check reads every thread's ``with`` blocks, and a thread parked at one line
+#: (idle, or a storm of threads forking from the same loop) asks the same again.
+WITHS: dict[tuple[types.CodeType, int], list[tuple[str, int]]] = {}
+WITHS_SIZE = 4096
+
+
 def _enclosing_withs(code: types.CodeType, lineno: int) -> list[tuple[str, int]]:
+    key = (code, lineno)
+    found = WITHS.get(key)
+    if found is None:
+        if len(WITHS) >= WITHS_SIZE:
+            WITHS.clear()
+        found = WITHS[key] = _scan_withs(code, lineno)
+    return found
+
+
+def _scan_withs(code: types.CodeType, lineno: int) -> list[tuple[str, int]]:
     lines = linecache.getlines(code.co_filename)
     if not lines or lineno > len(lines):
         return []

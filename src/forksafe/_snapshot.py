@@ -36,6 +36,7 @@ class Snapshot:
         self._os_threads: list[OSThread] | None = None
         self._raw: list[tuple[int, int | None]] | None = None
         self._handlers: list[Handler] | None = None
+        self._handlers_version = 0
         self.claimed: set[int] = set()  # OS thread ids a runtime has accounted for
         # Set by a probe whose answer can change while the process looks the
         # same to ``forksafe._check``'s fingerprint (a lock taken or released, a
@@ -101,9 +102,19 @@ class Snapshot:
 
     def fork_handlers_of(self, thread: threading.Thread) -> list[Handler]:
         """The registered fork handlers that belong to ``thread``'s code (``_forkaware``)."""
+        return _forkaware.handled_by(_forkaware.thread_owners(thread), self._fork_handlers())
+
+    def fork_handlers_version(self) -> int:
+        """Changes when the registered fork handlers may have: a thread's hazard made
+        with the same version found the same handlers."""
+        self._fork_handlers()
+        return self._handlers_version
+
+    def _fork_handlers(self) -> list[Handler]:
         if self._handlers is None:
-            self._handlers = _forkaware.handlers(_forkaware.GUARD_HOOKS)
-        return _forkaware.handled_by(_forkaware.thread_owners(thread), self._handlers)
+            self._handlers, self._handlers_version = _forkaware.versioned(
+                _forkaware.GUARD_HOOKS)
+        return self._handlers
 
     def dummy_native_ids(self) -> set[int]:
         return {

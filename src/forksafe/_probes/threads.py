@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import threading
 import types
+import weakref
 from typing import Any
 
 from forksafe import _catalog, _forkaware, _frames, _ledger
-from forksafe._render.sites import where
+from forksafe._render.sites import where, working_directory
 from forksafe._report import Hazard, Severity, Site
 from forksafe._snapshot import Snapshot
 
@@ -53,8 +54,50 @@ def probe(snapshot: Snapshot) -> list[Hazard]:
     return hazards
 
 
+#: Hazards made before, by what each was made of (``_memo_key``); bounded: cleared when
+#: full. In a process that forks from several threads at once, every fork's check finds
+#: the others elsewhere, so the report as a whole is rarely reused (``forksafe._check``);
+#: but each thread stands at one of a few places, and its hazard is made once per place.
+MEMO: dict[tuple[Any, ...], Hazard] = {}
+MEMO_SIZE = 1024
+
+
 def _hazard(thread: threading.Thread, snapshot: Snapshot) -> Hazard:
-    frame = snapshot.frames.get(thread.ident or -1)
+    frame = _frames.outside_forksafe(snapshot.frames.get(thread.ident or -1))
+    key = _memo_key(thread, frame, snapshot.fork_handlers_version())
+    if key is not None:
+        known = MEMO.get(key)
+        if known is not None:
+            return known
+    hazard = _made(thread, frame, snapshot.fork_handlers_of(thread), snapshot)
+    if key is not None and not hazard.evidence.get("locks"):
+        # A `with` block's lock may be taken or released while the thread stands
+        # still: such a hazard is made anew each time (and the check's report too).
+        if len(MEMO) >= MEMO_SIZE:
+            MEMO.clear()
+        MEMO[key] = hazard
+    return hazard
+
+
+def _memo_key(thread: threading.Thread, frame: types.FrameType | None,
+              handlers: int) -> tuple[Any, ...] | None:
+    """Everything a thread's hazard is made of: the thread (the same object, by weak
+    reference; its name and daemon flag), where it stands, the fork handlers there
+    are (their version), and the directory its sites are shown against. None: not to
+    be kept."""
+    stack = _frames.stack_key(frame)
+    if stack is None:
+        return None
+    try:
+        directory = working_directory()
+    except OSError:
+        return None
+    return (weakref.ref(thread), thread.name, thread.daemon, thread.native_id,
+            handlers, directory, stack)
+
+
+def _made(thread: threading.Thread, frame: types.FrameType | None,
+          handlers: list[_forkaware.Handler], snapshot: Snapshot) -> Hazard:
     raw = _ledger.thread_origin(thread)
     started = _ledger.sites(raw) if raw else []
     main = thread is threading.main_thread()
@@ -73,7 +116,6 @@ def _hazard(thread: threading.Thread, snapshot: Snapshot) -> Hazard:
         evidence["main"] = True
     if dummy:
         evidence["dummy"] = True
-    handlers = snapshot.fork_handlers_of(thread)
     code = _code(frame) + _target_code(thread)
     return _build(who, frame, started, unknown=MAIN_THREAD if main else ORIGIN_UNKNOWN,
                   evidence=evidence, snapshot=snapshot, handlers=handlers,
@@ -81,7 +123,7 @@ def _hazard(thread: threading.Thread, snapshot: Snapshot) -> Hazard:
 
 
 def _raw_hazard(ident: int, tid: int | None, snapshot: Snapshot) -> Hazard:
-    frame = snapshot.frames.get(ident)
+    frame = _frames.outside_forksafe(snapshot.frames.get(ident))
     origin = _ledger.raw_thread_origin(ident)
     started = _ledger.sites(origin[0]) if origin else []
     evidence: dict[str, Any] = {

@@ -10,10 +10,12 @@ about a fork or a thread, ``(main)`` inside a sentence that already says "in".
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sysconfig
-from typing import Mapping
+import threading
+from typing import Iterator, Mapping
 
 from forksafe._render.shapes import SiteLike
 
@@ -32,9 +34,41 @@ def path(filename: str) -> str:
         if filename.startswith(prefix):
             return filename[len(prefix):]
     try:
-        return _relative(filename, os.getcwd())
+        return _relative(filename, working_directory())
     except OSError:  # the working directory was removed
         return filename
+
+
+def working_directory() -> str:
+    """The directory texts are made against: pinned by ``one_working_directory``, else
+    the current one (OSError when it was removed)."""
+    return getattr(_pinned, "cwd", None) or os.getcwd()
+
+
+#: The working directory a thread's texts are made against, while it makes many at
+#: once (``one_working_directory``).
+_pinned = threading.local()
+
+
+@contextlib.contextmanager
+def one_working_directory(known: object = None) -> Iterator[None]:
+    """Within: ``path`` reads the working directory once (or takes ``known``, a path
+    read just before), not once per path. A check makes a text for every site of
+    every thread; a fork storm made that a dozen ``getcwd`` calls per fork."""
+    if getattr(_pinned, "cwd", None) is not None:
+        yield  # already pinned by an enclosing check
+        return
+    if isinstance(known, str):
+        _pinned.cwd = known
+    else:
+        try:
+            _pinned.cwd = os.getcwd()
+        except OSError:
+            _pinned.cwd = None
+    try:
+        yield
+    finally:
+        _pinned.cwd = None
 
 
 @functools.lru_cache(maxsize=4096)
