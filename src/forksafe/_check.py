@@ -34,6 +34,7 @@ from forksafe._errors import ForkSafetyWarning
 from forksafe._platform import Platform, current
 from forksafe._probes import Probe, probes
 from forksafe._render.sites import one_working_directory
+from forksafe._render.text import printable
 from forksafe._report import Hazard, Report, Severity
 from forksafe._snapshot import Snapshot
 
@@ -217,7 +218,7 @@ def _run_probe(name: str, probe: Probe, snapshot: Snapshot, hazards: list[Hazard
         ))
         if name not in _reported_failures:
             _reported_failures.add(name)
-            warnings.warn(PROBE_FAILED.format(probe=name, error=error),
+            warnings.warn(printable(PROBE_FAILED.format(probe=name, error=error)),
                           ForkSafetyWarning, stacklevel=stacklevel + 1)
         return True
 

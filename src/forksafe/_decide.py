@@ -172,6 +172,10 @@ def warn_at(message: str, target: types.FrameType | None, site: Site | None = No
     instead when ``target`` is no code of the user's (a pool's own thread forking)."""
     import warnings
 
+    from forksafe._render.text import printable
+
+    message = printable(message)  # thread names, paths: a terminal shows them, obeys none
+
     if site is not None and target is not None and \
             Lazy.is_library_file(target.f_code.co_filename) and \
             not Lazy.is_library_file(site.file):

@@ -32,6 +32,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from forksafe._render.text import printable
+
 SCHEMA = "forksafe-doctor/1"
 OK, NOTE, PROBLEM = "ok", "note", "problem"
 VERDICTS = (OK, NOTE, PROBLEM)
@@ -662,5 +664,5 @@ def cli(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(render(report))
+        print(printable(render(report)))
     return 1 if report["counts"][PROBLEM] else 0

@@ -63,15 +63,21 @@ def report_failure(what: str, exc: BaseException, *, stacklevel: int = 3) -> Non
     try:
         import warnings
 
+        from forksafe._render.text import printable
+
+        message = printable(message)
         warnings.warn(message, ForkSafetyWarning, stacklevel=stacklevel)
     except Exception:  # warnings turned into errors: the program must still go on
         write_stderr(message)
 
 
 def write_stderr(line: str) -> None:
-    """One line on ``sys.stderr``, or nothing when there is no usable stderr."""
+    """One line on ``sys.stderr`` (escaped: ``forksafe._render.text``), or nothing when
+    there is no usable stderr."""
     try:
-        sys.stderr.write(line + "\n")
+        from forksafe._render.text import printable
+
+        sys.stderr.write(printable(line) + "\n")
         sys.stderr.flush()
     except Exception:  # no usable stderr: nothing else to tell it to
         return

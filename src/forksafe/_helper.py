@@ -31,6 +31,7 @@ from forksafe import _config
 from forksafe._interpreter import interpreter_problem
 from forksafe._platform import _procinfo
 from forksafe._render import outcomes
+from forksafe._render.text import printable
 from forksafe._report import ForkEvent, Outcome
 from forksafe._statedir import current
 
@@ -179,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def on_hung(event: ForkEvent, outcome: Outcome) -> None:
         with contextlib.suppress(OSError, ValueError):  # the program's stderr may be gone
-            print(outcomes.ended(outcome.diagnosis), file=sys.stderr, flush=True)
+            print(printable(outcomes.ended(outcome.diagnosis)), file=sys.stderr, flush=True)
         if sink is not None:
             sink.write({"type": "outcome", "parent_pid": event.parent_pid,
                         "child_pid": event.child_pid, "outcome": outcome.to_dict()})
