@@ -308,7 +308,7 @@ class _Supervisor:
             with contextlib.suppress(OSError):
                 os.killpg(self.pid, signum)
             return
-        for pid in [self.pid, *self._tree()]:
+        for pid in sorted({self.pid, *self._tree()}):  # COMMAND is in its own tree
             with contextlib.suppress(OSError):
                 os.kill(pid, signum)
 
@@ -320,7 +320,7 @@ class _Supervisor:
         if self.new_session:
             with contextlib.suppress(OSError):
                 os.killpg(self.pid, signal.SIGKILL)
-        for pid in [self.pid, *self._tree()]:
+        for pid in sorted({self.pid, *self._tree()}):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 
