@@ -115,6 +115,19 @@ def supervised(tmp_path: pathlib.Path, script: str, *options: str,
     assert [p for p in pids if alive(p)] == [], "nothing of the tree is left behind"
 
 
+def taken(pid: int, seconds: float = 10) -> None:
+    """Wait until ``pid`` has no signal pending: the one just sent was taken (two sent
+    before the first is taken would be one: standard signals do not queue)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        if int(fields["SigPnd"], 16) == 0 and int(fields["ShdPnd"], 16) == 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the signal was never taken")
+
+
 def finish(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str]:
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
@@ -209,7 +222,8 @@ def test_a_second_interrupt_kills_the_tree(tmp_path: pathlib.Path) -> None:
                     "--grace", "30") as proc:
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        taken(proc.pid)
+        time.sleep(0.2)
         assert proc.poll() is None, "one Ctrl-C is passed on, nothing more"
         proc.send_signal(signal.SIGINT)
         code, err = finish(proc)
@@ -224,13 +238,14 @@ def test_interrupts_further_apart_than_the_grace_period_are_only_passed_on(
     nothing: COMMAND gets both and ends as it chooses."""
     script = FAMILY.format(ignore=False).replace(
         "deadline = time.monotonic() + 60",
-        "signal.signal(signal.SIGINT, lambda *a: seen.append(1))\n"
+        "signal.signal(signal.SIGINT, lambda *a: (seen.append(1), open('seen', 'w')))\n"
         "seen = []\ndeadline = time.monotonic() + 60", 1).replace(
         "    time.sleep(0.05)\n", "    time.sleep(0.05)\n    if len(seen) == 2:\n"
         "        for kid in kids:\n            os.kill(kid, signal.SIGUSR1)\n"
         "            os.waitpid(kid, 0)\n        sys.exit(5)\n")
     with supervised(tmp_path, script, "--policy", "log", "--grace", "0.3") as proc:
         proc.send_signal(signal.SIGINT)
+        wait_for(tmp_path / "seen")  # taken and passed on: its time is behind us
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         code, err = finish(proc)
@@ -264,6 +279,12 @@ while time.monotonic() < deadline:
     while steps and steps[0][0].encode() in out:
         time.sleep(steps[0][2])
         os.write(master, steps.pop(0)[1].encode())
+        for _ in range(500):  # until forksafe run took the signal the key sent
+            with open(f"/proc/{pid}/status") as f:
+                pending = [line.split()[1] for line in f if line[:6] in ("SigPnd", "ShdPnd")]
+            if len(pending) == 2 and not any(int(mask, 16) for mask in pending):
+                break
+            time.sleep(0.01)
 else:
     os.killpg(pid, signal.SIGKILL)
 _, status = os.waitpid(pid, 0)
