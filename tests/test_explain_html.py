@@ -317,3 +317,21 @@ def test_a_real_browser_shows_the_page(nested: tuple[pathlib.Path, str],
     assert "killed by SIGSEGV" in seen.words and "Process tree" in seen.words
     assert seen.tags.count("article") == 1 and "svg" in seen.tags and "rect" in seen.tags
     assert "script" not in seen.tags
+
+
+def test_past_the_edges_kept_the_tree_counts_by_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_EDGES entries with a child's pid (3 here), children are counted by parent
+    and kind: every fork is still counted, and a process whose entry came past the bound
+    is drawn as a root of its own."""
+    from forksafe._render import tree
+
+    monkeypatch.setattr(tree, "MAX_EDGES", 3)
+    report = pool_of(4)  # entries: worker 0, its child, worker 1, its child, ...
+    lines = render_run(report)
+    drawn = lines[lines.index(TREE_HEAD):].splitlines()
+    assert drawn[:4] == [
+        TREE_HEAD, "  pid 1 `app.py` (COMMAND)",
+        "  |- multiprocessing.Pool at app.py:5 in work x2: exited 0",
+        "  |  `- os.fork at app.py:9 in work x2: exited 0"], drawn
+    assert "  `- multiprocessing.Pool at app.py:5 in work x2: exited 0" in drawn
+    assert "  2 processes `app.py`" in drawn, "workers 2 and 3: their own entries are roots"

@@ -474,17 +474,19 @@ class Picture:
     def __init__(self, *, command_pid: int | None = None, started: float | None = None,
                  duration: float | None = None) -> None:
         from forksafe._render.timeline import Timeline
-        from forksafe._render.tree import Tree
+        from forksafe._render.tree import Tree, kind_of
 
+        self._kind_of = kind_of
         self.runs = Runs()
         self.tree = Tree(command_pid)
         self.timeline = Timeline(started, duration)
 
     def add(self, event: ForkEvent, count: int = 1, command: object = None) -> None:
         """One fork entry: ``count`` alike forks; ``command``, the forking process's."""
+        kind = self._kind_of(event)
         self.runs.add(event, count)
-        self.tree.add(event, count, command)
-        self.timeline.add(event, event.time, count)
+        self.tree.add(event, count, command, kind)
+        self.timeline.add(event, event.time, count, kind)
 
     def text(self, command: object, exit_code: object, omitted: int = 0) -> str:
         """The run's summary (``forksafe._render.runs``), the tree after the findings when

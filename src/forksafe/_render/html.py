@@ -269,8 +269,6 @@ def _tree(tree: Tree) -> str:
     hidden = -budget[0] if budget[0] < 0 else 0
     if hidden:
         out.append(f'<p class="muted">... {hidden} more line(s) not drawn.</p>')
-    if tree.dropped:
-        out.append(f'<p class="muted">... {tree.dropped} more fork(s) not drawn.</p>')
     return "\n".join(out)
 
 

@@ -11,8 +11,7 @@ rows are kept; the rest are counted in ``dropped``.
 
 from __future__ import annotations
 
-from forksafe._render.runs import fate, tone
-from forksafe._render.sites import site_text
+from forksafe._render.tree import kind_of
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -50,17 +49,14 @@ class Timeline:
         self.untimed = 0  # forks whose time the report does not say
         self._times: dict[tuple[float, str, str, str, str], Row] = {}
 
-    def add(self, event: EventLike, when: float, count: int = 1) -> None:
-        """A fork entry made at ``when`` (seconds since the epoch; 0: not known)."""
+    def add(self, event: EventLike, when: float, count: int = 1,
+            kind: tuple[str, str, str, str] | None = None) -> None:
+        """A fork entry made at ``when`` (seconds since the epoch; 0: not known);
+        ``kind``: ``forksafe._render.tree.kind_of(event)``, if known."""
         if when <= 0:
             self.untimed += count
             return
-        if event.outcome is not None:
-            what = fate(event.outcome)
-        else:
-            what = "refused" if event.action == "refused" else "no outcome seen"
-        key = (when, event.mechanism, site_text(event.site) if event.site else "", what,
-               tone(event))
+        key = (when, *(kind_of(event) if kind is None else kind))
         row = self._times.get(key)
         if row is None:
             if len(self._times) >= MAX_ROWS:

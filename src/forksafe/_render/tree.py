@@ -12,9 +12,12 @@ alike roots are one line too. A worker whose child crashed has a different line
 below it, so it stands apart from the 999 others.
 
 What is kept is a few numbers per fork entry (an entry's ``count`` already stands
-for that many alike children), for at most ``MAX_EDGES`` entries; a tree deeper
-than ``MAX_DEPTH`` is cut there. Cycles (a pid reused, or a hostile report) end
-where they come back.
+for that many alike children) for the first ``MAX_EDGES`` entries with a child;
+past them, and for refused forks, only a count per parent and kind of fork: the
+tree of a report of any size is drawn in bounded memory, and a process whose own
+entry came past the bound is drawn as a root of its own. A tree deeper than
+``MAX_DEPTH`` is cut there. Cycles (a pid reused, or a hostile report) end where
+they come back.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ if TYPE_CHECKING:
 
     from forksafe._render.shapes import EventLike
 
-#: Fork entries drawn; past this many the rest are counted in ``dropped``.
-MAX_EDGES = 100_000
+#: Fork entries kept with their child's pid; past this many, counted by parent and kind.
+MAX_EDGES = 20_000
 #: Levels of forks drawn below a root.
 MAX_DEPTH = 32
 #: Lines of the tree the text summary shows (the HTML page shows all of it).
@@ -38,7 +41,6 @@ MAX_LINES = 40
 HEAD = "process tree (who forked whom; alike children counted, with their fate):"
 MORE_LINES = "... {count} more line(s): `forksafe explain --html` draws the whole tree"
 CUT = "... deeper forks not drawn (more than {depth} levels)"
-DROPPED = "... {count} more fork(s) not drawn (more than {edges:,} fork entries)"
 
 
 class Group:
@@ -78,38 +80,41 @@ class Tree:
 
     def __init__(self, command_pid: int | None = None) -> None:
         self.command_pid = command_pid  # COMMAND's own pid, when the report says it
-        self.dropped = 0
         self._edges = 0
         self._kinds: dict[tuple[str, str, str, str], int] = {}
         self._kind_list: list[tuple[str, str, str, str]] = []
-        # parent pid -> [child pid (or -1: no child), kind, count], in arrival order
+        # parent pid -> [child pid (or -1: no child, or not kept), kind, count], in
+        # arrival order; children without a pid of one kind share one entry (_leaves)
         self._children: dict[int, list[tuple[int, int, int]]] = {}
+        self._leaves: dict[tuple[int, int], int] = {}  # (parent, kind) -> its index
         self._forked: set[int] = set()  # pids some entry forked
         self._commands: dict[int, str] = {}
 
-    def add(self, event: EventLike, count: int = 1, command: object = None) -> None:
+    def add(self, event: EventLike, count: int = 1, command: object = None,
+            kind: tuple[str, str, str, str] | None = None) -> None:
         """One fork entry (``count`` alike forks); ``command``: the forking process's
-        ``sys.argv``, as the report keeps it."""
-        if self._edges >= MAX_EDGES:
-            self.dropped += count
-            return
-        self._edges += 1
-        if event.outcome is not None:
-            what = fate(event.outcome)
-        else:
-            what = "refused" if event.action == "refused" else "no outcome seen"
-        kind_key = (event.mechanism, site_text(event.site) if event.site else "", what,
-                    tone(event))
-        kind = self._kinds.get(kind_key)
-        if kind is None:
-            kind = self._kinds[kind_key] = len(self._kind_list)
+        ``sys.argv``, as the report keeps it; ``kind``: ``kind_of(event)``, if known."""
+        kind_key = kind_of(event) if kind is None else kind
+        number = self._kinds.get(kind_key)
+        if number is None:
+            number = self._kinds[kind_key] = len(self._kind_list)
             self._kind_list.append(kind_key)
-        child = -1 if event.child_pid is None else event.child_pid
-        self._children.setdefault(event.parent_pid, []).append((child, kind, count))
-        if child != -1:
+        parent = event.parent_pid
+        children = self._children.setdefault(parent, [])
+        child = event.child_pid
+        if child is None or self._edges >= MAX_EDGES:
+            at = self._leaves.get((parent, number))
+            if at is None:
+                self._leaves[(parent, number)] = len(children)
+                children.append((-1, number, count))
+            else:
+                children[at] = (-1, number, children[at][2] + count)
+        else:
+            self._edges += 1
+            children.append((child, number, count))
             self._forked.add(child)
-        if event.parent_pid not in self._commands and isinstance(command, list) and command:
-            self._commands[event.parent_pid] = " ".join(str(part) for part in command)
+        if parent not in self._commands and isinstance(command, list) and command:
+            self._commands[parent] = " ".join(str(part) for part in command)
 
     def nested(self) -> bool:
         """Whether some child forked in turn: more than one level, worth drawing (one
@@ -187,12 +192,20 @@ class Tree:
             out.extend(_branches(root.children, "  "))
             if root.cut:
                 out.append("    " + CUT.format(depth=MAX_DEPTH))
-        if self.dropped:
-            out.append("  " + DROPPED.format(count=self.dropped, edges=MAX_EDGES))
         if len(out) > limit + 1:
             hidden = len(out) - limit
             out = [*out[:limit], "  " + MORE_LINES.format(count=hidden)]
         return out
+
+
+def kind_of(event: EventLike) -> tuple[str, str, str, str]:
+    """What a line of the tree (and a lane of the timeline) tells forks apart by: the
+    mechanism, the site, the child's fate in words, and that fate's colour."""
+    if event.outcome is not None:
+        what = fate(event.outcome)
+    else:
+        what = "refused" if event.action == "refused" else "no outcome seen"
+    return (event.mechanism, site_text(event.site) if event.site else "", what, tone(event))
 
 
 def _branches(groups: Iterable[Group], indent: str) -> list[str]:
