@@ -13,6 +13,7 @@ else is loaded (its start-up cost is COMMAND's wait), so what only ``check`` or
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -42,8 +43,10 @@ class _Formatter(argparse.HelpFormatter):
         super().__init__(prog, indent_increment, max_help_position, width)
 
 
+@functools.cache
 def _columns() -> int:
-    """The terminal's width, as ``shutil.get_terminal_size`` finds it (80 by default)."""
+    """The terminal's width, as ``shutil.get_terminal_size`` finds it (80 by default);
+    asked once, not for each of the options a formatter is made for."""
     columns = os.environ.get("COLUMNS", "")
     if columns.isdigit() and int(columns) > 0:
         return int(columns)
