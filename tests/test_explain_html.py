@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -55,9 +56,17 @@ if __name__ == "__main__":
 
 
 def forksafe(tmp_path: pathlib.Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "forksafe", *args], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=120,
-                          start_new_session=True)
+    """`forksafe ARGS` in a session of its own, its whole group killed if it overstays."""
+    proc = subprocess.Popen([sys.executable, "-m", "forksafe", *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -255,16 +264,22 @@ def test_html_of_event_lines_and_of_a_check(tmp_path: pathlib.Path) -> None:
     (tmp_path / "app.py").write_text(NESTED)
     env = {**os.environ, "FORKSAFE_REPORT": str(tmp_path / "events.jsonl"),
            "FORKSAFE_POLICY": "log"}
-    subprocess.run([sys.executable, "app.py"], cwd=tmp_path, env=env, capture_output=True,
-                   timeout=60, check=True)
+    run = subprocess.Popen([sys.executable, "app.py"], cwd=tmp_path, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    try:
+        assert run.wait(timeout=60) == 0
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
     events = forksafe(tmp_path, "explain", "--html", "events.jsonl")
     assert events.returncode == 0, events.stderr
     assert "killed by SIGSEGV" in well_formed(events.stdout).words
     (tmp_path / "check.py").write_text(
         "import json, subprocess, sys, threading\n"
         "threading.Thread(target=threading.Event().wait, name='idler', daemon=True).start()\n")
-    check = subprocess.run([sys.executable, "-m", "forksafe", "check", "--import", "check",
-                            "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    check = forksafe(tmp_path, "check", "--import", "check", "--json")
     (tmp_path / "check.json").write_text(check.stdout)
     page = forksafe(tmp_path, "explain", "--html", "check.json")
     assert page.returncode == 0, page.stderr
@@ -304,16 +319,20 @@ def test_a_real_browser_shows_the_page(nested: tuple[pathlib.Path, str],
     browser = chromium()
     assert browser is not None
     profile = tmp_path / "profile"
+    proc = subprocess.Popen([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                             f"--user-data-dir={profile}", "--no-first-run", "--dump-dom",
+                             page.as_uri()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
-        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
-                              f"--user-data-dir={profile}", "--no-first-run",
-                              "--dump-dom", page.as_uri()],
-                             capture_output=True, text=True, timeout=90,
-                             start_new_session=True)
+        out, err = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
         pytest.skip("the installed Chromium did not answer within 90 s")
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    seen = Page(dom.stdout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    seen = Page(out)
     assert "killed by SIGSEGV" in seen.words and "Process tree" in seen.words
     assert seen.tags.count("article") == 1 and "svg" in seen.tags and "rect" in seen.tags
     assert "script" not in seen.tags

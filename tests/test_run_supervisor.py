@@ -427,11 +427,17 @@ def test_a_run_without_forks_is_reported_without_the_model(tmp_path: pathlib.Pat
 
     assert SCHEMA == MODEL_SCHEMA and time.strftime(TIME_FORMAT, time.gmtime(0)) == \
         format_time(0)
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "forksafe", "run",
-                           "--report", "r.json", "--", "true"], cwd=tmp_path, text=True,
-                          capture_output=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    imported = {row.rsplit("|", 1)[-1].strip() for row in proc.stderr.splitlines()
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "forksafe", "run",
+                             "--report", "r.json", "--", "true"], cwd=tmp_path, text=True,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        code, err = finish(proc, timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert code == 0, err
+    imported = {row.rsplit("|", 1)[-1].strip() for row in err.splitlines()
                 if row.startswith("import time:")}
     assert "forksafe._run" in imported and "forksafe._report" not in imported
     report = json.loads((tmp_path / "r.json").read_text())
