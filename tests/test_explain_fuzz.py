@@ -9,12 +9,16 @@ Three sources of input, each run in the regular suite within a few seconds:
 * structural mutations of the same: a value anywhere replaced by any JSON value, a key
   dropped, a value nested deeply.
 
+Every input goes through the text summary and through ``--html`` alike: the page
+must be refused exactly when the text is, and be an inert page otherwise.
+
 ``FORKSAFE_FUZZ_EXAMPLES=N`` runs N examples per test instead (a long run outside CI).
 """
 
 from __future__ import annotations
 
 import contextlib
+import html.parser
 import io
 import json
 import os
@@ -79,14 +83,25 @@ def real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
             "events": (where / "events.jsonl").read_bytes()}
 
 
-def explain(data: bytes, tmp: pathlib.Path) -> tuple[int, str, str]:
+def explain(data: bytes, tmp: pathlib.Path, *options: str) -> tuple[int, str, str]:
     """``forksafe explain`` on ``data``, in this process: exit code, stdout, stderr."""
     path = tmp / "fuzzed.json"
     path.write_bytes(data)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = _cli.main(["explain", str(path)])
+        code = _cli.main(["explain", *options, str(path)])
     return code, out.getvalue(), err.getvalue()
+
+
+class _Tags(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.links: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        self.links += [value or "" for name, value in attrs if name in ("href", "src")]
 
 
 def total(data: bytes, tmp: pathlib.Path) -> None:
@@ -102,6 +117,17 @@ def total(data: bytes, tmp: pathlib.Path) -> None:
     else:
         assert out.startswith("forksafe: "), out
         SEEN["rendered"] += 1
+    page_code, page, page_err = explain(data, tmp, "--html")
+    assert page_code == code, (page_code, page_err)
+    if code == 2:
+        assert page == "" and page_err == err, page_err
+    else:
+        assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+        parser = _Tags()
+        parser.feed(page)
+        parser.close()
+        assert "script" not in parser.tags and "img" not in parser.tags
+        assert all(link.startswith("#") for link in parser.links), parser.links
 
 
 JSON = st.recursive(
@@ -240,8 +266,10 @@ def test_structural_mutations_of_real_files(real: dict[str, bytes], data: st.Dat
 
 def test_the_real_files_themselves_render(real: dict[str, bytes], tmp_path: pathlib.Path
                                           ) -> None:
-    """Safe twin: unmutated, each of the three renders (exit 0)."""
+    """Safe twin: unmutated, each of the three renders (exit 0), as text and as a page."""
     for name, data in real.items():
         code, out, err = explain(data, tmp_path)
         assert code == 0, (name, err)
         assert out.startswith("forksafe: ")
+        code, page, err = explain(data, tmp_path, "--html")
+        assert code == 0 and page.startswith("<!DOCTYPE html>"), (name, err)

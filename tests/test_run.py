@@ -528,22 +528,3 @@ if __name__ == "__main__":
     assert fork["parent_pid"] == server, "forked by the forkserver, a process of the tree"
     assert fork["outcome"]["signal"] == "SIGSEGV", fork["outcome"]
     assert 'app.py", line 5 in work' in fork["outcome"]["traceback"]
-
-
-def test_a_signal_before_command_starts_is_passed_on_once_it_does(
-        tmp_path: pathlib.Path) -> None:
-    """SIGTERM that arrives while COMMAND is being started is kept, then passed to its group."""
-    from conftest import run_scenario
-
-    s = run_scenario("""
-import json, os, signal, subprocess
-from forksafe._run import _Forwarder
-with _Forwarder() as forwarder:
-    os.kill(os.getpid(), signal.SIGTERM)  # before there is a group: kept
-    proc = subprocess.Popen(["sleep", "30"], start_new_session=True)
-    forwarder.attach(proc.pid)
-    code = proc.wait(timeout=20)
-restored = signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-print("FORKSAFE-RESULT:" + json.dumps({"code": code, "restored": restored}))
-""", tmp_path, timeout=30)
-    assert s.result == {"code": -signal.SIGTERM, "restored": True}

@@ -4,28 +4,64 @@ Every user error ends in one line on stderr and exit status 2 — a bad option, 
 module that fails to import, an unreadable report file — never a traceback,
 unless ``--debug`` asks for one. Message texts are constants so that the tests
 check the very words users see.
+
+Cheap to import: ``forksafe run`` starts COMMAND after this module and little
+else is loaded (its start-up cost is COMMAND's wait), so what only ``check`` or
+``explain`` need is imported where they run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 import os
 import sys
-import traceback
-from typing import Any, Callable, NoReturn, Sequence
 
 from forksafe import _config
 from forksafe._errors import UsageError
-from forksafe._report import SCHEMA, Report, Severity
+
+TYPE_CHECKING = False  # typing costs a few milliseconds of every `forksafe run`
+if TYPE_CHECKING:
+    from typing import Any, Callable, NoReturn, Sequence
+
+    from forksafe._report import Report
 
 IMPORT_FAILED = "forksafe: cannot import {module!r}: {error}"
 
 EXIT_CLEAN, EXIT_HAZARDS, EXIT_USAGE = 0, 1, 2
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help, its width read without ``shutil`` (whose import, with the
+    compression modules it loads, argparse would add to every ``forksafe run``: it
+    makes a formatter for each option it is given)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            width = _columns() - 2
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+@functools.cache
+def _columns() -> int:
+    """The terminal's width, as ``shutil.get_terminal_size`` finds it (80 by default);
+    asked once, not for each of the options a formatter is made for."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line naming the fix, still exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
@@ -81,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="report a forked child that makes no progress for this long")
     run.add_argument("--accept", action="append", default=[], metavar="RULE",
                      help="accept a hazard in the whole tree, with its reason (as for check)")
+    run.add_argument("--new-session", action="store_true",
+                     help="start COMMAND in a session of its own, without the controlling "
+                          "terminal (by default it keeps it: /dev/tty, prompts, pdb work)")
+    run.add_argument("--signal-group", action="store_true",
+                     help="pass SIGTERM, SIGINT, SIGHUP and SIGQUIT sent to forksafe run to "
+                          "COMMAND's whole process group (default: its main process only, "
+                          "as a supervisor does)")
+    run.add_argument("--grace", type=_seconds, default=None, metavar="SECONDS",
+                     help="after SIGTERM, kill COMMAND's whole tree (SIGKILL) if it still "
+                          "runs this long later; a second Ctrl-C within this time does it "
+                          "at once (default: 10)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                      help="show tracebacks for errors")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG]...",
@@ -102,13 +149,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser(
         "explain",
-        help="render a saved JSON report as text",
-        description="Render a report written by 'forksafe check --json' or 'forksafe run'.",
+        help="render a saved JSON report as text, or as one HTML page",
+        description=(
+            "Render a report written by 'forksafe check --json' or 'forksafe run' (or the "
+            "event lines of a FORKSAFE_REPORT file). With --html: one self-contained HTML "
+            "page (no network, nothing external) with the process tree, a timeline of "
+            "forks and outcomes, and every finding with its evidence."
+        ),
     )
     explain.add_argument("file", metavar="FILE", help="the JSON report ('-' for stdin)")
+    explain.add_argument("--html", action="store_true",
+                         help="write one self-contained HTML page instead of text")
+    explain.add_argument("-o", "--output", metavar="OUT", default=None,
+                         help="write to OUT instead of stdout (replaced whole, atomically)")
     explain.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show tracebacks for errors")
     return parser
+
+
+def _seconds(text: str) -> float:
+    """A ``--grace`` value: seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"--grace must be a number of seconds >= 0, "
+                                         f"not {text!r}")
+    return value
+
+
+_seconds.__name__ = "seconds"  # argparse names the type in some messages
 
 
 def _option(field: str) -> Callable[[str], Any]:
@@ -156,6 +227,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             return doctor_cli(args)
     except UsageError as exc:
         if args.debug:
+            import traceback
+
             traceback.print_exc()
         print(str(exc), file=sys.stderr)
         if args.command == "check":  # a module may have started a thread, then failed
@@ -165,6 +238,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    import json
+
     from forksafe import _accept
     from forksafe._check import check
     from forksafe._ledger import observe
@@ -183,6 +258,8 @@ def _check(args: argparse.Namespace) -> int:
         print(json.dumps(check_json(report), indent=2))
     else:
         print(report)
+    from forksafe._report import Severity
+
     worst = report.max_severity
     return EXIT_HAZARDS if worst is not None and worst >= Severity.parse(args.fail_on) else 0
 
@@ -214,6 +291,8 @@ def _leave_despite_threads(code: int) -> int:
 def check_json(report: Report) -> dict[str, Any]:
     """A fork-like entry of the report format (docs/report-format.md) without child data:
     what forking now would meet."""
+    from forksafe._report import SCHEMA
+
     data = {"schema": SCHEMA, "command": ["forksafe", *sys.argv[1:]],
             "mechanism": "check", "site": None, "action": "allowed"}
     data.update(report.to_dict())

@@ -1,4 +1,4 @@
-"""``forksafe explain FILE``: any file in, the summary or one line out.
+"""``forksafe explain FILE``: any file in, the summary (or ``--html``, a page) or one line out.
 
 A report comes from outside: a file saved weeks ago, one another tool wrote, one
 cut short, ``/dev/zero``, a hundred megabytes of a long run. Whatever it is,
@@ -8,12 +8,16 @@ cut short, ``/dev/zero``, a hundred megabytes of a long run. Whatever it is,
 It reads three kinds of file: a run report (``forksafe run --report``), a check
 (``forksafe check --json``), and the JSON lines a ``FORKSAFE_REPORT`` file gets,
 which are merged as ``forksafe run`` merges them (``forksafe._runreport.Merger``).
+With ``--html`` the same reading ends in one self-contained HTML page
+(``forksafe._render.html``) instead of the text, written whole (``-o OUT``) or
+to stdout; the same limits hold, and bad input is still one line, exit 2.
 
 A run report is read as a stream: its ``forks`` array one entry at a time
 (``json``'s own decoder on each, so no parser of our own and nothing to add to
 the dependencies), each entry checked, made an event and counted in with the
-ones the summary cannot tell apart (``forksafe._runreport.Runs``). Memory then
-grows with the kinds of fork, not with the file: limits bound the file
+ones the summary cannot tell apart (``forksafe._runreport.Picture``: the
+process tree keeps a few numbers per entry, to a bound). Memory then grows with
+the kinds of fork, not with the file: limits bound the file
 (``MAX_BYTES``) and one entry (``MAX_ENTRY``), and a file that is not JSON fails
 at its first bad byte. On a terminal, a large file shows its progress on stderr.
 """
@@ -34,6 +38,10 @@ from forksafe._report import SCHEMA, ForkEvent, Report
 
 REPORT_UNREADABLE = "forksafe: cannot read report {path!r}: {error}"
 REPORT_FOREIGN = "forksafe: {path!r} is not a forksafe report (expected schema {schema!r})"
+#: Said when ``-o OUT`` cannot be written (before the report is read, when that can be told).
+OUTPUT_UNWRITABLE = "forksafe explain: cannot write {path!r}: {error}"
+#: Said on stderr once ``-o OUT`` is written.
+OUTPUT_WRITTEN = "forksafe: {what} written to {path}"
 #: Said (exit 0) when an event-lines file had lines that are not events (a torn last one).
 LINES_SKIPPED = "forksafe: {count} line(s) of {path!r} skipped: not forksafe events"
 
@@ -48,7 +56,7 @@ PROGRESS_FROM = 4 * 1024 * 1024
 
 #: The outcome statuses this version knows (docs/report-format.md); any other would be
 #: silently summarised as a clean fork.
-STATUSES = ("exited", "signaled", "hung", "unknown")
+STATUSES = ("exited", "signaled", "hung", "stalled", "unknown")
 
 _CHUNK = 1024 * 1024
 _SPACE = re.compile(r"[ \t\n\r]*")
@@ -67,6 +75,12 @@ class Foreign(Exception):
 def cli(args: Any) -> int:
     """The ``forksafe explain`` subcommand (arguments parsed by ``forksafe._cli``)."""
     path: str = args.file
+    html: bool = getattr(args, "html", False)
+    output: str | None = getattr(args, "output", None)
+    if output is not None:
+        from forksafe._reportfile import check_writable
+
+        check_writable(output, message=OUTPUT_UNWRITABLE)
     try:
         if path == "-":
             stdin = getattr(sys.stdin, "buffer", None)  # None when stdin was closed
@@ -81,7 +95,7 @@ def cli(args: Any) -> int:
         raise UsageError(REPORT_UNREADABLE.format(path=path, error=_reason(exc))) from exc
     progress = Progress(path, size, sys.stderr)
     try:
-        text, skipped = explain(source, on_read=progress.update)
+        text, skipped = explain(source, on_read=progress.update, html=html)
     except Corrupt as exc:
         raise UsageError(REPORT_UNREADABLE.format(path=path, error=str(exc))) from exc
     except Foreign as exc:
@@ -97,29 +111,37 @@ def cli(args: Any) -> int:
         progress.done()
         if path != "-":
             source.close()
-    _print(text, sys.stdout)
+    if output is not None:
+        from forksafe._reportfile import write_file
+
+        write_file(output, (text + "\n").encode("utf-8", "backslashreplace"),
+                   message=OUTPUT_UNWRITABLE)
+        print(OUTPUT_WRITTEN.format(what="page" if html else "summary", path=output),
+              file=sys.stderr)
+    else:
+        _print(text, sys.stdout)
     if skipped:
         print(LINES_SKIPPED.format(count=skipped, path=path), file=sys.stderr)
     return 0
 
 
-def explain(source: IO[bytes], *, on_read: Callable[[int], None] | None = None
-            ) -> tuple[str, int]:
-    """The text for the report in ``source``, and how many event lines were skipped.
+def explain(source: IO[bytes], *, on_read: Callable[[int], None] | None = None,
+            html: bool = False) -> tuple[str, int]:
+    """The text (``html``: the page) for the report in ``source``, and how many event
+    lines were skipped.
 
     Raises ``Corrupt`` or ``Foreign`` (or ``OSError``) for a file it cannot render.
     """
     reader = _Reader(source, on_read)
     reader.fill()
     if _EVENT_LINES.match(reader.head()):
-        return _event_lines(reader)
-    return _document(reader), 0
+        return _event_lines(reader, html)
+    return _document(reader, html), 0
 
 
-def _document(reader: _Reader) -> str:
+def _document(reader: _Reader, html: bool) -> str:
     """A run report or a check: one JSON object, its ``forks`` streamed."""
-    from forksafe._render.runs import render_events
-    from forksafe._runreport import Runs
+    from forksafe._runreport import Picture
 
     reader.space()
     if reader.peek() != "{":
@@ -129,7 +151,7 @@ def _document(reader: _Reader) -> str:
         raise Foreign
     reader.take("{")
     top: dict[str, Any] = {}
-    runs: Runs | None = None
+    picture: Picture | None = None
     first = True
     while True:
         reader.space()
@@ -144,9 +166,9 @@ def _document(reader: _Reader) -> str:
         reader.take(":")
         reader.space()
         if key == "forks" and reader.peek() == "[":
-            if runs is not None:
+            if picture is not None:
                 raise Corrupt("corrupt: 'forks' appears twice")
-            runs = _forks(reader)
+            picture = _forks(reader)
         else:
             value = reader.value()
             if key in _KEPT:
@@ -162,10 +184,20 @@ def _document(reader: _Reader) -> str:
         raise Corrupt(reader.invalid("Extra data"))
     if top.get("schema") != SCHEMA:
         raise Foreign
-    if runs is not None:
+    if picture is not None:
+        from forksafe._runreport import started_of
+
         _check_run(top)
         omitted = top.get("forks_omitted", 0)
-        return render_events(top["command"], top["exit_code"], runs, omitted)
+        # The run's own facts may come after its forks in a file of another writer.
+        picture.tree.command_pid = top.get("pid")
+        picture.timeline.started = started_of(top.get("started"))
+        picture.timeline.duration = top.get("duration")  # checked: a number, or None
+        if html:
+            from forksafe._runreport import facts_of
+
+            return picture.page(top["command"], top["exit_code"], omitted, facts_of(top))
+        return picture.text(top["command"], top["exit_code"], omitted)
     if "forks" in top:
         raise Corrupt("corrupt: 'forks' must be a list")
     if "hazards" not in top:
@@ -176,6 +208,12 @@ def _document(reader: _Reader) -> str:
         report = Report.from_dict(top)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise Corrupt(f"corrupt: {exc}") from exc
+    if html:
+        from forksafe._render.html import check_page
+
+        facts = {"command": " ".join(map(str, top["command"])) if isinstance(
+            top.get("command"), list) else None, "checked (UTC)": top.get("time")}
+        return check_page(top.get("command"), report, facts)
     return str(report)
 
 
@@ -183,21 +221,21 @@ def _document(reader: _Reader) -> str:
 #: not know, and must not keep it).
 _KEPT = frozenset({"schema", "command", "exit_code", "forks", "forks_omitted", "hazards",
                    "parent_pid", "thread", "time", "max_severity", "mechanism", "site",
-                   "action"})
+                   "action", "pid", "started", "duration"})
 
 
 def _forks(reader: _Reader) -> Any:
-    """The ``forks`` array, entry by entry, into the events the summary needs."""
-    from forksafe._runreport import Runs
+    """The ``forks`` array, entry by entry, into what the summary and the page need."""
+    from forksafe._runreport import Picture
 
-    runs = Runs()
+    picture = Picture()
     reader.take("[")
     number = 0
     while True:
         reader.space()
         if reader.peek() == "]" and number == 0:
             reader.take("]")
-            return runs
+            return picture
         number += 1
         if reader.peek() != "{":
             reader.value()  # a syntax error is said as such
@@ -208,18 +246,20 @@ def _forks(reader: _Reader) -> Any:
             event = ForkEvent.from_dict(entry)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise Corrupt(f"corrupt: fork entry {number}: {exc}") from exc
-        runs.add(event, count)
-        if len(runs) > MAX_FORKS:
+        picture.add(event, count, entry.get("process_command"))
+        if len(picture.runs) > MAX_FORKS:
             raise Corrupt(f"corrupt: it claims more than {MAX_FORKS:,} forks")
         reader.space()
         if reader.peek() == ",":
             reader.take(",")
             continue
         reader.take("]")
-        return runs
+        return picture
 
 
 def _check_run(top: dict[str, Any]) -> None:
+    from forksafe._runreport import started_of
+
     command = top.get("command")
     if "command" not in top or "exit_code" not in top:
         missing = "command" if "command" not in top else "exit_code"
@@ -231,6 +271,14 @@ def _check_run(top: dict[str, Any]) -> None:
     omitted = top.get("forks_omitted", 0)
     if not _is_int(omitted) or omitted < 0:
         raise Corrupt("corrupt: 'forks_omitted' must be a whole number")
+    if top.get("pid") is not None and not _is_int(top["pid"]):
+        raise Corrupt("corrupt: 'pid' must be an integer")
+    if top.get("started") is not None and started_of(top["started"]) is None:
+        raise Corrupt("corrupt: 'started' must be a time such as 2026-11-25T10:00:00Z")
+    duration = top.get("duration")
+    if duration is not None and not ((_is_int(duration) or isinstance(duration, float))
+                                     and 0 <= duration < float("inf")):
+        raise Corrupt("corrupt: 'duration' must be a number of seconds")
 
 
 def _check_check(top: dict[str, Any]) -> None:
@@ -319,11 +367,10 @@ def _check_hazards(hazards: list[Any], where: str) -> None:
                               f"wrong type ({type(value).__name__})")
 
 
-def _event_lines(reader: _Reader) -> tuple[str, int]:
+def _event_lines(reader: _Reader, html: bool) -> tuple[str, int]:
     """A ``FORKSAFE_REPORT`` file: its lines merged into a run report, as ``forksafe run``
     merges them; lines that are not events (a torn last one) are skipped and counted."""
-    from forksafe._render.runs import render_events
-    from forksafe._runreport import Merger, events_of
+    from forksafe._runreport import Merger, facts_of, picture_of
 
     merger = Merger()
     skipped = 0
@@ -351,8 +398,13 @@ def _event_lines(reader: _Reader) -> tuple[str, int]:
             continue
         merger.add(record)
     report = merger.report(command or [], 0)
-    text = render_events(command, None, events_of(report), report.get("forks_omitted", 0))
-    return text, skipped
+    picture = picture_of(report)
+    omitted = report.get("forks_omitted", 0)
+    if html:
+        facts = facts_of(report)
+        facts.pop("exit code", None)  # event lines do not know COMMAND's
+        return picture.page(command, None, omitted, facts), skipped
+    return picture.text(command, None, omitted), skipped
 
 
 _EVENT_TYPES = ("fork", "fork-pending", "outcome")

@@ -2,29 +2,31 @@
 
 Every process of a ``forksafe run`` tree appends its fork and outcome events to
 one JSON-lines file (``forksafe._sink``); ``EventTail`` reads the complete lines
-as they arrive, ``Merger`` joins each outcome to its fork with bounded memory, and
-``write_report`` writes the report (docs/report-format.md) whole or not at all.
+as they arrive, and ``Merger`` joins each outcome to its fork with bounded memory
+(``forksafe._reportfile`` writes the report, docs/report-format.md, whole or not at all).
 ``render_run`` turns a saved report back into the run's summary.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
-import stat
-import tempfile
 import time
 from typing import Any, Iterator, Sequence, overload
 
-from forksafe._errors import UsageError
 from forksafe._render.runs import shape
-from forksafe._report import CRASH_SIGNALS, SCHEMA, ForkEvent, Outcome
+from forksafe._report import (
+    CRASH_SIGNALS,
+    SCHEMA,
+    ForkEvent,
+    Outcome,
+    format_time,
+    parse_time,
+)
+from forksafe._reportfile import REPORT_UNWRITABLE  # noqa: F401 - its old home, still read
 from forksafe._statedir import crash_path, take_crash_text
-
-REPORT_UNWRITABLE = "forksafe run: cannot write the report {path!r}: {error}"
 
 
 class EventTail:
@@ -126,6 +128,9 @@ def merge(command: list[str], code: int, records: list[dict[str, Any]],
 MAX_FORKS = 20_000
 #: Seconds after which a fork whose child is gone without a recorded outcome may be dropped.
 UNSEEN_AFTER = 30.0
+#: Processes remembered as having forked (their own fork entries stay apart, so that the
+#: process tree can hang their children below them); past this many, they may fold.
+MAX_PARENTS = 100_000
 
 
 class Merger:
@@ -159,6 +164,7 @@ class Merger:
         self._seen: dict[int, float] = {}
         self._early: dict[tuple[Any, Any], dict[str, Any]] = {}  # outcomes before their fork
         self._folds: dict[tuple[Any, ...], int] = {}  # fold key -> the entry that counts them
+        self._parents: set[int] = set()  # processes that forked: never folded as children
         self._serial = 0
         self._retry_at = 0  # after an eviction that freed too little, wait for more growth
 
@@ -174,6 +180,8 @@ class Merger:
         if kind not in ("fork", "fork-pending"):
             return
         entry = {k: v for k, v in record.items() if k != "type"}
+        if type(key[0]) is int and len(self._parents) < MAX_PARENTS:
+            self._parents.add(key[0])
         if "command" in entry:
             entry["process_command"] = entry.pop("command")
         known = self._index.get(key) if record.get("child_pid") is not None else None
@@ -214,7 +222,7 @@ class Merger:
                 outcome.get("status") != "hung":
             return
         target["outcome"] = outcome
-        if number not in self._pending and uneventful(outcome):
+        if number not in self._pending and uneventful(outcome) and key[1] not in self._parents:
             self._fold(number, target)
 
     def _fold(self, number: int, entry: dict[str, Any]) -> None:
@@ -288,8 +296,11 @@ class Merger:
         if number is not None and "outcome" not in self._entries[number]:
             self._entries[number]["outcome"] = outcome
 
-    def report(self, command: list[str], code: int) -> dict[str, Any]:
-        """The report, docs/report-format.md (``forks_omitted`` when entries were dropped)."""
+    def report(self, command: list[str], code: int, *, pid: int | None = None,
+               started: float | None = None, duration: float | None = None
+               ) -> dict[str, Any]:
+        """The report, docs/report-format.md (``forks_omitted`` when entries were dropped;
+        COMMAND's ``pid``, when it ``started`` and how long it ran, when known)."""
         forks = list(self._entries.values())
         by_child = [e for e in forks if e.get("child_pid") is not None]
         if self.state is not None:
@@ -298,11 +309,26 @@ class Merger:
             # Reaped by code the guard does not wrap (subprocess), or still running when
             # COMMAND ended: what became of it is not known.
             entry.setdefault("outcome", Outcome("unknown").to_dict())
-        report: dict[str, Any] = {"schema": SCHEMA, "command": command, "exit_code": code,
-                                  "forks": forks}
+        report: dict[str, Any] = {"schema": SCHEMA, "command": command, "exit_code": code}
+        report.update(run_facts(pid=pid, started=started, duration=duration))
+        report["forks"] = forks
         if self.omitted:
             report["forks_omitted"] = self.omitted
         return report
+
+
+def run_facts(*, pid: int | None = None, started: float | None = None,
+              duration: float | None = None) -> dict[str, Any]:
+    """The report's keys about COMMAND itself: its ``pid``, when it ``started`` (UTC, to
+    the second, as fork times) and its ``duration`` in seconds; those that are known."""
+    facts: dict[str, Any] = {}
+    if pid is not None:
+        facts["pid"] = pid
+    if started is not None:
+        facts["started"] = format_time(started)
+    if duration is not None:
+        facts["duration"] = round(duration, 3)
+    return facts
 
 
 def uneventful(outcome: dict[str, Any]) -> bool:
@@ -352,8 +378,6 @@ _FATAL = {
 
 
 def _orphan_crashes(entries: Any, state: str) -> None:
-    from forksafe._diagnose import diagnose_death
-
     for entry in entries:
         if entry.get("outcome") is not None:
             continue
@@ -367,128 +391,10 @@ def _orphan_crashes(entries: Any, state: str) -> None:
             event = ForkEvent.from_dict(entry)
         except (ValueError, TypeError):
             continue
+        from forksafe._diagnose import diagnose_death
+
         diagnosis = diagnose_death(event, name or "a fatal signal", text)
         entry["outcome"] = Outcome("signaled", None, name, text, diagnosis).to_dict()
-
-
-def write_report(report: dict[str, Any], path: str) -> None:
-    """Write ``report`` to ``path``: a new or regular file whole or not at all (a temporary
-    file in its directory, then a rename), anything else (a FIFO, ``/dev/null``, a
-    terminal, ``/dev/stdout``) by writing to it directly. UsageError (one line) when it
-    cannot be written; no temporary file is left behind then.
-
-    Renaming over a FIFO or a device would replace it with a regular file (as root,
-    ``--report /dev/null`` replaced ``/dev/null``), so those are written to as they
-    are, which is also what ``--report >(jq .)`` needs. A symbolic link is followed
-    only when it belongs to this user or root (``/dev/stdout``): one planted by
-    another user in a shared directory is refused, as is a file of another user's.
-    """
-    data = (json.dumps(report, indent=2) + "\n").encode()
-    kind = _target(path)
-    try:
-        if kind == "direct":
-            _write_direct(path, data)
-        else:
-            _write_atomic(path, data)
-    except OSError as exc:
-        raise UsageError(REPORT_UNWRITABLE.format(path=path, error=_reason(exc))) from exc
-
-
-def check_writable(path: str) -> None:
-    """Fail before running COMMAND, not after, when the report cannot be written."""
-    kind = _target(path)
-    if kind == "direct":
-        if not os.access(path, os.W_OK):
-            raise UsageError(REPORT_UNWRITABLE.format(path=path, error="it is not writable"))
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise UsageError(REPORT_UNWRITABLE.format(
-            path=path, error=f"directory {directory!r} does not exist or is not writable"))
-
-
-def _target(path: str) -> str:
-    """How ``path`` gets the report: "atomic" (missing, or a regular file of ours) or
-    "direct" (an existing FIFO, device or the like); UsageError when neither may be."""
-    def refuse(why: str) -> UsageError:
-        return UsageError(REPORT_UNWRITABLE.format(path=path, error=why))
-
-    me = os.getuid()
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return "atomic"
-    except OSError as exc:
-        raise refuse(_reason(exc)) from exc
-    if stat.S_ISLNK(info.st_mode):
-        if info.st_uid not in (me, 0):
-            raise refuse(f"it is a symbolic link of uid {info.st_uid}'s, which is not followed")
-        try:
-            info = os.stat(path)
-        except OSError as exc:
-            raise refuse(f"it is a symbolic link to nothing usable ({_reason(exc)})") from exc
-        if stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
-            raise refuse("it is a symbolic link; give the path of the file itself")
-    if stat.S_ISDIR(info.st_mode):
-        raise refuse("it is a directory")
-    if info.st_uid not in (me, 0):
-        raise refuse(f"it belongs to uid {info.st_uid}, not to this user (uid {me})")
-    if stat.S_ISSOCK(info.st_mode):
-        raise refuse("it is a socket")
-    return "atomic" if stat.S_ISREG(info.st_mode) else "direct"
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """A temporary file next to ``path``, renamed over it; removed again on any failure."""
-    fd, tmp = tempfile.mkstemp(prefix=".forksafe-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        try:
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _write_direct(path: str, data: bytes) -> None:
-    """Write into an existing FIFO, device or terminal as it is (never replacing it).
-
-    Opened without blocking, so that a FIFO nobody reads fails at once instead
-    of keeping ``forksafe run`` from ending; then written blocking, so that a
-    slow reader gets all of it.
-    """
-    flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
-    if not os.path.islink(path):
-        flags |= getattr(os, "O_NOFOLLOW", 0)  # it was no link a moment ago: still none
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        if exc.errno == errno.ENXIO:
-            raise OSError(exc.errno, "it is a FIFO that nobody reads") from None
-        raise
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISREG(info.st_mode) or info.st_uid not in (os.getuid(), 0):
-            raise OSError(errno.EPERM, "it was replaced while the command ran")
-        os.set_blocking(fd, True)
-        _write_all(fd, data)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _reason(exc: OSError) -> str:
-    if exc.errno == errno.ELOOP:
-        return "it is a symbolic link, which is not followed"
-    return exc.strerror or str(exc)
 
 
 class Runs(Sequence[ForkEvent]):
@@ -560,25 +466,104 @@ def summary_key(event: ForkEvent) -> tuple[Any, ...]:
                   for h in event.report.sorted_hazards()), fate)
 
 
-def events_of(report: dict[str, Any]) -> Runs:
-    """The fork events of a saved run report (an entry's ``count`` as that many forks);
+class Picture:
+    """What a run's summary and its page are drawn from, gathered fork entry by fork
+    entry: the events (``Runs``), the process tree and the timeline, each in memory
+    that grows with the kinds of fork (the tree: with the entries, up to its bound)."""
+
+    def __init__(self, *, command_pid: int | None = None, started: float | None = None,
+                 duration: float | None = None) -> None:
+        from forksafe._render.timeline import Timeline
+        from forksafe._render.tree import Tree, kind_of
+
+        self._kind_of = kind_of
+        self.runs = Runs()
+        self.tree = Tree(command_pid)
+        self.timeline = Timeline(started, duration)
+
+    def add(self, event: ForkEvent, count: int = 1, command: object = None) -> None:
+        """One fork entry: ``count`` alike forks; ``command``, the forking process's."""
+        kind = self._kind_of(event)
+        self.runs.add(event, count)
+        self.tree.add(event, count, command, kind)
+        self.timeline.add(event, event.time, count, kind)
+
+    def text(self, command: object, exit_code: object, omitted: int = 0) -> str:
+        """The run's summary (``forksafe._render.runs``), the tree after the findings when
+        it has more than one level."""
+        from forksafe._render.runs import render_events
+
+        tree = self.tree.lines() if self.tree.nested() else []
+        return render_events(command, exit_code, self.runs, omitted, tree)
+
+    def page(self, command: object, exit_code: object, omitted: int = 0,
+             facts: dict[str, Any] | None = None) -> str:
+        """The run as one HTML page (``forksafe._render.html``)."""
+        from forksafe._render.html import run_page
+
+        return run_page(command, exit_code, self.runs, tree=self.tree,
+                        timeline=self.timeline, facts=facts or {}, omitted=omitted)
+
+
+def picture_of(report: dict[str, Any]) -> Picture:
+    """The picture of a saved run report (an entry's ``count`` as that many forks);
     entries that do not parse are skipped."""
+    pid, duration = report.get("pid"), report.get("duration")
+    picture = Picture(command_pid=pid if type(pid) is int else None,
+                      started=started_of(report.get("started")),
+                      duration=duration if isinstance(duration, (int, float)) else None)
     forks = report.get("forks", [])
-    events = Runs()
     for data in forks if isinstance(forks, list) else []:
         try:
             count = data.get("count", 1)
-            events.add(ForkEvent.from_dict(data),
-                       count if type(count) is int and count > 0 else 1)
+            picture.add(ForkEvent.from_dict(data),
+                        count if type(count) is int and count > 0 else 1,
+                        data.get("process_command"))
         except (ValueError, TypeError, KeyError, AttributeError):
             continue
-    return events
+    return picture
+
+
+def started_of(value: object) -> float | None:
+    """A report's ``started`` as seconds since the epoch (None: absent or not a time)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return parse_time(value) or None
+    except (ValueError, OverflowError):
+        return None
+
+
+def facts_of(report: dict[str, Any]) -> dict[str, Any]:
+    """What the page says about the run itself, from a report's top-level keys."""
+    facts: dict[str, Any] = {}
+    command = report.get("command")
+    if isinstance(command, list):
+        facts["command"] = " ".join(str(part) for part in command)
+    for key, label in (("exit_code", "exit code"), ("pid", "COMMAND's pid"),
+                       ("started", "started (UTC)"), ("duration", "ran for (s)"),
+                       ("forks_omitted", "forks not kept")):
+        if report.get(key) is not None:
+            facts[label] = report[key]
+    return facts
+
+
+def events_of(report: dict[str, Any]) -> Runs:
+    """The fork events of a saved run report (an entry's ``count`` as that many forks);
+    entries that do not parse are skipped."""
+    return picture_of(report).runs
 
 
 def render_run(report: dict[str, Any]) -> str:
     """Text for a whole ``forksafe run`` report (docs/report-format.md)."""
-    from forksafe._render.runs import render_events
-
     omitted = report.get("forks_omitted")
-    return render_events(report.get("command"), report.get("exit_code"), events_of(report),
-                         omitted if isinstance(omitted, int) else 0)
+    return picture_of(report).text(report.get("command"), report.get("exit_code"),
+                                   omitted if isinstance(omitted, int) else 0)
+
+
+def render_page(report: dict[str, Any]) -> str:
+    """A whole ``forksafe run`` report as one HTML page."""
+    omitted = report.get("forks_omitted")
+    return picture_of(report).page(report.get("command"), report.get("exit_code"),
+                                   omitted if isinstance(omitted, int) else 0,
+                                   facts_of(report))

@@ -10,20 +10,24 @@ exec: it costs about a millisecond and ``forksafe run`` does not wait for it (it
 start-up must stay within a few milliseconds of COMMAND's own). The watchdog
 holds the read end of a pipe whose only write end ``forksafe run`` holds (never
 inherited: close-on-exec, and closed in the watchdog). ``forksafe run`` writes
-COMMAND's pid into it once it runs, and ``done`` when it has cleaned up itself.
-When the pipe reaches its end without ``done``, ``forksafe run`` is gone, and the
+COMMAND's pid into it once it runs (and its process group, when COMMAND has one
+of its own: ``--new-session``), and ``done`` when it has cleaned up itself. When
+the pipe reaches its end without ``done``, ``forksafe run`` is gone, and the
 watchdog does its cleanup in its place: SIGTERM, then SIGKILL after a grace
-period, to COMMAND's process group and to every process whose environment carries
-``FORKSAFE_SUPERVISOR=<pid of that forksafe run>`` (the variable it gave its tree;
-``/proc/<pid>/environ``, readable for one's own processes); then the temporary
-directories go, and the watchdog exits.
+period, to COMMAND (checked to be the same process by its start time), its
+descendants, its process group when it has one, and every process whose
+environment carries ``FORKSAFE_SUPERVISOR=<pid of that forksafe run>`` (the
+variable it gave its tree; ``/proc/<pid>/environ``, readable for one's own
+processes); then the temporary directories go, and the watchdog exits. A process
+group COMMAND shares with ``forksafe run`` (the default) is never signalled: it is
+its caller's too (a shell script, a ``| tee``).
 
 The watchdog is in a session of its own and ignores the signals a terminal or a
 process-group kill sends (it must outlive the group it cleans up after), keeps no
 descriptor of its parent's (stdin, stdout and stderr become ``/dev/null``, so it
 never holds a caller's pipe open), and is named ``forksafe-watch`` (``ps -o
 comm``). A process of the tree that both left COMMAND's process group and cleared
-its environment is not found (and is left alone).
+its environment, and whose parent died, is not found (and is left alone).
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import shutil
 import signal
 import sys
 import time
@@ -53,9 +56,10 @@ class Watchdog:
         self.pid = pid
         self._pipe: int | None = pipe
 
-    def command(self, pid: int) -> None:
-        """COMMAND runs as ``pid`` (its process group too)."""
-        self._say(f"pid {pid}\n")
+    def command(self, pid: int, *, group: int | None = None) -> None:
+        """COMMAND runs as ``pid``; ``group``: the process group of its own, if any."""
+        started = start_time(pid)
+        self._say(f"pid {pid} {started or 0}\n" + (f"group {group}\n" if group else ""))
 
     def done(self) -> None:
         """``forksafe run`` cleaned up itself: the watchdog exits, doing nothing."""
@@ -126,7 +130,8 @@ def start(directories: list[str]) -> Watchdog | None:
 def _serve(pipe: int, supervisor: int, directories: list[str]) -> None:
     """The watchdog's life: wait for the end of the pipe; clean up unless told ``done``."""
     _detach(pipe)
-    group = None
+    group = command = None
+    started = 0
     buffered = b""
     while True:
         try:
@@ -142,10 +147,15 @@ def _serve(pipe: int, supervisor: int, directories: list[str]) -> None:
         for line in lines:
             if line == b"done":
                 return
-            word, _, value = line.partition(b" ")
-            if word == b"pid" and value.isdigit():
-                group = int(value)
-    clean_up(group, supervisor, directories)
+            word, *values = line.split()
+            if word == b"pid" and values and all(v.isdigit() for v in values):
+                command = int(values[0])
+                started = int(values[1]) if len(values) > 1 else 0
+            elif word == b"group" and values and values[0].isdigit():
+                group = int(values[0])
+    if command is not None and started and start_time(command) != started:
+        command = None  # gone, and its pid taken by another process since
+    clean_up(group, supervisor, directories, command=command)
 
 
 def _detach(pipe: int) -> None:
@@ -178,11 +188,11 @@ def _name_myself() -> None:
 
 
 def clean_up(group: int | None, supervisor: int, directories: list[str], *,
-             grace: float = GRACE) -> None:
-    """End COMMAND's group and every process of the tree (SIGTERM, then SIGKILL), then
-    remove the temporary directories."""
+             grace: float = GRACE, command: int | None = None) -> None:
+    """End COMMAND, its descendants, its own group and every process of the tree
+    (SIGTERM, then SIGKILL), then remove the temporary directories."""
     for round_ in range(ROUNDS):
-        targets = tree(group, supervisor)
+        targets = tree(group, supervisor, command=command)
         if not targets:
             break
         sig = signal.SIGTERM if round_ == 0 else signal.SIGKILL
@@ -193,24 +203,50 @@ def clean_up(group: int | None, supervisor: int, directories: list[str], *,
             with contextlib.suppress(OSError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + (grace if round_ == 0 else 0.5)
-        while time.monotonic() < deadline and tree(group, supervisor):
+        while time.monotonic() < deadline and tree(group, supervisor, command=command):
             time.sleep(0.02)
+    import shutil  # here, not at the start of every run
+
     for directory in directories:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def tree(group: int | None, supervisor: int, *, proc: str = "/proc") -> list[int]:
-    """Live processes of COMMAND's group, or whose environment names ``supervisor`` as
-    their ``forksafe run`` (zombies are done: they only wait to be reaped)."""
+def tree(group: int | None, supervisor: int, *, command: int | None = None,
+         proc: str = "/proc") -> list[int]:
+    """Live processes of COMMAND's own group, COMMAND and its descendants, and those whose
+    environment names ``supervisor`` as their ``forksafe run`` (zombies are done: they
+    only wait to be reaped)."""
     me = os.getpid()
     marker = f"{_config.ENV_SUPERVISOR}={supervisor}".encode()
-    found = []
+    table = processes(proc=proc)
+    found = {pid for pid, (_, pgrp) in table.items() if group is not None and pgrp == group}
+    if command is not None and command in table:
+        found.add(command)
+        found.update(descendants(command, table))
+    for pid in table:
+        if pid in found or pid == me:
+            continue
+        try:
+            with open(f"{proc}/{pid}/environ", "rb") as f:
+                environ = f.read()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            found.add(pid)
+    found.discard(me)
+    return sorted(found)
+
+
+def processes(*, proc: str = "/proc") -> dict[int, tuple[int, int]]:
+    """Every live process (zombies aside): pid -> (parent pid, process group). Empty
+    where there is no procfs."""
+    table = {}
     try:
         entries = os.listdir(proc)
     except OSError:
-        return []
+        return {}
     for entry in entries:
-        if not entry.isdigit() or int(entry) == me:
+        if not entry.isdigit():
             continue
         try:
             with open(f"{proc}/{entry}/stat", "rb") as f:
@@ -219,14 +255,30 @@ def tree(group: int | None, supervisor: int, *, proc: str = "/proc") -> list[int
             continue
         if len(fields) < 3 or fields[0] in (b"Z", b"X"):
             continue
-        if group is not None and int(fields[2]) == group:
-            found.append(int(entry))
-            continue
-        try:
-            with open(f"{proc}/{entry}/environ", "rb") as f:
-                environ = f.read()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0"):
-            found.append(int(entry))
+        table[int(entry)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def descendants(root: int, table: dict[int, tuple[int, int]]) -> set[int]:
+    """The processes below ``root`` in ``table`` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    todo = list(children.get(root, ()))
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
     return found
+
+
+def start_time(pid: int, *, proc: str = "/proc") -> int | None:
+    """When ``pid`` started (clock ticks since boot): a pid and this name one process."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None

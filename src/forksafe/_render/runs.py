@@ -1,13 +1,20 @@
-"""A whole run as text: every fork seen, grouped, with what became of its children."""
+"""A whole run as text: every fork seen, grouped, with what became of its children.
+
+The grouping (``findings``) is shared with the HTML page (``forksafe._render.html``),
+so that the page and the summary tell the same findings. Cheap to import: a run
+without a fork (most commands) says its one line without the hazard and site
+formatters, which are loaded with the first finding.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
 
-from forksafe._render.hazards import render_hazards, wrap
-from forksafe._render.shapes import EventLike, OutcomeLike
-from forksafe._render.sites import site_text
+TYPE_CHECKING = False  # typing is not imported for a run without a fork
+if TYPE_CHECKING:
+    from typing import Any, Sequence
+
+    from forksafe._render.shapes import EventLike, OutcomeLike
 
 #: Said when a long run kept only the forks that matter (``forksafe._runreport.MAX_FORKS``).
 OMITTED = "; {count} more, whose children exited uneventfully, not kept"
@@ -20,16 +27,55 @@ QUIET_FORKS = "clean forks (nothing above info; no child crashed or hung)"
 TRACEBACK_LINES = 12
 
 
-def render_events(command: object, exit_code: object, events: Sequence[EventLike],
-                  omitted: int = 0) -> str:
-    """Text for a run's fork events, grouped so that a pool of 1,000 reads as one finding.
+class Finding:
+    """Forks alike (mechanism, site, action, hazards: see ``render_events``), and their
+    children by fate."""
 
-    Forks with the same mechanism, site, action and hazards (numbers such as
-    thread ids aside, but not the lines that started a thread: hazards started
-    elsewhere are another finding) fold into one entry with a count; within it,
-    children with the same fate (same status, signal and diagnosis, pids aside)
-    fold too. Clean forks whose children all exited are one line per site.
-    """
+    def __init__(self, events: list[EventLike]) -> None:
+        self.events = events
+        self.first = events[0]
+        self.troubled = [e for e in events if e.outcome is not None and noteworthy(e.outcome)]
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing above info at the fork, and no child crashed, hung or was diagnosed:
+        one item of the "clean forks" line, not a finding of its own."""
+        return self.first.report.is_safe and not self.troubled
+
+    def fates(self) -> dict[str, int]:
+        """How many children met each fate (``exited 0``, ``killed by SIGSEGV``, ...)."""
+        counts: dict[str, int] = {}
+        for event in self.events:
+            label = "no outcome seen" if event.outcome is None else fate(event.outcome)
+            counts[label] = counts.get(label, 0) + 1
+        return counts
+
+    def diagnosed(self) -> list[list[EventLike]]:
+        """The noteworthy children, those with the same fate together (pids aside)."""
+        groups: dict[tuple[Any, ...], list[EventLike]] = {}
+        for event in self.troubled:
+            outcome = event.outcome
+            assert outcome is not None
+            key = (outcome.status, outcome.signal, _digits(outcome.diagnosis or ""))
+            groups.setdefault(key, []).append(event)
+        return list(groups.values())
+
+
+def findings(events: Sequence[EventLike]) -> list[Finding]:
+    """The run's forks grouped: same mechanism, site, action and hazards (numbers such
+    as thread ids aside, but not the lines that started a thread)."""
+    groups: dict[tuple[Any, ...], list[EventLike]] = {}
+    for event in events:
+        key = (event.mechanism, event.site, event.action,
+               tuple((h.kind, h.severity, shape(h.summary))
+                     for h in event.report.sorted_hazards()))
+        groups.setdefault(key, []).append(event)
+    return [Finding(group) for group in groups.values()]
+
+
+def headline(command: object, exit_code: object, events: Sequence[EventLike],
+             omitted: int = 0) -> str:
+    """``forksafe: 3 forks seen in `app.py` (exit code 0): 1 child crashed``."""
     shown = " ".join(str(c) for c in command) if isinstance(command, list) else "?"
     crashed = sum(1 for e in events if e.outcome is not None and e.outcome.crashed)
     hung = sum(1 for e in events if e.outcome is not None and e.outcome.status == "hung")
@@ -46,58 +92,63 @@ def render_events(command: object, exit_code: object, events: Sequence[EventLike
         fates.append(f"{hung} child{'ren' if hung != 1 else ''} hung")
     if stalled:
         fates.append(f"{stalled} child{'ren' if stalled != 1 else ''} stalled")
-    lines = [head + (": " + ", ".join(fates) if fates else "")]
-    groups: dict[tuple[Any, ...], list[EventLike]] = {}
-    for event in events:
-        key = (event.mechanism, event.site, event.action,
-               tuple((h.kind, h.severity, shape(h.summary))
-                     for h in event.report.sorted_hazards()))
-        groups.setdefault(key, []).append(event)
+    return head + (": " + ", ".join(fates) if fates else "")
+
+
+def render_events(command: object, exit_code: object, events: Sequence[EventLike],
+                  omitted: int = 0, tree: Sequence[str] = ()) -> str:
+    """Text for a run's fork events, grouped so that a pool of 1,000 reads as one finding.
+
+    Forks with the same mechanism, site, action and hazards (numbers such as
+    thread ids aside, but not the lines that started a thread: hazards started
+    elsewhere are another finding) fold into one entry with a count; within it,
+    children with the same fate (same status, signal and diagnosis, pids aside)
+    fold too. Clean forks whose children all exited are one line per site. The
+    lines of the process tree (``forksafe._render.tree``), when given, follow.
+    """
+    lines = [headline(command, exit_code, events, omitted)]
+    if not events:
+        return lines[0]
+    from forksafe._render.hazards import render_hazards
+    from forksafe._render.sites import site_text
+
     quiet: dict[str, int] = {}  # "mechanism at site" -> forks
-    for group in groups.values():
-        first = group[0]
+    for finding in findings(events):
+        first = finding.first
         where = f" at {site_text(first.site)}" if first.site else ""
-        troubled = [e for e in group if e.outcome is not None and _noteworthy(e.outcome)]
-        if first.report.is_safe and not troubled:
+        if finding.quiet:
             place = f"{first.mechanism}{where}"
-            quiet[place] = quiet.get(place, 0) + len(group)
+            quiet[place] = quiet.get(place, 0) + len(finding.events)
             continue
         lines.append("")
-        count = f" x{len(group)}" if len(group) > 1 else ""
+        count = f" x{len(finding.events)}" if len(finding.events) > 1 else ""
         lines.append(f"fork via {first.mechanism}{where}{count}: {first.action}")
         lines.extend(render_hazards(first.report.sorted_hazards(), indent="  "))
         if not first.report.hazards:
             lines.append("  no hazards at fork time")
-        lines.extend(_render_outcomes(group))
+        lines.extend(_render_outcomes(finding))
     if quiet:
         lines.append("")
         lines.append(f"{QUIET_FORKS}: " + "; ".join(
             f"{place} x{n}" if n > 1 else place for place, n in quiet.items()))
+    if tree:
+        lines.append("")
+        lines.extend(tree)
     return "\n".join(lines).rstrip()
 
 
-def _render_outcomes(group: list[EventLike]) -> list[str]:
-    counts: dict[str, int] = {}
-    fates: dict[tuple[Any, ...], list[EventLike]] = {}
-    for event in group:
-        outcome = event.outcome
-        if outcome is None:
-            counts["no outcome seen"] = counts.get("no outcome seen", 0) + 1
-            continue
-        label = _fate(outcome)
-        counts[label] = counts.get(label, 0) + 1
-        if _noteworthy(outcome):
-            key = (outcome.status, outcome.signal, _digits(outcome.diagnosis or ""))
-            fates.setdefault(key, []).append(event)
-    lines = ["  children: " + ", ".join(f"{n} {label}" for label, n in counts.items())]
-    for events in fates.values():
+def _render_outcomes(finding: Finding) -> list[str]:
+    from forksafe._render.hazards import wrap
+
+    lines = ["  children: " + ", ".join(f"{n} {label}" for label, n in finding.fates().items())]
+    for events in finding.diagnosed():
         first = events[0]
         outcome = first.outcome
         assert outcome is not None
         more = f" (and {len(events) - 1} more like it)" if len(events) > 1 else ""
-        lines.append(f"  child {first.child_pid} {_fate(outcome)}{more}:")
+        lines.append(f"  child {first.child_pid} {fate(outcome)}{more}:")
         if outcome.diagnosis:
-            lines.extend(wrap(_without_known_fix(outcome.diagnosis, first), "    "))
+            lines.extend(wrap(without_known_fix(outcome.diagnosis, first), "    "))
         if outcome.traceback:
             tb = outcome.traceback.splitlines()
             lines.append("    child's stacks:")
@@ -107,7 +158,7 @@ def _render_outcomes(group: list[EventLike]) -> list[str]:
     return lines
 
 
-def _without_known_fix(diagnosis: str, event: EventLike) -> str:
+def without_known_fix(diagnosis: str, event: EventLike) -> str:
     """The diagnosis without its "fix:" when that fix is printed with the hazards above it."""
     head, sep, fix = diagnosis.partition(". fix: ")
     if sep and any(fix.startswith(h.remedy) for h in event.report.hazards if h.remedy):
@@ -115,17 +166,38 @@ def _without_known_fix(diagnosis: str, event: EventLike) -> str:
     return diagnosis
 
 
-def _noteworthy(outcome: OutcomeLike) -> bool:
+def noteworthy(outcome: OutcomeLike) -> bool:
     """A crash, a hang, or anything diagnosed; not an exit, nor a child stopped by SIGTERM."""
     return bool(outcome.status in ("hung", "stalled") or outcome.diagnosis or outcome.crashed)
 
 
-def _fate(outcome: OutcomeLike) -> str:
+def fate(outcome: OutcomeLike) -> str:
+    """What became of a child, in two or three words: ``exited 0``, ``killed by SIGSEGV``."""
     if outcome.status == "exited":
         return f"exited {outcome.exit_code}" if outcome.exit_code is not None else "exited"
     if outcome.status == "signaled":
         return f"killed by {outcome.signal or 'a signal'}"
     return outcome.status
+
+
+#: How a fate is coloured, worst first (the page's CSS has a class for each).
+TONES = ("crash", "hung", "stalled", "refused", "failed", "hazard", "unknown", "ok")
+
+
+def tone(event: EventLike) -> str:
+    """The colour of a fork on the timeline: its child's fate, or its hazards."""
+    outcome = event.outcome
+    if outcome is None:
+        return "refused" if event.action == "refused" else "unknown"
+    if outcome.crashed:
+        return "crash"
+    if outcome.status in ("hung", "stalled"):
+        return outcome.status
+    if outcome.status == "unknown":
+        return "unknown"
+    if noteworthy(outcome) or (outcome.status == "exited" and outcome.exit_code != 0):
+        return "failed"
+    return "ok" if event.report.is_safe else "hazard"
 
 
 def _digits(text: str) -> str:
@@ -140,4 +212,3 @@ def shape(text: str) -> str:
     """``text`` with the numbers that differ from fork to fork (pids, thread ids, thread
     counts, ``Thread-3``) made alike, and the ``file.py:line`` sites kept."""
     return _NUMBER.sub("#", _HEX.sub("0x#", text))
-
