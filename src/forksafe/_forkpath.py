@@ -83,9 +83,8 @@ QUEUE_SIZE = 32
 #: None when the guard is not installed: every wrapper and hook reads it once and
 #: passes straight through when it is None.
 config: Config | None = None
-#: Whether forks and reaps are queued rather than recorded at once (no hang timeout:
-#: nobody outside this process waits for them while the child lives; a report file
-#: gets them by the batch, and all of them at exit).
+#: Whether forks and reaps are queued rather than recorded at once (no report file,
+#: no hang timeout: nobody outside this process waits for them).
 defer = False
 #: The followers, once loaded (``load``); None if one failed to import.
 child_side: ChildSide | None = None

@@ -169,9 +169,9 @@ def apply(config: Config) -> None:
     elif config.policy != "raise" and _owned.pop("sqlite", False):
         _unprotect_sqlite()
     _forkpath.config = config
-    # A report file is written by the batch too (issue 14): only a hang monitor must
-    # hear of each fork while its child lives.
-    _forkpath.defer = config.hang_timeout is None
+    # With a report file each fork's line is written at once: a process that ends with
+    # os._exit (every forked worker) or a signal would take a batch with it.
+    _forkpath.defer = _record.report_path() is None and config.hang_timeout is None
 
 
 def _patch() -> None:
