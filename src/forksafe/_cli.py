@@ -19,6 +19,7 @@ import sys
 
 from forksafe import _config
 from forksafe._errors import UsageError
+from forksafe._render.text import printable
 
 TYPE_CHECKING = False  # typing costs a few milliseconds of every `forksafe run`
 if TYPE_CHECKING:
@@ -230,7 +231,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             import traceback
 
             traceback.print_exc()
-        print(str(exc), file=sys.stderr)
+        print(printable(str(exc)), file=sys.stderr)
         if args.command == "check":  # a module may have started a thread, then failed
             _leave_despite_threads(EXIT_USAGE)
         return EXIT_USAGE
@@ -257,7 +258,7 @@ def _check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(check_json(report), indent=2))
     else:
-        print(report)
+        print(printable(str(report)))
     from forksafe._report import Severity
 
     worst = report.max_severity

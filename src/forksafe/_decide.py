@@ -180,7 +180,14 @@ def warn_at(message: str, target: types.FrameType | None, site: Site | None = No
             Lazy.is_library_file(target.f_code.co_filename) and \
             not Lazy.is_library_file(site.file):
         module = os.path.splitext(os.path.basename(site.file))[0] or "forksafe"
-        warnings.warn_explicit(message, ForkSafetyWarning, site.file, site.line, module=module)
+        warnings.warn_explicit(message, ForkSafetyWarning, printable(site.file), site.line,
+                               module=module)
+        return
+    if target is not None and printable(target.f_code.co_filename) != target.f_code.co_filename:
+        # warnings prints the file name as it is: one a terminal would obey is escaped.
+        warnings.warn_explicit(message, ForkSafetyWarning,
+                               printable(target.f_code.co_filename), target.f_lineno or 0,
+                               module=target.f_globals.get("__name__", "forksafe"))
         return
     level = 1
     frame: types.FrameType | None = sys._getframe(0)

@@ -34,6 +34,7 @@ import time
 from typing import IO, Any, Callable, Iterator, TextIO
 
 from forksafe._errors import UsageError
+from forksafe._render.text import printable
 from forksafe._report import SCHEMA, ForkEvent, Report
 
 REPORT_UNREADABLE = "forksafe: cannot read report {path!r}: {error}"
@@ -114,7 +115,7 @@ def cli(args: Any) -> int:
     if output is not None:
         from forksafe._reportfile import write_file
 
-        write_file(output, (text + "\n").encode("utf-8", "backslashreplace"),
+        write_file(output, (printable(text) + "\n").encode("utf-8", "backslashreplace"),
                    message=OUTPUT_UNWRITABLE)
         print(OUTPUT_WRITTEN.format(what="page" if html else "summary", path=output),
               file=sys.stderr)
@@ -598,7 +599,7 @@ def _print(text: str, out: TextIO) -> None:
     if reconfigure is not None:
         with contextlib.suppress(ValueError, OSError):
             reconfigure(errors="backslashreplace")
-    out.write(text + "\n")
+    out.write(printable(text) + "\n")
 
 
 def _reason(exc: OSError) -> str:

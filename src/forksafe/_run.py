@@ -56,6 +56,7 @@ import time
 
 from forksafe import _config, _watchdog
 from forksafe._errors import UsageError
+from forksafe._render.text import printable
 
 TYPE_CHECKING = False  # typing and the report model are not imported before COMMAND runs
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def cli(args: argparse.Namespace) -> int:
     result = run(argv, policy=args.policy, hang_timeout=args.hang_timeout, accept=rules,
                  new_session=args.new_session, signal_group=args.signal_group,
                  grace=GRACE if args.grace is None else args.grace)
-    sys.stderr.write(summary(result.report) + "\n")
+    sys.stderr.write(printable(summary(result.report)) + "\n")
     if args.report:
         from forksafe._reportfile import write_report
 
@@ -315,7 +316,7 @@ class _Supervisor:
     def _kill_tree(self, why: str) -> None:
         self.killed = True
         with contextlib.suppress(OSError, ValueError):  # stderr may be gone
-            self.out.write(why + "\n")
+            self.out.write(printable(why) + "\n")
             self.out.flush()
         if self.new_session:
             with contextlib.suppress(OSError):
@@ -397,7 +398,8 @@ class _Supervisor:
             self.extra.append({"type": "outcome", "parent_pid": event.parent_pid,
                                "child_pid": event.child_pid, "outcome": outcome.to_dict()})
             with contextlib.suppress(OSError, ValueError):  # stderr may be gone
-                self.out.write(outcomes.hung_live(event.child_pid, hang_timeout) + "\n")
+                self.out.write(printable(outcomes.hung_live(event.child_pid, hang_timeout))
+                               + "\n")
                 self.out.flush()
 
         def on_stall(event: ForkEvent, note: Outcome | None) -> None:
