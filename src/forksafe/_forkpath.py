@@ -25,7 +25,8 @@ counts, allocator pools), and each page written costs a copy: so the wrappers
 spell their steps out rather than call helpers, the decision reuses the last
 verdict of an unchanged process, and forks and reaps are queued and recorded
 ``QUEUE_SIZE`` at a time (``forksafe._record.flush``) unless someone outside the
-process waits for them (a report file, a hang timeout). docs/guard.md ("Cost")
+process waits for them (a report file, a hang timeout) or the fork was hazardous
+(its ``logging`` record, ``forksafe._logsink``, is due now). docs/guard.md ("Cost")
 says where the remaining pages go.
 
 Anything that goes wrong here is reported once and the fork goes on unguarded;
@@ -326,7 +327,7 @@ def _forked(decision: Decision, pid: int | None, spare: CrashFile | None = None)
     """
     if decision.confirm is not None:
         decision = _confirmed(decision)
-    if defer:
+    if defer and decision.action == "allowed":  # a hazardous fork's log record is now
         own_state().queue.append((decision, pid, spare))
         return
     st = own_state()
@@ -406,7 +407,7 @@ def wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
             local.after_fork_child = _after_fork_child
             if decision.confirm is not None:
                 decision = _confirmed(decision)
-            if defer:
+            if defer and decision.action == "allowed":  # else logged now (_record)
                 st = _st
                 (st if st.pid == me else own_state(me)).queue.append((decision, pid, spare))
             else:

@@ -2,7 +2,9 @@
 
 Every fork the guard sees becomes a ``ForkEvent``, kept in a bounded history,
 remembered by child pid (so that its outcome can join it when the child is
-reaped) and, with a report file, appended as one JSON line (``forksafe._sink``).
+reaped) and, with a report file, appended as one JSON line (``forksafe._sink``);
+a fork the guard logged, warned about or refused also becomes a ``logging`` record
+(``forksafe._logsink``, loaded at the first such fork).
 The guard's hot path (``forksafe._forkpath``) queues forks and reaps when nobody
 outside the process waits for them, and hands them here by the batch
 (``flush``); the followers are told from here (``on_forked``, ``on_reaped``).
@@ -158,6 +160,22 @@ def record(st: State, event: ForkEvent) -> None:
                 del children[next(iter(children))]
     if _sink is not None:
         emit({"type": "fork", **event.to_dict(), "command": list(getattr(sys, "argv", []))})
+    if event.action != "allowed":
+        tell_log(event)
+
+
+def tell_log(event: ForkEvent) -> None:
+    """A hazardous or refused fork, for the ``forksafe`` logger (``forksafe._logsink``).
+
+    Never for an allowed fork: a server forking a million clean workers must not pay
+    for a record nobody wants, nor this module for importing the sink.
+    """
+    try:
+        from forksafe import _logsink
+
+        _logsink.fork(event)
+    except Exception as exc:
+        report_failure("forksafe._logsink", exc)
 
 
 def reap(st: State, pid: int, status: int) -> None:
