@@ -543,8 +543,14 @@ def _before_fork() -> None:
         return
     _local.after_fork_child = _after_fork_child  # in a child: not its own fork's calls
     try:
-        caller = sys._getframe(1)
-        decision = judge("unwrapped-fork", caller, refusable=False)
+        try:
+            caller: types.FrameType | None = sys._getframe(1)
+        except ValueError:  # C code forking with no Python frame at all (uWSGI's master)
+            caller = None
+        decision = judge("unwrapped-fork", caller or sys._getframe(0), refusable=False)
+        if caller is None:  # no line of the user's made this fork: its site is unknown
+            decision = make(Decision, (decision.mechanism, None, None, decision.report,
+                                       decision.action, decision.time, decision.confirm))
         _prepare_followers()
         global _hooks_judged
         _hooks_judged = True
