@@ -285,29 +285,37 @@ except Exception as exc:
 """
 
 
-def celery(tmp_path: pathlib.Path, hazardous: bool) -> tuple[dict[str, Any], str]:
-    """Start a real ``celery worker`` (prefork pool, 1 process) on the app, send it one
-    task from another process, stop it; the task's result or error, and the worker's log."""
+def celery_worker(tmp_path: pathlib.Path, hazardous: bool, policy: str = "log"
+                  ) -> list[str]:
+    """The app (and a client for it) written out; the command of a real ``celery worker``
+    on it, prefork pool of one process, logging to ``worker.log``."""
     pytest.importorskip("celery", reason="Celery is in the test extras")
     for folder in ("queue", "processed", "results"):
         (tmp_path / folder).mkdir()
-    (tmp_path / "tasks.py").write_text(textwrap.dedent(CELERY_APP.format(
+    app = textwrap.dedent(CELERY_APP.format(
         hazard=CELERY_HAZARD if hazardous else "",
-        take="with cache_lock:  # hang-line\n        pass" if hazardous else "pass")))
+        take="with cache_lock:  # hang-line\n        pass" if hazardous else "pass"))
+    if policy != "log":
+        app = app.replace('configure(policy="log")',
+                          f'configure(policy={policy!r}, fail_on="warning")')
+    (tmp_path / "tasks.py").write_text(app)
     (tmp_path / "client.py").write_text(textwrap.dedent(CELERY_CLIENT))
+    return [str(BIN / "celery"), "-A", "tasks", "worker", "-P", "prefork", "-c", "1",
+            "--loglevel", "INFO", "--logfile", str(tmp_path / "worker.log"), "-n",
+            "w1@localhost", "--without-heartbeat", "--without-mingle", "--without-gossip"]
+
+
+def celery(tmp_path: pathlib.Path, hazardous: bool) -> tuple[dict[str, Any], str]:
+    """Start a real ``celery worker`` on the app, send it one task from another process,
+    stop it; the task's result or error, and the worker's log."""
+    command = celery_worker(tmp_path, hazardous)
     log = tmp_path / "worker.log"
-    command = [str(BIN / "celery"), "-A", "tasks", "worker", "-P", "prefork", "-c", "1",
-               "--loglevel", "INFO", "--logfile", str(log), "-n", "w1@localhost",
-               "--without-heartbeat", "--without-mingle", "--without-gossip"]
     with server(command, tmp_path) as proc:
         wait_for(log, r"ready\.", 60)
         assert proc.poll() is None, log.read_text() if log.exists() else ""
         client = subprocess.run([sys.executable, "client.py"], cwd=tmp_path, env=ENV,
                                 capture_output=True, text=True, timeout=60)
         assert client.returncode == 0, client.stderr
-        if hazardous:
-            wait_for(log, r"(?s)Worker exited prematurely.*Process 'ForkPoolWorker-2'|"
-                     r"ForkPoolWorker-2.*ready", 20)
     return json.loads(client.stdout.splitlines()[-1]), log.read_text()
 
 
@@ -336,6 +344,22 @@ def test_celery_recipe_diagnoses_a_hazardous_app_in_the_worker_log(
                      r"billiard/popen_fork\.py:\d+ in _launch via os\.fork\) made no progress "
                      r"for [\d.]+ s: it is blocked taking `cache_lock` at "
                      rf"tasks\.py:{hang} \(add\); at fork time thread 'cache-refresher'", log), log
+
+
+def test_celery_recipe_under_raise_stops_the_worker_before_a_hazardous_fork(
+        tmp_path: pathlib.Path) -> None:
+    """The first fork of the pool is refused: the worker stops at start with the
+    refusal, which is also an error record in its log; no pool process ever exists."""
+    command = celery_worker(tmp_path, hazardous=True, policy="raise")
+    with server(command, tmp_path) as proc:
+        code = proc.wait(timeout=60)
+    log = (tmp_path / "worker.log").read_text()
+    assert code == 1, log
+    assert re.search(r"ERROR/MainProcess\] forksafe refused os\.fork at "
+                     r"billiard/popen_fork\.py:\d+ \(pid \d+, thread 'MainThread'\): 1 warning; "
+                     r"no child was created \(policy 'raise'\)\.", log), log
+    assert "Unrecoverable error: ForkSafetyError('forksafe refused os.fork at " in log
+    assert "ForkPoolWorker" not in log
 
 
 # -- Django: manage.py test --parallel with the recipe's TEST_RUNNER ---------------------------
