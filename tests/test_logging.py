@@ -15,6 +15,7 @@ import textwrap
 from typing import Any
 
 from conftest import Scenario, run_scenario
+from forksafe._logsink import FIELDS
 
 #: Keeps every record of the process; ``kept()`` gives those of one logger as JSON.
 CAPTURE = """
@@ -88,6 +89,7 @@ def test_a_hazardous_fork_is_one_record_with_its_fields_at_the_fork_line(
     assert record["forksafe_child_pid"] == s.result["pid"]
     assert record["forksafe_parent_pid"] == s.result["me"]
     assert record["forksafe_repeat"] == 1
+    assert {k for k in record if k.startswith("forksafe_")} <= set(FIELDS), "documented"
     [hazard] = record["forksafe_hazards"]
     assert hazard["kind"] == "thread" and "holder" in hazard["summary"]
     assert record["message"].startswith(
@@ -366,3 +368,50 @@ def test_a_lone_fork_inside_loggings_fork_window_is_logged_at_exit(
     [pid] = s.result["pids"]
     lines = [line for line in s.stdout.splitlines() if line.startswith(("RECORD", "FORKED"))]
     assert lines == [f"FORKED {pid}", f"RECORD {pid}"], s.stdout
+
+
+def test_hazardous_forks_nobody_listens_to_keep_the_batch(tmp_path: pathlib.Path) -> None:
+    """Logging imported but no handler: a hazardous fork is queued like a clean one (the
+    batch's cost, not a recording per fork), and its record is not lost: a handler added
+    later gets it when the batch is recorded. With a handler from the start, the record
+    is made right after the fork."""
+    s = run_scenario(script("""
+        import logging, os
+        import forksafe
+        from forksafe import _forkpath
+        keep = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                keep.append(record.forksafe_child_pid)
+        forksafe.install("log")
+    """, HOLDER, """
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        queued = len(_forkpath.own_state().queue)
+        before = list(keep)
+        logging.getLogger().addHandler(Keep())  # someone listens from now on
+        os.waitpid(pid, 0)
+        forksafe._guard.history()  # records the batch
+        emit(queued=queued, before=before, after=keep, pid=pid)
+    """), tmp_path, timeout=60)
+    assert s.result["queued"] == 1 and s.result["before"] == []
+    assert s.result["after"] == [s.result["pid"]], "recorded with the batch, not lost"
+    s = run_scenario(script("""
+        import logging, os
+        import forksafe
+        from forksafe import _forkpath
+        keep = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                keep.append(record.forksafe_child_pid)
+        logging.getLogger().addHandler(Keep())
+        forksafe.install("log")
+    """, HOLDER, """
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        emit(queued=len(_forkpath.own_state().queue), before=list(keep), pid=pid)
+        os.waitpid(pid, 0)
+    """), tmp_path, timeout=60)
+    assert s.result["queued"] == 0 and s.result["before"] == [s.result["pid"]]

@@ -25,8 +25,9 @@ counts, allocator pools), and each page written costs a copy: so the wrappers
 spell their steps out rather than call helpers, the decision reuses the last
 verdict of an unchanged process, and forks and reaps are queued and recorded
 ``QUEUE_SIZE`` at a time (``forksafe._record.flush``) unless someone outside the
-process waits for them (a report file, a hang timeout) or the fork was hazardous
-(its ``logging`` record, ``forksafe._logsink``, is due now). docs/guard.md ("Cost")
+process waits for them (a report file, a hang timeout, or - for a hazardous fork -
+a ``logging`` handler for its record: ``forksafe._record.State.log_now``).
+docs/guard.md ("Cost")
 says where the remaining pages go.
 
 Anything that goes wrong here is reported once and the fork goes on unguarded;
@@ -192,7 +193,7 @@ def load() -> None:
         _outcome.tidy_at_exit()
     except Exception as exc:
         report_failure("importing forksafe._outcome", exc)
-    _record.bind(ForkEvent)
+    _record.bind(ForkEvent, own_state())
     set_followers(child, outcome)
     if sys.version_info >= (3, 12):
         _quiet.install_filter()
@@ -327,10 +328,10 @@ def _forked(decision: Decision, pid: int | None, spare: CrashFile | None = None)
     """
     if decision.confirm is not None:
         decision = _confirmed(decision)
-    if defer and decision.action == "allowed":  # a hazardous fork's log record is now
-        own_state().queue.append((decision, pid, spare))
-        return
     st = own_state()
+    if defer and (decision.action == "allowed" or not st.log_now):  # see State.log_now
+        st.queue.append((decision, pid, spare))
+        return
     _record.flush(st, config)
     _record.record_fork(st, config, decision, pid, spare)
 
@@ -407,8 +408,8 @@ def wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
             local.after_fork_child = _after_fork_child
             if decision.confirm is not None:
                 decision = _confirmed(decision)
-            if defer and decision.action == "allowed":  # else logged now (_record)
-                st = _st
+            if defer and (decision.action == "allowed" or not _st.log_now):
+                st = _st  # queued; a hazardous fork someone's logging waits for: now
                 (st if st.pid == me else own_state(me)).queue.append((decision, pid, spare))
             else:
                 _forked(decision, pid, spare)

@@ -139,6 +139,31 @@ def logger() -> logging.Logger | None:
     return log
 
 
+def active() -> bool:
+    """Whether a WARNING record of the ``forksafe`` logger would reach anyone now: a
+    handler other than a ``NullHandler`` on its way up, or a library that hooks
+    ``Logger.callHandlers`` itself (Sentry's logging integration). The guard asks
+    this once per batch of forks (``forksafe._record.State.log_now``), never per fork;
+    it takes no lock, so it may run anywhere, inside fork hooks too."""
+    logging = sys.modules.get("logging")
+    if logging is None:
+        return False
+    # Not getLogger(): a logger made before the program's dictConfig runs would be
+    # disabled by it (disable_existing_loggers), and its records lost.
+    found = logging.Logger.manager.loggerDict.get(LOGGER)
+    log = found if isinstance(found, logging.Logger) else logging.getLogger()
+    if log.disabled or log.getEffectiveLevel() > WARNING:
+        return False
+    if getattr(logging.Logger.callHandlers, "__module__", "logging") != "logging":
+        return True
+    current = log
+    while current is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in current.handlers):
+            return True
+        current = current.parent if current.propagate else None
+    return False
+
+
 def fork(event: ForkEvent) -> None:
     """A fork the guard logged, warned about or refused (never an allowed one)."""
     if event.action == "allowed":
