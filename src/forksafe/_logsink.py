@@ -140,11 +140,17 @@ def logger() -> logging.Logger | None:
 
 
 def active() -> bool:
-    """Whether a WARNING record of the ``forksafe`` logger would reach anyone now: a
+    """Whether a WARNING record of the ``forksafe`` logger would reach anyone now. The
+    guard asks this once per batch of forks (``forksafe._record.State.log_now``), never
+    per fork; it takes no lock, so it may run anywhere, inside fork hooks too."""
+    return listening(WARNING)
+
+
+def listening(level: int) -> bool:
+    """Whether a record of the ``forksafe`` logger at ``level`` would reach anyone: a
     handler other than a ``NullHandler`` on its way up, or a library that hooks
-    ``Logger.callHandlers`` itself (Sentry's logging integration). The guard asks
-    this once per batch of forks (``forksafe._record.State.log_now``), never per fork;
-    it takes no lock, so it may run anywhere, inside fork hooks too."""
+    ``Logger.callHandlers`` itself (Sentry's logging integration). No record is made
+    for nobody: a program that imported logging but configured none pays nothing."""
     logging = sys.modules.get("logging")
     if logging is None:
         return False
@@ -152,13 +158,14 @@ def active() -> bool:
     # disabled by it (disable_existing_loggers), and its records lost.
     found = logging.Logger.manager.loggerDict.get(LOGGER)
     log = found if isinstance(found, logging.Logger) else logging.getLogger()
-    if log.disabled or log.getEffectiveLevel() > WARNING:
+    if log.disabled or log.getEffectiveLevel() > level:
         return False
     if getattr(logging.Logger.callHandlers, "__module__", "logging") != "logging":
         return True
     current = log
     while current is not None:
-        if any(not isinstance(h, logging.NullHandler) for h in current.handlers):
+        if any(not isinstance(h, logging.NullHandler) and level >= h.level
+               for h in current.handlers):
             return True
         current = current.parent if current.propagate else None
     return False
@@ -168,7 +175,10 @@ def fork(event: ForkEvent) -> None:
     """A fork the guard logged, warned about or refused (never an allowed one)."""
     if event.action == "allowed":
         return
-    _emit(lambda: _fork_record(event), warned=event.action == "warned")
+    worst = event.report.max_severity
+    level = ERROR if event.action == "refused" or (worst is not None and worst >= _ERROR) \
+        else WARNING
+    _emit(lambda: _fork_record(event), level, warned=event.action == "warned")
 
 
 def outcome(event: ForkEvent, outcome: Outcome, *, stalled: bool = False,
@@ -178,16 +188,20 @@ def outcome(event: ForkEvent, outcome: Outcome, *, stalled: bool = False,
     ``stalled``: a hang monitor saw the child stalled (no progress, nothing at its
     fork explains it) before it died; ``warned``: forksafe warned about it too.
     """
-    if classify(outcome, stalled) is None:
+    kind_level = classify(outcome, stalled)
+    if kind_level is None:
         return
-    _emit(lambda: _outcome_record(event, outcome, stalled), warned=warned)
+    _emit(lambda: _outcome_record(event, outcome, stalled), kind_level[1], warned=warned)
 
 
 def verdict(report: Report, subject: str, site: Site | None = None) -> None:
     """A server's check of its process before it forks workers (the integrations):
     the hazards at warning level or above at the level of the worst, else one line at
     debug level. ``subject`` names what was checked ("the preloaded app")."""
-    _emit(lambda: _verdict_record(report, subject, site), warned=False)
+    worst = report.max_severity
+    level = DEBUG if worst is None or worst < _WARNING else \
+        ERROR if worst >= _ERROR else WARNING
+    _emit(lambda: _verdict_record(report, subject, site), level, warned=False)
 
 
 def classify(outcome: Outcome, stalled: bool = False) -> tuple[str, int] | None:
@@ -226,10 +240,11 @@ def drain() -> None:
 # --- making records --------------------------------------------------------------------------
 
 
-def _emit(make: Callable[[], Made], *, warned: bool) -> None:
-    """Send the record ``make`` builds, now or once logging's fork window is closed."""
+def _emit(make: Callable[[], Made], level: int, *, warned: bool) -> None:
+    """Send the record ``make`` builds at ``level``, now or once logging's fork window
+    is closed; build none that nobody would receive."""
     log = logger()
-    if log is None or log.disabled:
+    if log is None or not listening(level):
         return
     if warned and _warnings_captured():
         return  # the warning is this event's record (module docstring)

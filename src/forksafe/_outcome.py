@@ -215,6 +215,8 @@ def on_reaped(pid: int, status: int, *, event: ForkEvent | None = None,
 
 def _tell_log(event: ForkEvent, outcome: Outcome, *, stalled: bool, warned: bool) -> None:
     """A crash, hang, stall or failure, for the ``forksafe`` logger (``forksafe._logsink``)."""
+    if "logging" not in sys.modules:  # no handler anywhere: nobody to tell
+        return
     try:
         from forksafe import _logsink
 

@@ -202,6 +202,8 @@ def tell_log(event: ForkEvent) -> None:
     Never for an allowed fork: a server forking a million clean workers must not pay
     for a record nobody wants, nor this module for importing the sink.
     """
+    if "logging" not in sys.modules:  # no handler anywhere: nobody to tell
+        return
     try:
         from forksafe import _logsink
 
