@@ -25,7 +25,9 @@ counts, allocator pools), and each page written costs a copy: so the wrappers
 spell their steps out rather than call helpers, the decision reuses the last
 verdict of an unchanged process, and forks and reaps are queued and recorded
 ``QUEUE_SIZE`` at a time (``forksafe._record.flush``) unless someone outside the
-process waits for them (a report file, a hang timeout). docs/guard.md ("Cost")
+process waits for them (a report file, a hang timeout, or - for a hazardous fork -
+a ``logging`` handler for its record: ``forksafe._record.State.log_now``).
+docs/guard.md ("Cost")
 says where the remaining pages go.
 
 Anything that goes wrong here is reported once and the fork goes on unguarded;
@@ -191,7 +193,7 @@ def load() -> None:
         _outcome.tidy_at_exit()
     except Exception as exc:
         report_failure("importing forksafe._outcome", exc)
-    _record.bind(ForkEvent)
+    _record.bind(ForkEvent, own_state())
     set_followers(child, outcome)
     if sys.version_info >= (3, 12):
         _quiet.install_filter()
@@ -326,10 +328,10 @@ def _forked(decision: Decision, pid: int | None, spare: CrashFile | None = None)
     """
     if decision.confirm is not None:
         decision = _confirmed(decision)
-    if defer:
-        own_state().queue.append((decision, pid, spare))
-        return
     st = own_state()
+    if defer and (decision.action == "allowed" or not st.log_now):  # see State.log_now
+        st.queue.append((decision, pid, spare))
+        return
     _record.flush(st, config)
     _record.record_fork(st, config, decision, pid, spare)
 
@@ -406,8 +408,8 @@ def wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
             local.after_fork_child = _after_fork_child
             if decision.confirm is not None:
                 decision = _confirmed(decision)
-            if defer:
-                st = _st
+            if defer and (decision.action == "allowed" or not _st.log_now):
+                st = _st  # queued; a hazardous fork someone's logging waits for: now
                 (st if st.pid == me else own_state(me)).queue.append((decision, pid, spare))
             else:
                 _forked(decision, pid, spare)
@@ -542,8 +544,14 @@ def _before_fork() -> None:
         return
     _local.after_fork_child = _after_fork_child  # in a child: not its own fork's calls
     try:
-        caller = sys._getframe(1)
-        decision = judge("unwrapped-fork", caller, refusable=False)
+        try:
+            caller: types.FrameType | None = sys._getframe(1)
+        except ValueError:  # C code forking with no Python frame at all (uWSGI's master)
+            caller = None
+        decision = judge("unwrapped-fork", caller or sys._getframe(0), refusable=False)
+        if caller is None:  # no line of the user's made this fork: its site is unknown
+            decision = make(Decision, (decision.mechanism, None, None, decision.report,
+                                       decision.action, decision.time, decision.confirm))
         _prepare_followers()
         global _hooks_judged
         _hooks_judged = True

@@ -9,9 +9,11 @@ guard comes through the ``GuardLink`` it is handed when loaded (``attach``).
 
 ``on_reaped`` reads what the child left (its crash file, a hang monitor's
 marker), asks ``forksafe._diagnose`` for the outcome, attaches it to the fork's
-event, and, for a crash or a hang, raises a ``ForkSafetyWarning`` at the user's
-line that reaped the child. Deaths by SIGKILL, SIGTERM and the like are recorded
-but not warned about: they are how parents stop children.
+event, hands a crash, hang, stall or failure to the ``forksafe`` logger
+(``forksafe._logsink``), and, for a crash or a hang, raises a
+``ForkSafetyWarning`` at the user's line that reaped the child. Deaths by
+SIGKILL, SIGTERM and the like are recorded but not warned about: they are how
+parents stop children.
 
 With a hang timeout, children are handed to a hang monitor (``forksafe._hang``):
 ``forksafe run``'s, when the process runs under it, else a helper process
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from forksafe import _child, _config, _statedir
 from forksafe._diagnose import outcome_for
-from forksafe._errors import ForkSafetyWarning, write_stderr
+from forksafe._errors import ForkSafetyWarning, report_failure, write_stderr
 from forksafe._render import outcomes
 from forksafe._report import ForkEvent, Outcome
 
@@ -186,12 +188,17 @@ def on_reaped(pid: int, status: int, *, event: ForkEvent | None = None,
         _statedir.take_crash_file(prefix + str(pid) + ".crash") if prefix else None
     hung = _statedir.take_hung_marker(pid, directory=prefix) if watched and prefix else None
     stall = _statedir.take_stall_marker(pid, directory=prefix) if watched and prefix else None
+    noteworthy = False
     if hung is None and traceback is None and stall is None and os.WIFEXITED(status):
         code = os.WEXITSTATUS(status)
         outcome = _EXITED.get(code) or _EXITED.setdefault(code, Outcome("exited", code))
     else:
         outcome = outcome_for(event, status, traceback, hung, stall)
+        noteworthy = True
     guard.attach_outcome(pid, outcome)
+    warns = outcomes.blames_fork(outcome) and _warns(guard)
+    if noteworthy:  # never for a plain exit: a record nobody wants costs every child
+        _tell_log(event, outcome, stalled=stall is not None, warned=warns)
     if outcome.status == "hung":
         # A pool waiting for the task this child held would wait forever.
         from forksafe._unstick import worker_hung
@@ -202,8 +209,20 @@ def on_reaped(pid: int, status: int, *, event: ForkEvent | None = None,
         # it on (pytest does, so does PYTHONFAULTHANDLER), so it expects the
         # traceback where the child would have written it: the shared stderr.
         write_stderr(outcomes.echo(pid, traceback))
-    if outcomes.blames_fork(outcome) and _warns(guard):
+    if warns:
         warn(outcome.diagnosis or f"child {pid} {outcome.status}", event)
+
+
+def _tell_log(event: ForkEvent, outcome: Outcome, *, stalled: bool, warned: bool) -> None:
+    """A crash, hang, stall or failure, for the ``forksafe`` logger (``forksafe._logsink``)."""
+    if "logging" not in sys.modules:  # no handler anywhere: nobody to tell
+        return
+    try:
+        from forksafe import _logsink
+
+        _logsink.outcome(event, outcome, stalled=stalled, warned=warned)
+    except Exception as exc:
+        report_failure("forksafe._logsink", exc)
 
 
 def _state_prefix(directory: str | None) -> str | None:

@@ -2,7 +2,9 @@
 
 Every fork the guard sees becomes a ``ForkEvent``, kept in a bounded history,
 remembered by child pid (so that its outcome can join it when the child is
-reaped) and, with a report file, appended as one JSON line (``forksafe._sink``).
+reaped) and, with a report file, appended as one JSON line (``forksafe._sink``);
+a fork the guard logged, warned about or refused also becomes a ``logging`` record
+(``forksafe._logsink``, loaded at the first such fork).
 The guard's hot path (``forksafe._forkpath``) queues forks and reaps when nobody
 outside the process waits for them, and hands them here by the batch
 (``flush``); the followers are told from here (``on_forked``, ``on_reaped``).
@@ -58,9 +60,17 @@ class State:
     write to every page they live on — and ``successor``, on the inherited
     state in the child's memory, settles which new state wins if two threads
     of the child race to make it.
+
+    ``log_now``: whether a ``logging`` record of a hazardous fork would reach
+    anyone (``forksafe._logsink.active``), refreshed at the first fork and with
+    each batch. While it is false, hazardous forks are queued like clean ones: a
+    program whose logging nobody listens to keeps the batch's cost, and their
+    records, made when the batch is recorded, go to the ``NullHandler`` or to
+    whoever listens by then.
     """
 
-    __slots__ = ("children", "history", "lock", "parent", "pid", "queue", "successor")
+    __slots__ = ("children", "history", "lock", "log_now", "parent", "pid", "queue",
+                 "successor")
 
     def __init__(self, pid: int, parent: State | None = None) -> None:
         self.pid = pid
@@ -70,6 +80,7 @@ class State:
         self.queue: deque[Queued] = deque()
         self.parent = parent
         self.successor: list[State] = []
+        self.log_now: bool = parent.log_now if parent is not None else False
 
 
 # Bound at the first fork (``bind``) and by install() (``set_sink``).
@@ -80,10 +91,31 @@ _event_type: type[ForkEvent] | None = None
 _forks = 0  # forks recorded by this process (the follower wants every SWEEP_EVERY-th)
 
 
-def bind(event_type: type[ForkEvent]) -> None:
-    """The model's event class, once loaded (``forksafe._forkpath.load``)."""
+def bind(event_type: type[ForkEvent], st: State | None = None) -> None:
+    """The model's event class, once loaded (``forksafe._forkpath.load``), and whether
+    ``st``'s hazardous forks have a listener for their records (``State.log_now``)."""
     global _event_type
     _event_type = event_type
+    if st is not None:
+        refresh_log(st)
+
+
+def refresh_log(st: State) -> None:
+    """Set ``st.log_now``: whether a record of the ``forksafe`` logger would reach anyone.
+
+    A program that never imported ``logging`` has no listener, and is not made to
+    import the sink (nor its text layer) to learn it.
+    """
+    if "logging" not in sys.modules:
+        st.log_now = False
+        return
+    try:
+        from forksafe import _logsink
+
+        st.log_now = _logsink.active()
+    except Exception as exc:
+        st.log_now = False
+        report_failure("forksafe._logsink", exc)
 
 
 def set_followers(child: ChildSide | None, follower: FollowerSide | None) -> None:
@@ -112,6 +144,8 @@ def flush(st: State, config: Config | None) -> None:
     (docs/guard.md, "Cost").
     """
     queue = st.queue
+    if queue:  # by the batch: whether the records of hazardous forks can wait
+        refresh_log(st)
     while queue:
         try:
             item = queue.popleft()
@@ -158,6 +192,24 @@ def record(st: State, event: ForkEvent) -> None:
                 del children[next(iter(children))]
     if _sink is not None:
         emit({"type": "fork", **event.to_dict(), "command": list(getattr(sys, "argv", []))})
+    if event.action != "allowed":
+        tell_log(event)
+
+
+def tell_log(event: ForkEvent) -> None:
+    """A hazardous or refused fork, for the ``forksafe`` logger (``forksafe._logsink``).
+
+    Never for an allowed fork: a server forking a million clean workers must not pay
+    for a record nobody wants, nor this module for importing the sink.
+    """
+    if "logging" not in sys.modules:  # no handler anywhere: nobody to tell
+        return
+    try:
+        from forksafe import _logsink
+
+        _logsink.fork(event)
+    except Exception as exc:
+        report_failure("forksafe._logsink", exc)
 
 
 def reap(st: State, pid: int, status: int) -> None:
