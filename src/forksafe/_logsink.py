@@ -265,6 +265,9 @@ def _send(make: Callable[[], Made]) -> None:
     level, message, site, fields = made
     if not log.isEnabledFor(level):
         return
+    from forksafe._render.text import printable
+
+    message = printable(message)  # a log is read on terminals too: shown, never obeyed
     if site is not None:
         record = log.makeRecord(log.name, level, site.file, site.line, message, (), None,
                                 site.function, fields)

@@ -33,6 +33,7 @@ from forksafe import _child, _config, _statedir
 from forksafe._diagnose import outcome_for
 from forksafe._errors import ForkSafetyWarning, report_failure, write_stderr
 from forksafe._render import outcomes
+from forksafe._render.text import printable
 from forksafe._report import ForkEvent, Outcome
 
 if TYPE_CHECKING:
@@ -259,12 +260,13 @@ def warn(message: str, event: ForkEvent | None = None) -> None:
     line that forked the child - for a pool, the user's ``submit`` or ``map``.
     """
     level, found = user_stacklevel(sys._getframe(1))
+    message = printable(message)  # exception texts, paths: shown, never obeyed
     try:
         if not found and event is not None and event.site is not None:
             site = event.site
             module = os.path.splitext(os.path.basename(site.file))[0] or "forksafe"
-            warnings.warn_explicit(ForkSafetyWarning(message), ForkSafetyWarning, site.file,
-                                   site.line, module=module)
+            warnings.warn_explicit(ForkSafetyWarning(message), ForkSafetyWarning,
+                                   printable(site.file), site.line, module=module)
             return
         warnings.warn(ForkSafetyWarning(message), stacklevel=level + 1)
     except ForkSafetyWarning:
