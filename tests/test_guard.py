@@ -1090,3 +1090,43 @@ out(at_wait=at_wait, queued=len(_forkpath.own_state().queue), pid=pid)
     assert s.result["queued"] == 0, "the queue before it was recorded first, in order"
     [crashed] = [e for e in s.result["events"] if e["child_pid"] == s.result["pid"]]
     assert crashed["outcome"]["signal"] == "SIGSEGV"
+
+
+def test_an_unchanged_process_warning_again_is_not_rendered_again(tmp_path: pathlib.Path) -> None:
+    """Issue 14: under ``warn`` the text of a fork's warning is made once while the
+    process is unchanged (the check hands back the same report), not at every fork —
+    and made anew when something changed."""
+    s = run_scenario("""
+import os, threading, time, warnings
+import forksafe
+from forksafe._render import forks
+made = []
+real = forks.fork_warning
+def counting(*args, **kwargs):
+    made.append(1)
+    return real(*args, **kwargs)
+forks.fork_warning = counting
+forksafe.install("warn")
+lock = threading.Lock()
+def hold():
+    with lock:
+        time.sleep(30)
+threading.Thread(target=hold, name="holder", daemon=True).start()
+time.sleep(0.1)
+def fork_some(n):
+    for _ in range(n):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fork_some(5)
+    first = len(made)
+    threading.Thread(target=time.sleep, args=(30,), name="another", daemon=True).start()
+    time.sleep(0.1)
+    fork_some(3)
+emit(made=[first, len(made)], warned=len(caught))
+""", tmp_path)
+    assert s.result["warned"] == 8, "every fork still warns"
+    assert s.result["made"] == [1, 2], "made once per state of the process"

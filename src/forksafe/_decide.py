@@ -146,10 +146,26 @@ def announce(decision: Decision, config: Config, *, refusable: bool) -> None:
             decision.mechanism, decision.site, decision.report,
             count=len(decision.report.at_least(level)), level=str(level)), decision.report)
     if decision.action == "warned":
-        message = forks.fork_warning(
-            decision.mechanism, decision.site, decision.report,
-            unrefusable=not refusable and config.policy == "raise")
+        global _last_warning
+        unrefusable = not refusable and config.policy == "raise"
+        # A process forking again as it was gets the same hazards again: its warning is
+        # the same text too, made once rather than at every fork.
+        report = decision.report
+        key = (decision.mechanism, decision.site, unrefusable, os.getpid(), report.thread,
+               tuple((h.kind, h.severity, h.summary, h.remedy, repr(h.evidence))
+                     for h in report.hazards))
+        last = _last_warning
+        if last is not None and last[0] == key:
+            message = last[1]
+        else:
+            message = forks.fork_warning(decision.mechanism, decision.site, report,
+                                         unrefusable=unrefusable)
+            _last_warning = (key, message)
         warn_at(message, decision.frame, decision.site)
+
+
+#: The last fork warning's text, with what it was made from (see ``announce``).
+_last_warning: tuple[tuple[Any, ...], str] | None = None
 
 
 def announce_late(decision: Decision, config: Config) -> None:
