@@ -136,7 +136,8 @@ print({MARK!r} + '{{"done": true}}')
     assert s.result == {"done": True}
     records = [json.loads(line) for line in report.read_text().splitlines()]
     forks = [r for r in records if r["type"] == "fork"]
-    assert [r["command"] for r in forks] == [[str(s.path)], [str(child), "--flag"]]
+    # Each process writes its lines by the batch (and at exit): in any order.
+    assert sorted(r["command"] for r in forks) == sorted([[str(s.path)], [str(child), "--flag"]])
     assert len({r["parent_pid"] for r in forks}) == 2
     assert all(r["action"] == "allowed" and r["mechanism"] == "os.fork" for r in forks)
 
@@ -213,3 +214,25 @@ def test_a_bad_hang_timeout_alone_installs_nothing() -> None:
     """FORKSAFE_HANG_TIMEOUT=-3 alone: the one reason for the guard is gone, and so is it."""
     config, [line] = _config.from_environment({"FORKSAFE_HANG_TIMEOUT": "-3"})
     assert config is None and "FORKSAFE_HANG_TIMEOUT='-3'" in line
+
+
+def test_a_report_file_gets_the_forks_of_a_process_that_ends_by_os_exit(
+        tmp_path: pathlib.Path) -> None:
+    """Lines are written by the batch; a worker that ends with ``os._exit`` (no exit
+    handler runs) still leaves the forks it made and its children's outcomes."""
+    report = tmp_path / "worker.jsonl"
+    code = """
+import os
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+os._exit(0)
+"""
+    s = run_scenario(code, tmp_path, env={**UNSET, "FORKSAFE_REPORT": str(report)})
+    assert s.returncode == 0
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [r["type"] for r in records].count("fork") == 3
+    outcomes = [r["outcome"] for r in records if r["type"] == "outcome"]
+    assert [(o["status"], o["exit_code"]) for o in outcomes] == [("exited", 0)] * 3

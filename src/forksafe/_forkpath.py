@@ -68,7 +68,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import types
     from collections import deque
-    from typing import Any, Callable
+    from typing import Any, Callable, NoReturn
 
     from forksafe._config import Config
     from forksafe._report import ForkEvent, Hazard, Outcome, Report
@@ -85,8 +85,9 @@ QUEUE_SIZE = 32
 #: None when the guard is not installed: every wrapper and hook reads it once and
 #: passes straight through when it is None.
 config: Config | None = None
-#: Whether forks and reaps are queued rather than recorded at once (no report file,
-#: no hang timeout: nobody outside this process waits for them).
+#: Whether forks and reaps are queued rather than recorded at once (no hang timeout:
+#: nobody outside this process waits for them while the child lives; a report file
+#: gets them by the batch, at exit, and at ``os._exit``: ``wrap_exit``).
 defer = False
 #: The followers, once loaded (``load``); None if one failed to import.
 child_side: ChildSide | None = None
@@ -416,6 +417,28 @@ def wrap_fork(original: Callable[[], int]) -> Callable[[], int]:
         return pid
 
     return fork
+
+
+def wrap_exit(original: Callable[[int], NoReturn]) -> Callable[[int], NoReturn]:
+    """``os._exit``: the queued forks and reaps of this process are recorded first.
+
+    Every forked worker ends with ``os._exit`` (multiprocessing's do), and no exit
+    handler runs then: a worker's own children would be missing from the report.
+    In a child that forked nothing itself (the inherited state is its parent's)
+    this is a comparison and the real call.
+    """
+    getpid = os.getpid
+
+    def _exit(status: int) -> NoReturn:
+        st = _st
+        if config is not None and st.pid == getpid() and st.queue:
+            try:  # noqa: SIM105 - contextlib is not imported by the hot path
+                flush_pending()
+            except BaseException:  # leaving anyway: nothing may stop it
+                pass
+        original(status)
+
+    return _exit
 
 
 def wrap_forkpty(original: Callable[[], tuple[int, int]]) -> Callable[[], tuple[int, int]]:
