@@ -38,10 +38,17 @@ def during() -> str | None:
     return _ledger.LABEL[0]
 
 
+#: How many drivers asked for connections to be labelled (sessions nest: pytester runs
+#: a pytest session inside a pytest session); labelled while any does.
+_recording = [0]
+
+
 def record_connections(on: bool) -> None:
-    """Record the label with each SQLite connection opened, or stop."""
-    _ledger.set_connect_layer("during", _layer if on else None)
-    if not on:
+    """Record the label with each SQLite connection opened (``on``), or stop asking to."""
+    _recording[0] = max(0, _recording[0] + (1 if on else -1))
+    recording = _recording[0] > 0
+    _ledger.set_connect_layer("during", _layer if recording else None)
+    if not recording:
         _ledger.CONNECTION_LABELS.clear()
 
 

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 BARE = "warn"
 #: Labels of the steps that are no test (``forksafe._labels``).
 START_UP = "pytest start-up"
+#: When ``--forksafe`` took a path for its policy (``pytest --forksafe tests/``).
+PATH_HINT = "a bare --forksafe takes the next word as its policy: write --forksafe=warn"
 PROBLEM = "forksafe: {what} failed ({error}); the session goes on without it"
 NO_TOML = "forksafe: {path}: [tool.forksafe] not read (neither tomllib nor tomli is available)"
 
@@ -68,7 +70,7 @@ def settings(config: pytest.Config, namespace: Any) -> Settings:
     report = getattr(namespace, "forksafe_report", None)
     try:
         if policy_opt is not None:
-            policy = _policy(policy_opt, option)
+            policy = _policy(policy_opt, option, hint=PATH_HINT)
         elif str(config.getini("forksafe")).strip():
             policy = _policy(config.getini("forksafe"), ini)
         elif timeout_opt is not None or report is not None:
@@ -87,12 +89,19 @@ def settings(config: pytest.Config, namespace: Any) -> Settings:
     return Settings(policy, timeout, report, rules(config) if policy is not None else [])
 
 
-def _policy(value: object, source: Any) -> str | None:
+def _policy(value: object, source: Any, hint: str = "") -> str | None:
     from forksafe import _config
 
     if str(value).strip().lower() == "off":
         return None
-    return str(_config.validate("policy", value, source))
+    try:
+        return str(_config.validate("policy", value, source))
+    except _config.ConfigError as exc:
+        text = str(value)
+        if hint and ("::" in text or os.sep in text or text.endswith(".py")
+                     or os.path.exists(text)):
+            raise _config.ConfigError(f"{exc} ({hint})", exc.field) from None
+        raise
 
 
 def rules(config: pytest.Config) -> list[Rule]:
@@ -142,6 +151,8 @@ class Session:
         self.marked = False
         self._accepted: list[Rule] = []
         self._marked: Config | None = None
+        self._label: str | None = None
+        self._recording = False
 
     def start(self) -> None:
         """Observe, label, and (with a policy) install the guard for the session."""
@@ -153,7 +164,8 @@ class Session:
             _ledger.observe()
             self.observed = True
         _labels.record_connections(True)
-        _labels.set_during(START_UP)
+        self._recording = True
+        self._label = _labels.set_during(START_UP)
         self._accepted = list(self.settings.rules)
         if self._accepted:
             _accept.add(self._accepted)
@@ -191,8 +203,10 @@ class Session:
             _accept.clear()
             _accept.add(others)
             self._accepted = []
-        _labels.set_during(None)
-        _labels.record_connections(False)
+        if self._recording:
+            _labels.set_during(self._label)  # an outer session's, when sessions nest
+            _labels.record_connections(False)
+            self._recording = False
         if self.observed:
             _ledger.unobserve()
             self.observed = False

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol, Sequence
 
-from forksafe._render.hazards import render_hazards, wrap
+from forksafe._render.hazards import DURING, render_hazards, wrap
 from forksafe._render.shapes import EventLike, HazardLike, OutcomeLike
 from forksafe._render.sites import site_text, where
 
@@ -22,13 +22,13 @@ WARNING = 20
 #: Tests named on one line before "and N more".
 TESTS_SHOWN = 4
 #: Tests listed under the headline, at most.
-TESTS_LISTED = 20
+TESTS_LISTED = 10
 #: Lines of a child's stacks shown in a failure (the JSON report keeps all of them).
 TRACEBACK_LINES = 30
 
-HUNG = "forksafe: child {pid} ({forked}) hung, and was ended after {timeout}{cause}"
-#: Why the child hung, in the headline (pytest's short summary shows its start).
-CAUSE = "; at that fork {who}"
+#: The first line (pytest's short summary shows its start: the cause comes first).
+HUNG = "forksafe: child {pid} hung{cause}; ended after {timeout} ({forked})"
+CAUSE = ": {who} at its fork"
 ENDED = (
     "forksafe ended the child when it had made no progress for the hang timeout, so that "
     "the session goes on; this test fails because of it (docs/pytest.md)."
@@ -166,8 +166,7 @@ def hung_failure(event: EventLike, *, forked_in: str | None, timeout: float | No
     outcome = event.outcome
     shown = _above_info(event)
     cause = _cause(shown, outcome.diagnosis if outcome is not None else None)
-    lines = [HUNG.format(pid=event.child_pid, forked=forked, timeout=seconds,
-                         cause=CAUSE.format(who=cause) if cause else ""), ""]
+    lines = [HUNG.format(pid=event.child_pid, forked=forked, timeout=seconds, cause=cause), ""]
     lines.extend(wrap(ENDED, ""))
     lines.append("")
     if outcome is not None and outcome.diagnosis:
@@ -188,9 +187,9 @@ def hung_failure(event: EventLike, *, forked_in: str | None, timeout: float | No
 
 
 def _cause(hazards: Sequence[HazardLike], diagnosis: str | None) -> str:
-    """The hazard the diagnosis names (or else the first one), in a few words, with the
-    label that names the test it comes from: "thread 'refresher' held `lock`, started
-    during tests/test_a.py::test_y"."""
+    """The hazard the diagnosis names (or else the first one) in a few words, with the
+    label that names the step it comes from: ": thread 'refresher' held `lock` at its
+    fork, started during tests/test_a.py::test_y"; "" when there is none."""
     if not hazards:
         return ""
     named = [h for h in hazards if isinstance(h.evidence.get("name"), str)
@@ -205,7 +204,9 @@ def _cause(hazards: Sequence[HazardLike], diagnosis: str | None) -> str:
     else:
         who = hazard.summary
     during = ev.get("during")
-    return who + (f", started during {during}" if isinstance(during, str) and during else "")
+    when = (f", {DURING.get(hazard.kind, 'during')} {during}"
+            if isinstance(during, str) and during else "")
+    return CAUSE.format(who=who) + when
 
 
 def _without_runner(lines: list[str]) -> list[str]:
