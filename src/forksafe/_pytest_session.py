@@ -60,7 +60,7 @@ def settings(config: pytest.Config, namespace: Any) -> Settings:
     from forksafe import _config
 
     option = _config.Source({"policy": "--forksafe", "hang_timeout": "--forksafe-hang-timeout",
-                             "fail_on": "--forksafe-fail-on", "report": "--forksafe-report"},
+                             "fail_on": "-", "report": "--forksafe-report"},
                             text=True, off=True, blank=False)
     ini = _config.Source({"policy": "forksafe (ini)", "hang_timeout":
                           "forksafe_hang_timeout (ini)", "fail_on": "-", "report": "-"},

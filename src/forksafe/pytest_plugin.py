@@ -90,13 +90,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 _STATE = pytest.StashKey["Session"]()
 _SUITE = pytest.StashKey["SuiteForks"]()
+_TRIED = pytest.StashKey[bool]()
 
 
 def _activate(config: pytest.Config, namespace: Any) -> None:
-    """Start forksafe in this process if the session asks for it (once)."""
-    if _STATE in config.stash:
+    """Start forksafe in this process if the session asks for it (once: a start that
+    failed, and said so, is not tried again by the next hook)."""
+    if _STATE in config.stash or _TRIED in config.stash:
         return
     chosen = settings(config, namespace)
+    config.stash[_TRIED] = True
     if chosen.policy is None:
         return
     _start(config, chosen)
@@ -112,7 +115,6 @@ def _start(config: pytest.Config, chosen: Settings) -> None:
         return
     config.stash[_STATE] = state
     config.pluginmanager.register(_Tracker(state), "forksafe-tracker")
-    config.pluginmanager.register(_MarkerCheck(), "forksafe-marker-check")
 
 
 # -- hooks of the plugin module: always registered, inert unless asked -----------------------
@@ -164,6 +166,8 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     state = config.stash.get(_STATE, None)
     if state is not None:
         state.marked = marked
+        if marked and not config.pluginmanager.has_plugin("forksafe-marker-check"):
+            config.pluginmanager.register(_MarkerCheck(), "forksafe-marker-check")
 
 
 class _Gatherer:
@@ -218,8 +222,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if suite is None or hasattr(config, "workerinput"):
         return
     path = state.settings.report if state is not None else None
-    if path is not None:
-        _write_report(config, suite, path, int(exitstatus))
+    if path is not None and state is not None:
+        state.guarded("writing the JSON report", _write_report, config, suite, path,
+                      int(exitstatus))
 
 
 def _write_report(config: pytest.Config, suite: SuiteForks, path: str, exit_code: int) -> None:
@@ -247,6 +252,13 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
     suite = config.stash.get(_SUITE, None)
     if suite is None:
         return
+    try:
+        _summary(terminalreporter, config, suite)
+    except Exception as exc:  # the session's own summary above is what matters
+        say(config, PROBLEM.format(what="the summary", error=f"{type(exc).__name__}: {exc}"))
+
+
+def _summary(terminalreporter: Any, config: pytest.Config, suite: SuiteForks) -> None:
     from forksafe._render.suite import summary
 
     state = config.stash.get(_STATE, None)
