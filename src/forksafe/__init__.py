@@ -5,6 +5,10 @@ no native library, sets no variable and patches nothing. Every public name
 below other than the two exception types lives in a private module that is imported
 only when the name is first used (PEP 562 ``__getattr__``), so the import
 itself stays cheap and inert.
+
+PYTEST_DONT_REWRITE: pytest rewrites the asserts of every package that ships a
+pytest plugin (``forksafe.pytest_plugin``), and warns when the package was imported
+before it could; the environment hook imports this one at interpreter start.
 """
 
 from __future__ import annotations

@@ -24,9 +24,12 @@ at the same address without going through the wrapper is therefore not given
 a dead one's origin — unless the dead one was both opened and freed since the
 last check, the one window this leaves open.
 
-The thread wrapper costs a frame pointer and a tuple; ``benchmarks/`` measures
-both against unobserved code in the same run. Nothing here runs at fork time
-or in a child, and nothing here takes a lock.
+With each thread, the label the program's driver set is recorded too ("during
+tests/test_a.py::test_y", ``forksafe._labels``, which records it with connections).
+
+The thread wrapper costs a frame pointer and a tuple (and one list read for the
+label); ``benchmarks/`` measures both against unobserved code in the same run.
+Nothing here runs at fork time or in a child, and nothing here takes a lock.
 
 ``sqlite3`` is not imported by ``observe()`` — a diagnostic tool must not load
 the library it diagnoses — so when it is not imported yet a one-shot import hook
@@ -95,6 +98,12 @@ MAX_CONNECTIONS = 4096
 RawFrames = tuple[tuple[types.CodeType, int], ...]
 
 _ORIGIN_ATTR = "_forksafe_started_at"
+_DURING_ATTR = "_forksafe_started_during"
+#: The label the program's driver set (``forksafe._labels``), in a list the wrappers
+#: hold (one index read); None records nothing.
+LABEL: list[str | None] = [None]
+#: id(connection) -> the label when it was opened: see ``forksafe._labels``.
+CONNECTION_LABELS: dict[int, str] = {}
 
 #: Where a connection was opened: the caller's code object and instruction offset
 #: (the common case, offset >= 0), or frames out to the user's code (offset -1);
@@ -131,6 +140,7 @@ def observe() -> None:
     original_start = threading.Thread.start
     state = _state
     getframe = sys._getframe
+    during = LABEL
 
     def start(self: threading.Thread) -> None:
         if state.get("thread_wrapper") is start:  # left in place by unobserve(): a no-op
@@ -141,6 +151,9 @@ def observe() -> None:
                 setattr(self, _ORIGIN_ATTR, ((code, frame.f_lineno),))
             else:
                 setattr(self, _ORIGIN_ATTR, raw_frames(frame))
+            label = during[0]
+            if label is not None:
+                setattr(self, _DURING_ATTR, label)
         original_start(self)
 
     start.__wrapped__ = original_start  # type: ignore[attr-defined]
@@ -164,13 +177,15 @@ def _observe_raw_threads(state: dict[str, Any]) -> None:
     original = _thread.start_new_thread
     getframe = sys._getframe
     raw = _raw_threads
+    during = LABEL
 
     def start_new_thread(function: Any, args: Any, *kwargs: Any) -> int:
         ident: int = original(function, args, *kwargs)
         if state.get("raw_wrapper") is start_new_thread:
             name = getattr(function, "__qualname__", None) or type(function).__name__
             module = getattr(function, "__module__", None)
-            raw[ident] = (raw_frames(getframe(1)), f"{module}.{name}" if module else name)
+            raw[ident] = (raw_frames(getframe(1)), f"{module}.{name}" if module else name,
+                          during[0])
             if len(raw) > MAX_RAW_THREADS:
                 _prune_raw_threads()
         return ident
@@ -181,8 +196,9 @@ def _observe_raw_threads(state: dict[str, Any]) -> None:
     _thread.start_new_thread = start_new_thread
 
 
-#: ident -> (start site, target) of threads started with ``_thread.start_new_thread``.
-_raw_threads: dict[int, tuple[RawFrames, str]] = {}
+#: ident -> (start site, target, label) of threads started with
+#: ``_thread.start_new_thread``.
+_raw_threads: dict[int, tuple[RawFrames, str, str | None]] = {}
 #: At most this many are remembered; the entries of threads that are gone go first.
 MAX_RAW_THREADS = 512
 
@@ -195,8 +211,9 @@ def _prune_raw_threads() -> None:
         _raw_threads.pop(next(iter(_raw_threads)), None)
 
 
-def raw_thread_origin(ident: int) -> tuple[RawFrames, str] | None:
-    """Where the ``_thread`` thread ``ident`` was started, and its function, if observed."""
+def raw_thread_origin(ident: int) -> tuple[RawFrames, str, str | None] | None:
+    """Where the ``_thread`` thread ``ident`` was started, its function, and the label
+    set when it started (``forksafe._labels``), if observed."""
     return _raw_threads.get(ident)
 
 
@@ -249,6 +266,18 @@ def connection_origin(connection: object) -> RawFrames | None:
         frames: RawFrames = where
         return frames
     return ((where, _line_at(where, offset)),)
+
+
+def thread_during(thread: threading.Thread) -> str | None:
+    """The label that was set when ``thread`` started (``forksafe._labels``), if any."""
+    label: str | None = getattr(thread, _DURING_ATTR, None)
+    return label
+
+
+def origin_known(connection: object) -> bool:
+    """Whether ``connection`` has a live origin entry (it was opened through the observed
+    ``connect``, and is not a freed connection's successor at its address)."""
+    return _live_entry(connection) is not None
 
 
 def connection_database(connection: object) -> tuple[bool, object]:
@@ -307,9 +336,11 @@ def forget_closed(before: dict[int, Entry], open_now: Collection[object]) -> Non
     """
     alive = {id(connection) for connection in open_now}
     table = _connection_origins
+    labels = CONNECTION_LABELS
     for key, entry in before.items():
         if key not in alive and table.get(key) is entry:
             table.pop(key, None)
+            labels.pop(key, None)
             if not _forgotten:
                 _forgotten.append(True)
 
@@ -410,11 +441,12 @@ def raw_frames(frame: types.FrameType | None) -> RawFrames:
     return tuple(out)
 
 
-# -- sqlite3.connect, shared by two layers ------------------------------------
+# -- sqlite3.connect, shared by several layers ---------------------------------
 #
-# Two features wrap ``sqlite3.connect``: the origin recording above ("observe")
-# and the protection of connections inherited across fork ("protect", in
-# forksafe._remedies.sqlite). Each may be turned on and off at any time and in
+# Three features wrap ``sqlite3.connect``: the origin recording above ("observe"),
+# the label recording ("during", in forksafe._labels) and the protection of
+# connections inherited across fork ("protect", in forksafe._remedies.sqlite).
+# Each may be turned on and off at any time and in
 # any order, so neither may simply put back "the function it found": that would
 # drop the other's wrapper or resurrect a removed one. Instead the layers live
 # in one table and the chain is rebuilt from the true original whenever a layer
@@ -422,8 +454,8 @@ def raw_frames(frame: types.FrameType | None) -> RawFrames:
 # ledger records the very object the program gets). With no layer left, the
 # original function is back by identity.
 
-#: Inner to outer.
-LAYER_ORDER = ("protect", "observe")
+#: Inner to outer: "observe" outermost, so that its caller is the program's line.
+LAYER_ORDER = ("protect", "during", "observe")
 
 ConnectLayer = Callable[[Callable[..., Any]], Callable[..., Any]]
 

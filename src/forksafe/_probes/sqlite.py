@@ -6,7 +6,8 @@ are not inherited, so the child writes believing it holds locks it does not,
 and closing the connection in the child can checkpoint or delete the parent's
 journal. ``sqlite3.Connection`` supports no weak references, so live
 connections are found by asking the garbage collector — only when the program
-imported ``sqlite3`` at all — and their origins are looked up in the ledger.
+imported ``sqlite3`` at all — and their origins are looked up in the ledger
+(with the label set when each was opened, ``forksafe._labels``, if any).
 
 Before Python 3.10 the connection type is not tracked by the collector at all
 (it lacks ``Py_TPFLAGS_HAVE_GC``), so ``gc.get_objects()`` never lists one;
@@ -22,7 +23,7 @@ import sys
 import types
 from typing import Any
 
-from forksafe import _frames, _ledger
+from forksafe import _frames, _labels, _ledger
 from forksafe._render.sites import where
 from forksafe._report import Hazard, Severity
 from forksafe._snapshot import Snapshot
@@ -101,6 +102,9 @@ def probe(snapshot: Snapshot) -> list[Hazard]:
         sites = _ledger.sites(raw) if raw else []
         site = _frames.user_site(sites)
         origin = f"opened at {where(site)}" if site else "origin unknown"
+        during = _labels.connection_during(connection)
+        if during is not None:
+            origin += f" during {during}"
         known, database = _ledger.connection_database(connection)
         try:
             in_transaction = bool(connection.in_transaction)
@@ -115,6 +119,8 @@ def probe(snapshot: Snapshot) -> list[Hazard]:
             "in_transaction": in_transaction,
             "code": _frames.source_line(site) if site else None,
         }
+        if during is not None:
+            evidence["during"] = during
         if known and _ledger.in_memory(database):
             evidence["in_memory"] = True
             hazards.append(Hazard("sqlite-connection", Severity.INFO,

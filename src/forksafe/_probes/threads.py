@@ -13,6 +13,11 @@ one in every child), or the catalog knows the thread for harmless
 Python threads are Python threads however they were started: one started with
 ``_thread.start_new_thread`` has no ``threading.Thread`` object, but its frames
 are in ``sys._current_frames()`` and it is reported here, not as a native thread.
+
+When the program's driver labels what it is doing (``forksafe._labels``: the
+pytest plugin names each test), the label set when the thread started is shown
+with its start site: "started at test_a.py:9 during tests/test_a.py::test_y"
+names the test that left it behind, not only its line.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ HANDLED = {
         "not after a bare os.fork)"),
 }
 HANDLED_REMEDY = "nothing to do: its owner makes it safe across fork"
+#: After the start site: when, as the program's driver labelled it (``forksafe._labels``).
+DURING = " during {}"
 
 
 def probe(snapshot: Snapshot) -> list[Hazard]:
@@ -119,7 +126,7 @@ def _made(thread: threading.Thread, frame: types.FrameType | None,
     code = _code(frame) + _target_code(thread)
     return _build(who, frame, started, unknown=MAIN_THREAD if main else ORIGIN_UNKNOWN,
                   evidence=evidence, snapshot=snapshot, handlers=handlers,
-                  known=_catalog.known_thread(code))
+                  known=_catalog.known_thread(code), during=_ledger.thread_during(thread))
 
 
 def _raw_hazard(ident: int, tid: int | None, snapshot: Snapshot) -> Hazard:
@@ -136,12 +143,14 @@ def _raw_hazard(ident: int, tid: int | None, snapshot: Snapshot) -> Hazard:
     }
     who = "a Python thread started with _thread.start_new_thread"
     return _build(who, frame, started, unknown=ORIGIN_UNKNOWN, evidence=evidence,
-                  snapshot=snapshot, handlers=[], known=_catalog.known_thread(_code(frame)))
+                  snapshot=snapshot, handlers=[], known=_catalog.known_thread(_code(frame)),
+                  during=origin[2] if origin else None)
 
 
 def _build(who: str, frame: types.FrameType | None, started: list[Site], *, unknown: str,
            evidence: dict[str, Any], snapshot: Snapshot,
-           handlers: list[_forkaware.Handler], known: _catalog.KnownThread | None) -> Hazard:
+           handlers: list[_forkaware.Handler], known: _catalog.KnownThread | None,
+           during: str | None = None) -> Hazard:
     whole = _frames.stack(frame)
     wait = _frames.waiting(frame) if frame is not None else None
     locks = _frames.held_locks(frame)
@@ -151,7 +160,9 @@ def _build(who: str, frame: types.FrameType | None, started: list[Site], *, unkn
     origin = _frames.user_site(started)
     parts = [who]
     if origin is not None:
-        parts.append(f"(started at {where(origin)})")
+        parts.append(f"(started at {where(origin)}{DURING.format(during) if during else ''})")
+    elif during is not None:
+        parts.append(f"(started{DURING.format(during)})")
     if held:
         parts.append(f"holds `{held[0].expression}` (taken at {where(held[0].site)})")
     elif wait:
@@ -168,6 +179,8 @@ def _build(who: str, frame: types.FrameType | None, started: list[Site], *, unkn
         "started_at": [_site(s) for s in started[:5]] if started else unknown,
         "locks": [lock.to_dict() for lock in locks],
     })
+    if during is not None:
+        evidence["during"] = during
     severity = Severity.WARNING
     remedy = REMEDY
     if known is not None:

@@ -2,7 +2,9 @@
 
 A pool of a thousand identical workers must read as one finding with a count,
 not a thousand lines, so hazards that differ only in the thread's name are
-folded together.
+folded together. When the program's driver labelled what it was doing (the
+pytest plugin: "during tests/test_a.py::test_y"), a folded group says every
+label its members carry, in one line: the tests that left the threads behind.
 """
 
 from __future__ import annotations
@@ -15,6 +17,17 @@ from forksafe._render.shapes import HazardLike, ReportLike
 from forksafe._render.sites import evidence_site, path
 
 WIDTH = 100
+
+#: The line that says when (``evidence["during"]``: the label the program's driver set),
+#: by hazard kind.
+DURING = {
+    "thread": "started during",
+    "native-thread": "started during",
+    "sqlite-connection": "opened during",
+    "native-runtime": "became active during",
+}
+#: At most this many labels are listed on that line.
+DURING_SHOWN = 4
 
 
 def render_report(report: ReportLike) -> str:
@@ -55,7 +68,7 @@ def render_hazards(hazards: Sequence[HazardLike], indent: str = "") -> list[str]
             others = ", ".join(repr(h.evidence.get("name", "?")) for h in group[1:6])
             more = ", ..." if len(group) > 6 else ""
             lines.append(f"{sub}and {len(group) - 1} more like it: {others}{more}")
-        lines.extend(_details(first, sub))
+        lines.extend(_details(first, sub, group))
         lines.append("")
     return lines
 
@@ -91,7 +104,8 @@ def library_name(library: str) -> str:
     return os.path.basename(library.rstrip("/")) or library
 
 
-def _details(hazard: HazardLike, indent: str) -> list[str]:
+def _details(hazard: HazardLike, indent: str,
+             group: Sequence[HazardLike] = ()) -> list[str]:
     ev = hazard.evidence
     out: list[str] = []
     why = ev.get("why")
@@ -103,6 +117,9 @@ def _details(hazard: HazardLike, indent: str) -> list[str]:
             out.append(f"{indent}{label}: {evidence_site(value[0])}")
         elif isinstance(value, str):
             out.append(f"{indent}{label}: {value}")
+    labels = during_labels(group or (hazard,))
+    if labels:
+        out.extend(wrap(f"{DURING.get(hazard.kind, 'during')}: {labels}", indent))
     current = ev.get("current")
     if isinstance(current, list) and current:
         out.append(f"{indent}now at: {evidence_site(current[0])}")
@@ -111,6 +128,20 @@ def _details(hazard: HazardLike, indent: str) -> list[str]:
         out.append(f"{indent}library: {libraries[0]}")
     out.extend(wrap("fix: " + hazard.remedy, indent))
     return out
+
+
+def during_labels(hazards: Sequence[HazardLike]) -> str:
+    """The distinct labels (``evidence["during"]``) of ``hazards``, in order, as one
+    phrase: ``"tests/a.py::t1, tests/a.py::t2 and 3 more"``; "" when none has one."""
+    seen: dict[str, None] = {}
+    for hazard in hazards:
+        label = hazard.evidence.get("during")
+        if isinstance(label, str) and label:
+            seen.setdefault(label, None)
+    labels = list(seen)
+    if len(labels) <= DURING_SHOWN:
+        return ", ".join(labels)
+    return f"{', '.join(labels[:DURING_SHOWN - 1])} and {len(labels) - DURING_SHOWN + 1} more"
 
 
 def wrap(text: str, indent: str) -> list[str]:
