@@ -53,10 +53,13 @@ for _ in range(2):
     pid = os.fork()
     if pid == 0:
         listen("child")
+        open(f"ready-{{os.getpid()}}", "w").close()
         while True:
             time.sleep(0.2)
     kids.append(pid)
 listen("main")
+while not all(os.path.exists(f"ready-{{kid}}") for kid in kids):
+    time.sleep(0.01)  # signals may come once pids.json is there: the children listen
 with open("pids.tmp", "w") as f:
     json.dump([os.getpid(), *kids], f)
 os.rename("pids.tmp", "pids.json")

@@ -31,6 +31,7 @@ from _weakref import ref
 from typing import Any, Callable, Sequence, Tuple
 
 from forksafe._errors import ForkSafetyWarning
+from forksafe._frames import outside_forksafe
 from forksafe._platform import Platform, current
 from forksafe._probes import Probe, probes
 from forksafe._render.sites import one_working_directory
@@ -117,19 +118,36 @@ def fork_check(
     spares most forks a ctypes call (``_fingerprint``); the guard does, until
     ``uninstall()`` closes it (``close_files``).
     """
+    global _misses
     platform = _current or current()
     seen: list[dict[int, types.FrameType]] = []
+    # Threads forking at once find each other elsewhere at every fork: then no report
+    # is ever reused, and reading every stack for a key is work for nothing. After
+    # MISSES misses in a row only one check in RETRY reads the stacks; the others
+    # take the facts the fingerprint has without them (see ``_run_probes``).
+    stacks = _misses < MISSES or _misses % RETRY == 0
     try:
-        key = _fingerprint(platform, current_frames, watch, seen)
+        key = _fingerprint(platform, current_frames, watch, seen, stacks=stacks)
     except Exception:  # an odd thread object, say: then simply no reuse
         key = None
+    if not stacks:
+        _misses += 1
+        return _run_probes(platform, current_frames, None, None, _stacklevel + 1, facts=key)
     last = _last
     if key is not None and last is not None and last[0] == key:
+        _misses = 0
         return last[1]
+    _misses += 1
     if seen:  # the probes look at the very stacks the fingerprint saw
         frames = seen[0]
         return _run_probes(platform, lambda: dict(frames), None, key, _stacklevel + 1)
     return _run_probes(platform, current_frames, None, key, _stacklevel + 1)
+
+
+#: Misses in a row after which the stacks are read only at every RETRY-th check.
+MISSES = 8
+RETRY = 16
+_misses = 0
 
 
 def _last_report() -> Report | None:
@@ -143,8 +161,11 @@ def _run_probes(
     _probes: Sequence[tuple[str, Probe]] | None,
     key: Fingerprint | None,
     stacklevel: int,
+    *,
+    facts: Fingerprint | None = None,
 ) -> Report:
-    """Run the probes; keep the report for reuse when ``key`` allows it.
+    """Run the probes; keep the report for reuse when ``key`` allows it (``facts``: a
+    key made without the stacks, not for reuse, whose facts the probes can use).
 
     ``key`` was computed once, from the stacks ``_current_frames`` gives (the guard
     passes the very table the fingerprint read). The report is kept only if nothing
@@ -155,11 +176,16 @@ def _run_probes(
     if key is not None:
         _current = platform
     snapshot = Snapshot(platform, _current_frames)
+    known = key if key is not None else facts
+    if known is not None:
+        # The fingerprint found as many OS threads as Python threads, and read the
+        # images version: facts the probes need not look up again.
+        snapshot.images, snapshot.python_only = known[3], True  # type: ignore[assignment]
     tops = _tops(snapshot.frames) if key is not None else ()
     hazards: list[Hazard] = []
     failed = False
     # The fingerprint read the working directory: every site's text is made against it.
-    with one_working_directory(key[4] if key is not None else None):
+    with one_working_directory(known[4] if known is not None else None):
         for name, probe in _all_probes() if _probes is None else _probes:
             failed |= _run_probe(name, probe, snapshot, hazards, stacklevel)
     report = Report(hazards=tuple(hazards), thread=snapshot.caller.name)
@@ -178,8 +204,14 @@ _ALONE = 5
 
 
 def _tops(frames: dict[int, types.FrameType]) -> Tops:
-    """Each thread's innermost frame and its line, as the probes are about to see them."""
-    return tuple((ident, frame, frame.f_lineno) for ident, frame in frames.items())
+    """Each thread's innermost frame outside forksafe and its line, as the probes are
+    about to see them."""
+    tops = []
+    for ident, frame in frames.items():
+        outside = outside_forksafe(frame)
+        if outside is not None:
+            tops.append((ident, outside, outside.f_lineno))
+    return tuple(tops)
 
 
 def _unmoved(key: Fingerprint, tops: Tops) -> bool:
@@ -198,7 +230,7 @@ def _unmoved(key: Fingerprint, tops: Tops) -> bool:
     except OSError:
         return False
     now = sys._current_frames()
-    return all(now.get(ident) is frame and frame.f_lineno == line
+    return all(outside_forksafe(now.get(ident)) is frame and frame.f_lineno == line
                for ident, frame, line in tops)
 
 
@@ -303,13 +335,17 @@ def _fingerprint(
     current_frames: Callable[[], dict[int, types.FrameType]],
     watch: bool = False,
     seen: list[dict[int, types.FrameType]] | None = None,
+    *,
+    stacks: bool = True,
 ) -> Fingerprint | None:
     """What a reusable report depends on, or None when it cannot be told cheaply.
 
     A thread is recognised by a weak
     reference (equal while the same object lives; no thread is kept alive),
-    and its stack by the code object and line of every frame. ``seen`` gets the
-    table of stacks it read (none for a process with one thread).
+    and its stack by the code object and line of every frame (from the first frame
+    outside forksafe's own code). ``seen`` gets the table of stacks it read (none for
+    a process with one thread); ``stacks=False``: the key without the stacks, only
+    for the facts in it (``fork_check``).
     """
     global _reader
     reader = _reader
@@ -360,7 +396,7 @@ def _fingerprint(
         return None
     # _name, not the name property: a Python call less on every fork (forksafe._guard)
     name = caller._name  # type: ignore[attr-defined]
-    if len(active) == 1:  # the caller alone: no stacks to look at
+    if len(active) == 1 or not stacks:  # the caller alone: no stacks to look at
         return (pid, me, name, images, cwd)
     frames = current_frames()
     frames.pop(me, None)  # our own frame would refer back to this table
@@ -377,7 +413,9 @@ def _fingerprint(
         # before it can stop (the main thread stops in place only at shutdown, which
         # changes its stack), so in _active means alive, as the probes see it.
         parts += (ref(thread), thread.name, thread.daemon)
-        frame = frames.get(ident)
+        # From its caller on, for a thread inside forksafe's own code (its own guarded
+        # fork or wait): where the program put it, as the probes describe it.
+        frame = outside_forksafe(frames.get(ident))
         depth = 0
         while frame is not None:
             depth += 1

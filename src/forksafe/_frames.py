@@ -72,8 +72,10 @@ def is_library_file(filename: str) -> bool:
     return answer
 
 
-#: Whether a code object is forksafe's own, by code: bounded, cleared when full.
-OWN_CODE: dict[types.CodeType, bool] = {}
+#: Whether a code object is forksafe's own, by its id (hashing a code object hashes
+#: its contents); the code is kept with the answer, so that its id is not reused.
+#: Bounded: cleared when full.
+OWN_CODE: dict[int, tuple[types.CodeType, bool]] = {}
 
 
 def outside_forksafe(frame: types.FrameType | None) -> types.FrameType | None:
@@ -87,14 +89,14 @@ def outside_forksafe(frame: types.FrameType | None) -> types.FrameType | None:
     top = frame
     while frame is not None:
         code = frame.f_code
-        own = OWN_CODE.get(code)
-        if own is None:
+        known = OWN_CODE.get(id(code))
+        if known is None:
             if len(OWN_CODE) >= LIBRARY_FILES_SIZE:
                 OWN_CODE.clear()
             filename = code.co_filename
             path = os.path.normcase(os.path.realpath(filename)) if os.sep in filename else ""
-            own = OWN_CODE[code] = path.startswith(_OWN_DIR)
-        if not own:
+            known = OWN_CODE[id(code)] = (code, path.startswith(_OWN_DIR))
+        if not known[1]:
             return frame
         frame = frame.f_back
     return top

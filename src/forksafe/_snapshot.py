@@ -19,6 +19,10 @@ from forksafe import _forkaware
 from forksafe._forkaware import Handler
 from forksafe._platform import LoadedLibrary, OSThread, Platform
 
+#: The libraries of the last check that knew its images version: (version, platform,
+#: libraries). A fork storm's checks read the same list again and again.
+_last_libraries: tuple[int, Platform, list[LoadedLibrary]] | None = None
+
 
 class Snapshot:
     """One check's view of the process, from the calling thread's point of view."""
@@ -38,6 +42,12 @@ class Snapshot:
         self._handlers: list[Handler] | None = None
         self._handlers_version = 0
         self.claimed: set[int] = set()  # OS thread ids a runtime has accounted for
+        # Told by the check when its fingerprint read them (``forksafe._check``): the
+        # images version (glibc's load and unload counters; the libraries are those of
+        # the last check with the same), and that every OS thread is a Python thread
+        # (no native thread to list, no /proc/self/task to read).
+        self.images: int | None = None
+        self.python_only = False
         # Set by a probe whose answer can change while the process looks the
         # same to ``forksafe._check``'s fingerprint (a lock taken or released, a
         # runtime's own flag, a connection opened): such a report is never reused.
@@ -81,7 +91,16 @@ class Snapshot:
     @property
     def libraries(self) -> list[LoadedLibrary]:
         if self._libraries is None:
-            self._libraries = self.platform.loaded_libraries()
+            global _last_libraries
+            images = self.images
+            last = _last_libraries
+            if images is not None and last is not None and last[0] == images and \
+                    last[1] is self.platform:
+                self._libraries = last[2]  # nothing loaded or unloaded since
+            else:
+                self._libraries = self.platform.loaded_libraries()
+                if images is not None:
+                    _last_libraries = (images, self.platform, self._libraries)
         return self._libraries
 
     @property
@@ -91,6 +110,8 @@ class Snapshot:
         Threads that merely run Python callbacks for native code (threading's
         dummy threads) are kept: their owner is a native runtime.
         """
+        if self._os_threads is None and self.python_only:
+            self._os_threads = []
         if self._os_threads is None:
             skip = {threading.get_native_id()}
             for t in threading.enumerate():

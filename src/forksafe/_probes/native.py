@@ -35,10 +35,7 @@ def probe(snapshot: Snapshot, runtimes: tuple[Runtime, ...] = _catalog.RUNTIMES)
     libraries = snapshot.libraries
     threads = snapshot.os_threads
     claimed: set[int] = set()
-    by_runtime: dict[str, list[str]] = {}
-    for lib in libraries:
-        for key in _runtimes_of(lib.path, runtimes):
-            by_runtime.setdefault(key, []).append(lib.path)
+    by_runtime = _by_runtime(libraries, runtimes)
     for runtime in runtimes:
         paths = by_runtime.get(runtime.key)
         if not paths:
@@ -109,6 +106,25 @@ def _is_interpreter(path: str) -> bool:
 
 
 _interpreter_paths: dict[str, bool] = {}
+
+
+#: The last answer of ``_by_runtime``: (libraries, catalog, answer), by identity: the
+#: check hands the same list of libraries while nothing was loaded (``forksafe._snapshot``).
+_last_by_runtime: tuple[list[Any], tuple[Runtime, ...], dict[str, list[str]]] | None = None
+
+
+def _by_runtime(libraries: list[Any], runtimes: tuple[Runtime, ...]) -> dict[str, list[str]]:
+    """Runtime key -> the paths of its loaded libraries."""
+    global _last_by_runtime
+    last = _last_by_runtime
+    if last is not None and last[0] is libraries and last[1] is runtimes:
+        return last[2]
+    found: dict[str, list[str]] = {}
+    for lib in libraries:
+        for key in _runtimes_of(lib.path, runtimes):
+            found.setdefault(key, []).append(lib.path)
+    _last_by_runtime = (libraries, runtimes, found)
+    return found
 
 
 #: Catalog (by identity) -> library path -> matching runtime keys.
