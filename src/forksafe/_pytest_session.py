@@ -153,6 +153,8 @@ class Session:
         self._marked: Config | None = None
         self._label: str | None = None
         self._recording = False
+        #: Whether the ``forksafe`` logger was disabled before the session (``start``).
+        self._disabled: bool | None = None
 
     def start(self) -> None:
         """Observe, label, and (with a policy) install the guard for the session."""
@@ -176,6 +178,14 @@ class Session:
         watch = RuntimeWatch()
         self.log = ForkLog(watch)
         self.guarded("noting active runtimes", watch.note, START_UP)
+        # The session tells each fork and outcome itself, at the test they belong to;
+        # the same records through pytest's log capture (which also hooks loggers that
+        # do not propagate) would tell it all twice more: none is made meanwhile.
+        import logging
+
+        quiet = logging.getLogger("forksafe")
+        self._disabled = quiet.disabled
+        quiet.disabled = True
 
     def session_config(self) -> Config:
         from forksafe._config import Config
@@ -190,6 +200,11 @@ class Session:
     def stop(self) -> None:
         from forksafe import _accept, _guard, _labels, _ledger
 
+        if self._disabled is not None:
+            import logging
+
+            logging.getLogger("forksafe").disabled = self._disabled
+            self._disabled = None
         self.restore_marked()
         if self.installed:
             if self.previous is None:
