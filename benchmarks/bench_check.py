@@ -56,7 +56,7 @@ def main() -> None:
         forksafe.check()  # warm caches as a long-running process would have them
         fork = median_time(bare_fork, 200)
         # The full check: every probe runs (what a changed process costs).
-        check = median_time(lambda: _check.check(_reuse=False), 200)
+        check = median_time(lambda: _check.check_with(reuse=False), 200)
         print(f"check() with 100 threads: median {check * 1e3:.3f} ms (target <= 2 ms: "
               f"{'ok' if check <= 0.002 else 'MISSED'}); "
               f"{check / fork:.2f}x a bare fork+exit+wait ({fork * 1e3:.3f} ms)")
@@ -68,7 +68,7 @@ def main() -> None:
         first = None
         for n in (1, 10, 100, 1000):
             idle.grow_to(n)
-            cost = median_time(lambda: _check.check(_reuse=False), 50 if n < 1000 else 15)
+            cost = median_time(lambda: _check.check_with(reuse=False), 50 if n < 1000 else 15)
             first = first or cost
             print(f"  {n:5} threads: {cost * 1e3:8.3f} ms  {cost / first:7.1f}x"
                   f"  ({cost / n * 1e6:.1f} us per thread)")

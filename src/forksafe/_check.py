@@ -135,7 +135,8 @@ def fork_check(
         return _run_probes(platform, current_frames, None, None, _stacklevel + 1, facts=key)
     last = _last
     if key is not None and last is not None and last[0] == key:
-        _misses = 0
+        if _misses:  # only then: a store per fork is a page written per fork
+            _misses = 0
         return last[1]
     _misses += 1
     if seen:  # the probes look at the very stacks the fingerprint saw
