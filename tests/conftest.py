@@ -19,6 +19,12 @@ from typing import Any
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# A suite started in the background by a shell without job control (`cmd &` in a
+# script) inherits SIGINT ignored, and so does every `forksafe run` it starts, which
+# rightly keeps it ignored (as under nohup): the tests of Ctrl-C need it delivered.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 MARK = "FORKSAFE-RESULT:"
 
 # Importing this in a scenario prints the check's JSON on its last line.
