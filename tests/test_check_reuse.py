@@ -6,19 +6,32 @@ fork). Each scenario below changes one thing a report depends on and asserts
 that the reused answer equals a fresh check's, hazard for hazard — and, in the
 unchanged states, that reuse really happened, so that the test can fail.
 Every scenario runs in its own interpreter with real threads, real locks, real
-native libraries and real SQLite connections.
+native libraries and real SQLite connections, once with the threads and stacks read
+in C (``forksafe._speedups.stacks``, as the guard does) and once in Python (the way
+without the extension).
 """
 
 from __future__ import annotations
 
 import pathlib
 
+import pytest
+
 from conftest import run_scenario
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def stacks_read_in(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which reader the scenario's check uses (LOOK reads this variable)."""
+    monkeypatch.setenv("FORKSAFE_TEST_STACKS", request.param)
+    return str(request.param)
 
 #: Defines ``look(label)``: a fresh check against the reusing ones, recorded.
 LOOK = """
 import os, sys, threading, time
 from forksafe import _check
+_check.C_STACKS = os.environ["FORKSAFE_TEST_STACKS"] == "c"
+assert _check.C_STACKS is (_check._stacks_reader() is not None), "the C reader is built"
 looks = {}
 def look(label):
     fresh = _check.check_with(reuse=False)
@@ -282,7 +295,10 @@ from forksafe._platform import current
 def key_now():
     seen = []
     key = _check._fingerprint(current(), sys._current_frames, True, seen)
-    return key, _check._tops(seen[0] if seen else {})
+    if not seen:  # read in C: the probes take their own table, as fork_check's do
+        seen.append(sys._current_frames())
+        seen[0].pop(threading.get_ident())
+    return key, _check._tops(seen[0])
 go, reached, done = threading.Event(), threading.Event(), threading.Event()
 def worker():
     park_at(go, reached)

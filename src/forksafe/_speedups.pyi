@@ -14,3 +14,12 @@ class Recorder:
         limit: int,
     ) -> None: ...
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+def stacks(
+    active: dict[int, Any],
+    me: int,
+    dummy: type,
+    name_key: str,
+    daemon_key: str,
+    limit: int,
+) -> int | None: ...

@@ -20,8 +20,7 @@ import ctypes
 import os
 import sys
 import threading
-from functools import partial
-from typing import Callable
+from typing import Any, Callable
 
 from forksafe._platform._types import LoadedLibrary, OSThread
 
@@ -37,43 +36,29 @@ STACK_SCAN_BYTES = 48 * 1024
 TRANSPARENT = ("libc.so", "libc-", "libpthread", "ld-linux", "libstdc++", "libgcc_s", "[vdso]")
 
 
-class _Phdr(ctypes.Structure):
-    _fields_ = [
-        ("p_type", ctypes.c_uint32),
-        ("p_flags", ctypes.c_uint32),
-        ("p_offset", ctypes.c_uint64),
-        ("p_vaddr", ctypes.c_uint64),
-        ("p_paddr", ctypes.c_uint64),
-        ("p_filesz", ctypes.c_uint64),
-        ("p_memsz", ctypes.c_uint64),
-        ("p_align", ctypes.c_uint64),
-    ]
-
-
-class _PhdrInfo(ctypes.Structure):
-    _fields_ = [
-        ("dlpi_addr", ctypes.c_uint64),
-        ("dlpi_name", ctypes.c_char_p),
-        ("dlpi_phdr", ctypes.POINTER(_Phdr)),
-        ("dlpi_phnum", ctypes.c_uint16),
-        # glibc >= 2.4: load and unload counters, which let an unchanged set of
-        # images be recognised from the first callback alone.
-        ("dlpi_adds", ctypes.c_ulonglong),
-        ("dlpi_subs", ctypes.c_ulonglong),
-    ]
-
-
-#: The callback of ``images_version_reader``, given the info structure's address.
-_ADDRESS_CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p
-)
-
 #: A mapping from /proc/self/maps: start, end, permissions, path ("" if anonymous).
 _Span = tuple[int, int, str, str]
 
-_CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(_PhdrInfo), ctypes.c_size_t, ctypes.c_void_p
-)
+#: Whether glibc's image list may be read through ``forksafe._speedups`` (off: from
+#: /proc/self/maps, the way without the extension; tests of both).
+C_IMAGES = True
+
+
+def _reader() -> Any:
+    """``forksafe._speedups`` when it was built with the image reader, else None.
+
+    Never a ctypes callback to ``dl_iterate_phdr``: glibc holds its loader lock
+    while it calls the callback, which would need the GIL, while a thread that
+    imports an extension module holds the GIL and waits in ``dlopen`` for that
+    lock — a deadlock of the host program, seen in a fork storm.
+    """
+    if not C_IMAGES:
+        return None
+    try:
+        from forksafe import _speedups
+    except ImportError:  # not built: no compiler where forksafe was installed
+        return None
+    return _speedups if hasattr(_speedups, "images") else None
 
 
 class LinuxPlatform:
@@ -83,26 +68,16 @@ class LinuxPlatform:
 
     def __init__(self, proc: str = "/proc/self") -> None:
         self._proc = proc
-        self._iterate: Callable[..., int] | None = None
         self._exe: str | None = None
         self._tid_off: int | None = None
-        self._images: tuple[int, int, list[LoadedLibrary]] | None = None
+        #: (images version, the libraries then): reused while nothing is (un)loaded.
+        self._images: tuple[int, list[LoadedLibrary]] | None = None
         # A thread's start routine never changes: (tid, start time) -> stack libraries.
         self._owners: dict[tuple[int, str], tuple[str, ...]] = {}
         self._maps: tuple[str, list[_Span]] = ("", [])
         self._version: Callable[[], int] | None = None
 
     # -- images ---------------------------------------------------------------
-
-    def _iterator(self) -> Callable[..., int]:
-        if self._iterate is None:
-            libc = ctypes.CDLL(None)
-            iterate = libc.dl_iterate_phdr
-            iterate.argtypes = [_CALLBACK, ctypes.c_void_p]
-            iterate.restype = ctypes.c_int
-            self._iterate = iterate
-            self._exe = os.path.realpath(sys.executable)
-        return self._iterate
 
     def images_version(self) -> int | None:
         """glibc's counts of images loaded and unloaded so far, as one number; None if unknown.
@@ -114,72 +89,52 @@ class LinuxPlatform:
         return packed if packed > 0 else None
 
     def images_version_reader(self) -> Callable[[], int]:
-        """``images_version`` as a call without arguments (made once), <= 0 when unknown.
+        """``images_version`` as a call without arguments (looked up once), <= 0 when unknown.
 
-        It runs on every guarded fork, where each object made or touched is a
-        page written (copy-on-write), so: a ``partial`` (C, no Python frame)
-        of ``dl_iterate_phdr`` with a callback made once, which stops at the
-        first image and returns the two counters packed into the ``int`` that
-        ``dl_iterate_phdr`` passes back. The callback gets the info structure's
-        address as an ``int`` and reads the counters through a pointer object
-        made once that overlays a ``c_void_p`` (set to that address): no
-        ctypes object per call. One thread at a time runs it: glibc holds its
-        loader lock around the callbacks.
+        It runs whenever the guard sees the address space change size, so it is
+        a C function (``_speedups.images_version``: no Python frame, nothing
+        written but the answer). Without the extension: a digest of the
+        executable file mappings in /proc/self/maps, which change exactly when an
+        image is loaded or unloaded.
         """
         if self._version is None:
-            libc = ctypes.CDLL(None)
-            iterate = libc.dl_iterate_phdr
-            iterate.argtypes = [_ADDRESS_CALLBACK, ctypes.c_void_p]
-            iterate.restype = ctypes.c_int
-            counted = ctypes.sizeof(_PhdrInfo)
-            adds = _PhdrInfo.dlpi_adds.offset // ctypes.sizeof(ctypes.c_ulonglong)
-            address = ctypes.c_void_p()
-            words = ctypes.POINTER(ctypes.c_ulonglong).from_buffer(address)
-
-            def first(info: int, size: int, data: object) -> int:
-                if size < counted:
-                    return -1
-                address.value = info
-                added: int = words[adds]
-                removed: int = words[adds + 1]
-                if added >= 1 << 15 or removed >= 1 << 15:
-                    return -1  # does not fit: unknown, so no report is reused
-                return (added << 16 | removed) + 1  # the first image is enough
-
-            self._version = partial(iterate, _ADDRESS_CALLBACK(first), None)
+            native = _reader()
+            self._version = native.images_version if native is not None else \
+                self._maps_version
         return self._version
 
+    def _maps_version(self) -> int:
+        spans = self._mappings()
+        return hash(tuple((lo, path) for lo, _, perms, path in spans
+                          if "x" in perms and path)) & ((1 << 62) - 1) | 1
+
     def loaded_libraries(self) -> list[LoadedLibrary]:
-        self._iterator()
-        found: list[LoadedLibrary] = []
-        counters: list[int] = []
-        counted = ctypes.sizeof(_PhdrInfo)
-
-        def visit(info_p: ctypes._Pointer[_PhdrInfo], size: int, data: object) -> int:
-            info = info_p.contents
-            if not counters and size >= counted:
-                counters[:] = [info.dlpi_adds, info.dlpi_subs]
-                cached = self._images
-                if cached is not None and (cached[0], cached[1]) == (counters[0], counters[1]):
-                    return 1  # nothing loaded or unloaded since last time: stop here
-            raw = info.dlpi_name
+        if self._exe is None:
+            self._exe = os.path.realpath(sys.executable)
+        native = _reader()
+        if native is None:
+            return self._maps_libraries()
+        version = native.images_version()
+        cached = self._images
+        if cached is not None and version > 0 and cached[0] == version:
+            return list(cached[1])  # nothing loaded or unloaded since last time
+        counters, images = native.images()
+        found = []
+        for raw, text in images:
             # The main program reports an empty name; the vDSO reports its soname.
-            path = raw.decode(errors="replace") if raw else (self._exe or "")
-            ranges = []
-            for i in range(info.dlpi_phnum):
-                ph = info.dlpi_phdr[i]
-                if ph.p_type == PT_LOAD and ph.p_flags & PF_X:
-                    start = info.dlpi_addr + ph.p_vaddr
-                    ranges.append((start, start + ph.p_memsz))
-            found.append(LoadedLibrary(path, tuple(ranges)))
-            return 0
-
-        self._iterator()(_CALLBACK(visit), None)
-        if self._images is not None and counters == list(self._images[:2]):
-            return list(self._images[2])
-        if counters:
-            self._images = (counters[0], counters[1], found)
+            path = raw.decode(errors="replace") if raw else self._exe
+            found.append(LoadedLibrary(path, text))
+        if counters is not None and counters[0] < 1 << 31 and counters[1] < 1 << 31:
+            self._images = ((counters[0] << 32 | counters[1]) + 1, found)
         return list(found)
+
+    def _maps_libraries(self) -> list[LoadedLibrary]:
+        """Every executable file mapping, one library per path, in address order."""
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        for lo, hi, perms, path in self._mappings():
+            if ("x" in perms and path and not path.startswith("[")) or path == "[vdso]":
+                ranges.setdefault(path, []).append((lo, hi))
+        return [LoadedLibrary(path, tuple(text)) for path, text in ranges.items()]
 
     # -- threads --------------------------------------------------------------
 
