@@ -137,14 +137,37 @@ def grade(report: Report, fork: ForkContext) -> tuple[Report, tuple[Any, ...]]:
     if cached is not None and cached[0] is report:
         return cached[1], cached[2]
     rules = _accept.rules()
-    hazards = tuple(_grade_one(h, fork, rules) for h in report.hazards)
+    graded_ones = [_graded_one(h, fork, rules) for h in report.hazards]
+    hazards = tuple(one[0] for one in graded_ones)
     graded = report if all(a is b for a, b in zip(hazards, report.hazards)) else \
         dataclasses.replace(report, hazards=hazards)
-    confirm = tuple(_confirmation(h) for h in graded.hazards if _confirmation(h) is not None)
+    confirm = tuple(one[1] for one in graded_ones if one[1] is not None)
     if len(_graded) >= 16:
         _graded.clear()
     _graded[key] = (report, graded, confirm)
     return graded, confirm
+
+
+#: (id(hazard), context, rules version) -> (hazard, graded, its confirmation): a fork
+#: storm's checks make a new report per fork from the same few hazards (see
+#: forksafe._probes.threads.MEMO); each is graded once. Bounded: cleared when full.
+_graded_ones: dict[tuple[int, ForkContext, int],
+                   tuple[Hazard, Hazard, tuple[Any, ...] | None]] = {}
+_GRADED_ONES_SIZE = 1024
+
+
+def _graded_one(hazard: Hazard, fork: ForkContext,
+                rules: list[_accept.Rule]) -> tuple[Hazard, tuple[Any, ...] | None]:
+    key = (id(hazard), fork, _accept.version)
+    known = _graded_ones.get(key)
+    if known is not None and known[0] is hazard:
+        return known[1], known[2]
+    graded = _grade_one(hazard, fork, rules)
+    confirmation = _confirmation(graded)
+    if len(_graded_ones) >= _GRADED_ONES_SIZE:
+        _graded_ones.clear()
+    _graded_ones[key] = (hazard, graded, confirmation)
+    return graded, confirmation
 
 
 def _confirmation(hazard: Hazard) -> tuple[Any, ...] | None:

@@ -19,6 +19,9 @@ from forksafe import _forkaware
 from forksafe._forkaware import Handler
 from forksafe._platform import LoadedLibrary, OSThread, Platform
 
+_ACTIVE: dict[int, threading.Thread] = threading._active  # type: ignore[attr-defined]
+_LIMBO: dict[object, threading.Thread] = threading._limbo  # type: ignore[attr-defined]
+
 #: The libraries of the last check that knew its images version: (version, platform,
 #: libraries). A fork storm's checks read the same list again and again.
 _last_libraries: tuple[int, Platform, list[LoadedLibrary]] | None = None
@@ -36,6 +39,7 @@ class Snapshot:
         self.caller = threading.current_thread()
         self._current_frames = current_frames
         self._frames: dict[int, types.FrameType] | None = None
+        self._threads: list[threading.Thread] | None = None
         self._libraries: list[LoadedLibrary] | None = None
         self._os_threads: list[OSThread] | None = None
         self._raw: list[tuple[int, int | None]] | None = None
@@ -70,9 +74,24 @@ class Snapshot:
         return self._frames
 
     def python_threads(self) -> list[threading.Thread]:
-        """Live Python threads other than the caller."""
-        me = self.caller.ident
-        return [t for t in threading.enumerate() if t.ident != me and t.is_alive()]
+        """Live Python threads other than the caller (computed once per check).
+
+        From ``threading``'s table of running threads, not ``enumerate()`` and
+        ``is_alive()``: a thread is put there once it runs and taken out before it
+        stops, so in it means alive (a thread still starting is not running yet, as
+        ``is_alive()`` says). Every call and lock a fork storm's checks make per
+        thread is pages written (forksafe._check). A dummy thread (a native thread
+        that ran Python code) stays in the table after its thread ended: it alone
+        is asked.
+        """
+        found = self._threads
+        if found is None:
+            me = self.caller.ident
+            dummy = threading._DummyThread
+            found = self._threads = [
+                t for ident, t in list(_ACTIVE.items())
+                if ident != me and (not isinstance(t, dummy) or t.is_alive())]
+        return found
 
     def raw_threads(self) -> list[tuple[int, int | None]]:
         """Python threads without a ``threading.Thread``: (ident, OS thread id or None).
@@ -82,8 +101,8 @@ class Snapshot:
         hears of. It is a Python thread like any other, not an unknown native one.
         """
         if self._raw is None:
-            known = set(threading._active)  # type: ignore[attr-defined]
-            known.update(t.ident for t in threading.enumerate() if t.ident is not None)
+            known = set(_ACTIVE)
+            known.update(t.ident for t in list(_LIMBO.values()) if t.ident is not None)
             self._raw = [(ident, self.platform.native_id(ident))
                          for ident in sorted(self.frames) if ident not in known]
         return self._raw
@@ -138,8 +157,9 @@ class Snapshot:
         return self._handlers
 
     def dummy_native_ids(self) -> set[int]:
+        dummy = threading._DummyThread
         return {
             t.native_id
-            for t in threading.enumerate()
-            if isinstance(t, threading._DummyThread) and t.native_id is not None
+            for t in list(_ACTIVE.values())
+            if isinstance(t, dummy) and t.native_id is not None
         }

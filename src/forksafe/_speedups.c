@@ -1,15 +1,20 @@
 /*
- * forksafe._speedups: the observation layer's sqlite3.connect wrapper, in C.
+ * forksafe._speedups: three things forksafe does in C, each because Python could not
+ * do it safely or cheaply enough; forksafe works without them (see each part):
+ *   - Recorder: the observation layer's sqlite3.connect wrapper (below);
+ *   - stacks(): the threads-and-stacks part of the guard's fingerprint;
+ *   - images_version() and images(): glibc's image list without a Python callback
+ *     under the loader lock.
  *
- * Why C: the wrapper runs on every connect of a program that connects per
+ * The sqlite3.connect wrapper. Why C: the wrapper runs on every connect of a program that connects per
  * request, and issue 2 allows the observation layer 2% there. A Python
  * function that only passes the call on already costs ~1% of an in-memory
  * connect (~10 us); one that also records the caller's line costs ~3%. This
  * one records the same thing as forksafe._ledger's Python wrapper, for ~0.5%.
  *
  * It is optional: forksafe works the same without it (the Python wrapper is
- * used), and it is only loaded when observation starts, never by
- * `import forksafe`. It takes no lock and keeps no state of its own: every
+ * used), and the module is only loaded when observation starts or at the first
+ * guarded fork, never by `import forksafe`. The Recorder takes no lock and keeps no state of its own: every
  * decision beyond the common case is left to Python (`slow`, `prune`).
  *
  * Recorder(original, origins, known, slow, prune, limit) is called like

@@ -56,7 +56,14 @@ def probe(snapshot: Snapshot) -> list[Hazard]:
     raw = snapshot.raw_threads()
     if not threads and not raw:
         return []
-    hazards = [_hazard(t, snapshot) for t in threads]
+    # What every thread's hazard is looked up by, read once per check, not per thread.
+    frames = snapshot.frames
+    handlers = snapshot.fork_handlers_version()
+    try:
+        directory: str | None = working_directory()
+    except OSError:
+        directory = None
+    hazards = [_hazard(t, snapshot, frames, handlers, directory) for t in threads]
     hazards.extend(_raw_hazard(ident, tid, snapshot) for ident, tid in raw)
     return hazards
 
@@ -69,9 +76,11 @@ MEMO: dict[tuple[Any, ...], Hazard] = {}
 MEMO_SIZE = 1024
 
 
-def _hazard(thread: threading.Thread, snapshot: Snapshot) -> Hazard:
-    frame = _frames.outside_forksafe(snapshot.frames.get(thread.ident or -1))
-    key = _memo_key(thread, frame, snapshot.fork_handlers_version())
+def _hazard(thread: threading.Thread, snapshot: Snapshot,
+            frames: dict[int, types.FrameType], handlers: int,
+            directory: str | None) -> Hazard:
+    frame = _frames.outside_forksafe(frames.get(thread._ident or -1))  # type: ignore[attr-defined]
+    key = None if directory is None else _memo_key(thread, frame, handlers, directory)
     if key is not None:
         known = MEMO.get(key)
         if known is not None:
@@ -87,20 +96,17 @@ def _hazard(thread: threading.Thread, snapshot: Snapshot) -> Hazard:
 
 
 def _memo_key(thread: threading.Thread, frame: types.FrameType | None,
-              handlers: int) -> tuple[Any, ...] | None:
+              handlers: int, directory: str) -> tuple[Any, ...] | None:
     """Everything a thread's hazard is made of: the thread (the same object, by weak
     reference; its name and daemon flag), where it stands, the fork handlers there
     are (their version), and the directory its sites are shown against. None: not to
-    be kept."""
+    be kept. (The attributes behind ``name``, ``daemon`` and ``native_id``: a property
+    is a call, and every call in a storm's checks is pages written.)"""
     stack = _frames.stack_key(frame)
     if stack is None:
         return None
-    try:
-        directory = working_directory()
-    except OSError:
-        return None
-    return (weakref.ref(thread), thread.name, thread.daemon, thread.native_id,
-            handlers, directory, stack)
+    return (weakref.ref(thread), thread._name, thread._daemonic,  # type: ignore[attr-defined]
+            thread._native_id, handlers, directory, stack)  # type: ignore[attr-defined]
 
 
 def _made(thread: threading.Thread, frame: types.FrameType | None,
