@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
-from _thread import RLock
+from _thread import RLock, get_ident
 
 from forksafe._errors import failures, report_failure
 
@@ -144,17 +144,25 @@ def flush(st: State, config: Config | None) -> None:
     (docs/guard.md, "Cost").
     """
     queue = st.queue
-    if queue:  # by the batch: whether the records of hazardous forks can wait
-        refresh_log(st)
-    while queue:
-        try:
-            item = queue.popleft()
-        except IndexError:
-            return
-        if len(item) == 3:
-            record_fork(st, config, *item)
-        else:
-            reap(st, *item)
+    if not queue:
+        return
+    refresh_log(st)  # by the batch: whether the records of hazardous forks can wait
+    me = get_ident()
+    lines = _batches[me] = []  # the report file's lines of this batch, in order
+    try:
+        while queue:
+            try:
+                item = queue.popleft()
+            except IndexError:
+                break
+            if len(item) == 3:
+                record_fork(st, config, *item)
+            else:
+                reap(st, *item)
+    finally:
+        _batches.pop(me, None)
+        if lines:
+            emit_all(lines)
 
 
 def record_fork(st: State, config: Config | None, decision: Decision, pid: int | None,
@@ -249,6 +257,21 @@ def attach_outcome(st: State, pid: int, outcome: Outcome) -> None:
 
 def emit(record: dict[str, Any]) -> None:
     """Append ``record`` as one JSON line to the report file, if one is configured."""
+    emit_all([record])
+
+
+#: Thread ident -> the report file lines its ``flush`` is collecting: a batch of forks and
+#: reaps is written in one open and write, not three system calls per fork and per reap.
+_batches: dict[int, list[dict[str, Any]]] = {}
+
+
+def emit_all(records: list[dict[str, Any]]) -> None:
+    """Append each of ``records`` as a JSON line, in one write (or to the batch this
+    thread is flushing, written at its end)."""
+    batch = _batches.get(get_ident()) if _batches else None
+    if batch is not None:
+        batch.extend(records)
+        return
     sink = _sink
-    if sink is not None and not sink.write(record) and "sink" not in failures:
+    if sink is not None and not sink.write_all(records) and "sink" not in failures:
         report_failure("sink", OSError(f"cannot write to {sink.path!r}"))

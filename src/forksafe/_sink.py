@@ -66,9 +66,17 @@ class Sink:
 
     def write(self, record: dict[str, Any]) -> bool:
         """Append ``record`` as one line; False if it could not be written."""
+        return self.write_all([record])
+
+    def write_all(self, records: list[dict[str, Any]]) -> bool:
+        """Append each of ``records`` as a line, in one open and write (the guard's
+        batch of forks: three system calls per batch, not per fork); False if they
+        could not be written."""
         import json  # here: the environment hook must not import it at every start
 
-        data = (json.dumps(record, default=str, separators=(",", ":")) + "\n").encode()
+        dumps = json.dumps
+        data = "".join([dumps(record, default=str, separators=(",", ":")) + "\n"
+                        for record in records]).encode()
         try:
             fd = os.open(self.path, self.FLAGS, 0o600)
         except OSError:
@@ -76,7 +84,7 @@ class Sink:
         try:
             written = os.write(fd, data)
             # A regular file only writes short on a full disk or a signal; the rest
-            # then follows in a second write (the line may be cut, never garbled
+            # then follows in a second write (a line may be cut, never garbled
             # within another process's line, because every write is O_APPEND).
             while 0 < written < len(data):
                 data = data[written:]
