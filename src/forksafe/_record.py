@@ -138,7 +138,7 @@ def report_path() -> str | None:
 def flush(st: State, config: Config | None) -> None:
     """Record the queued forks and reaps of ``st``, oldest first; safe from any thread.
 
-    Queued by the dozen, recorded in one go: the code that records them, and the
+    Queued by the batch, recorded in one go: the code that records them, and the
     objects it touches, are then written to once per flush rather than once per
     fork — pages the parent copies when it writes to them while a child lives
     (docs/guard.md, "Cost").
