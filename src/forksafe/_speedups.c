@@ -280,6 +280,8 @@ typedef struct {
     int same;              /* every value so far equal to last_read's */
     PyObject *anchors;     /* NULL: count them in `count`; else fill it */
     Py_ssize_t count;
+    Py_ssize_t written;    /* second pass: how many values the first one wrote */
+    int moved;             /* second pass: a value differs from the first pass's */
 } Walk;
 
 enum { WALK_OK = 0, WALK_NO_KEY = 1, WALK_ERROR = -1 };
@@ -288,7 +290,13 @@ static int
 emit(Walk *walk, uintptr_t value)
 {
     if (walk->anchors != NULL) {
-        return WALK_OK; /* the second pass only collects anchors */
+        /* The second pass collects the anchors, and checks that it meets the very
+           values the first one wrote: what it anchors is what was compared. */
+        if (walk->pos >= walk->written || last_read.items[walk->pos] != value) {
+            walk->moved = 1;
+        }
+        walk->pos++;
+        return WALK_OK;
     }
     if (walk->same) {
         if (walk->pos < last_read.len && last_read.items[walk->pos] == value) {
@@ -429,7 +437,7 @@ stacks(PyObject *module, PyObject *args)
                           &dummy, &name_key, &daemon_key, &limit)) {
         return NULL;
     }
-    Walk walk = {0, 1, NULL, 0};
+    Walk walk = {0, 1, NULL, 0, 0, 0};
     int done = walk_all(&walk, active, me, dummy, name_key, daemon_key, limit);
     if (done == WALK_OK && walk.same && walk.pos == last_read.len && last_read.token != NULL) {
         Py_INCREF(last_read.token);
@@ -443,8 +451,8 @@ stacks(PyObject *module, PyObject *args)
         Py_RETURN_NONE;
     }
     Py_ssize_t length = walk.pos;
-    /* Allocating may run a collection, and a finalizer may start or end a thread:
-       the second pass then finds other objects, and no key is made. */
+    /* Allocating may run a collection, and a finalizer may start or end a thread or
+       rename one: the second pass then meets other values, and no key is made. */
     PyObject *anchors = PyList_New(walk.count);
     PyObject *token = PyLong_FromUnsignedLongLong(last_read.generation + 1);
     if (anchors == NULL || token == NULL) {
@@ -452,10 +460,10 @@ stacks(PyObject *module, PyObject *args)
         Py_XDECREF(token);
         return NULL;
     }
-    Walk again = {0, 0, anchors, 0};
+    Walk again = {0, 0, anchors, 0, length, 0};
     Py_ssize_t expected = walk.count;
     done = walk_all(&again, active, me, dummy, name_key, daemon_key, limit);
-    if (done != WALK_OK || again.count != expected) {
+    if (done != WALK_OK || again.count != expected || again.moved || again.pos != length) {
         Py_DECREF(anchors);
         Py_DECREF(token);
         if (done == WALK_ERROR) {
