@@ -37,7 +37,7 @@ from forksafe._probes import Probe, probes
 from forksafe._render.sites import one_working_directory
 from forksafe._render.text import printable
 from forksafe._report import Hazard, Report, Severity
-from forksafe._snapshot import Snapshot
+from forksafe._snapshot import ACTIVE, LIMBO, Snapshot
 
 PROBE_FAILED = (
     "forksafe: the {probe!r} probe failed ({error}); its hazards are missing from fork "
@@ -267,8 +267,7 @@ _reader: tuple[Platform, Callable[[], int]] | None = None
 #: pid 0: nothing read (or /proc unusable), the version is read every time.
 _vm: list[Any] = [0, -1, b"", 0]
 _MODULES = sys.modules
-_ACTIVE: dict[int, threading.Thread] = threading._active  # type: ignore[attr-defined]
-_LIMBO: dict[object, threading.Thread] = threading._limbo  # type: ignore[attr-defined]
+_ACTIVE, _LIMBO = ACTIVE, LIMBO
 _lstat, _getpid, _pread, _getcwd = os.lstat, os.getpid, os.pread, os.getcwd
 #: pid -> the lock under which _read_images updates _vm: taken without waiting (a
 #: fork path must never block), and made anew by a child, whose copy may be held.
@@ -435,8 +434,10 @@ def _fingerprint(
     name = caller._name  # type: ignore[attr-defined]
     if len(active) == 1 or not stacks:  # the caller alone: no stacks to look at
         return (pid, me, name, images, cwd)
-    read = _stacks_reader() if current_frames is _CURRENT_FRAMES else None
-    if read is not None:
+    read = None
+    if current_frames is _CURRENT_FRAMES and C_STACKS:
+        read = _stacks if _stacks is not None else _stacks_reader()
+    if read:  # found once, then a global read per fork rather than a call
         # Read in C without a write to any Python object (see ``_stacks_reader``).
         token = read(active, me, _DUMMY, "_name", "_daemonic", MAX_STACK)
         return None if token is None else (pid, me, name, images, cwd, token)

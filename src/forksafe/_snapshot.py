@@ -19,8 +19,10 @@ from forksafe import _forkaware
 from forksafe._forkaware import Handler
 from forksafe._platform import LoadedLibrary, OSThread, Platform
 
-_ACTIVE: dict[int, threading.Thread] = threading._active  # type: ignore[attr-defined]
-_LIMBO: dict[object, threading.Thread] = threading._limbo  # type: ignore[attr-defined]
+#: ``threading``'s tables of running and starting threads, bound once (the check reads
+#: them on every fork too, ``forksafe._check``).
+ACTIVE: dict[int, threading.Thread] = threading._active  # type: ignore[attr-defined]
+LIMBO: dict[object, threading.Thread] = threading._limbo  # type: ignore[attr-defined]
 
 #: The libraries of the last check that knew its images version: (version, platform,
 #: libraries). A fork storm's checks read the same list again and again.
@@ -89,7 +91,7 @@ class Snapshot:
             me = self.caller.ident
             dummy = threading._DummyThread
             found = self._threads = [
-                t for ident, t in list(_ACTIVE.items())
+                t for ident, t in list(ACTIVE.items())
                 if ident != me and (not isinstance(t, dummy) or t.is_alive())]
         return found
 
@@ -101,8 +103,8 @@ class Snapshot:
         hears of. It is a Python thread like any other, not an unknown native one.
         """
         if self._raw is None:
-            known = set(_ACTIVE)
-            known.update(t.ident for t in list(_LIMBO.values()) if t.ident is not None)
+            known = set(ACTIVE)
+            known.update(t.ident for t in list(LIMBO.values()) if t.ident is not None)
             self._raw = [(ident, self.platform.native_id(ident))
                          for ident in sorted(self.frames) if ident not in known]
         return self._raw
@@ -160,6 +162,6 @@ class Snapshot:
         dummy = threading._DummyThread
         return {
             t.native_id
-            for t in list(_ACTIVE.values())
+            for t in list(ACTIVE.values())
             if isinstance(t, dummy) and t.native_id is not None
         }

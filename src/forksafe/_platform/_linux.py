@@ -52,13 +52,21 @@ def _reader() -> Any:
     imports an extension module holds the GIL and waits in ``dlopen`` for that
     lock — a deadlock of the host program, seen in a fork storm.
     """
+    global _native
     if not C_IMAGES:
         return None
-    try:
-        from forksafe import _speedups
-    except ImportError:  # not built: no compiler where forksafe was installed
-        return None
-    return _speedups if hasattr(_speedups, "images") else None
+    if _native is None:
+        try:
+            from forksafe import _speedups
+        except ImportError:  # not built: no compiler where forksafe was installed
+            _native = False
+        else:
+            _native = _speedups if hasattr(_speedups, "images") else False
+    return _native or None
+
+
+#: ``forksafe._speedups`` once looked up; False: not built, or without the image reader.
+_native: Any = None
 
 
 class LinuxPlatform:
