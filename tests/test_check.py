@@ -279,7 +279,7 @@ def test_finding_connections_writes_to_no_page_of_the_heap(tmp_path: pathlib.Pat
     """A process of 300,000 objects with connections (one of a subclass, one opened in a
     function that returned it) forks under the guard: each is found at every fork, and
     finding them takes no reference to every object (``gc.get_objects()`` did: 16,857
-    pages copied per fork here, against ~350 now)."""
+    pages copied per fork here, against 403-441 now)."""
     s = run_scenario("""
         import os, resource, sqlite3
         import forksafe
