@@ -274,6 +274,13 @@ if pid == 0:
     lock.acquire()
     lock.acquire()  # stuck-line
     os._exit(0)
+if sys.argv[1:] != ["run"]:
+    from forksafe._statedir import stall_path
+    # Until the monitor has noted the stall (6 hang timeouts on a quiet machine; a loaded
+    # one may need longer), bounded.
+    deadline = time.monotonic() + 30
+    while not os.path.exists(stall_path(pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
 time.sleep(3)
 alive = os.waitpid(pid, os.WNOHANG) == (0, 0)
 if sys.argv[1:] != ["run"]:
