@@ -7,8 +7,8 @@ that the reused answer equals a fresh check's, hazard for hazard — and, in the
 unchanged states, that reuse really happened, so that the test can fail.
 Every scenario runs in its own interpreter with real threads, real locks, real
 native libraries and real SQLite connections, once with the threads and stacks read
-in C (``forksafe._speedups.stacks``, as the guard does) and once in Python (the way
-without the extension).
+in C (``forksafe._speedups.stacks`` and ``thread_tokens``, as the guard does) and once
+in Python (the way without the extension).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def stacks_read_in(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPat
 #: Defines ``look(label)``: a fresh check against the reusing ones, recorded.
 LOOK = """
 import os, sys, threading, time
-from forksafe import _check
-_check.C_STACKS = os.environ["FORKSAFE_TEST_STACKS"] == "c"
+from forksafe import _check, _snapshot
+_check.C_STACKS = _snapshot.C_TOKENS = os.environ["FORKSAFE_TEST_STACKS"] == "c"
 assert _check.C_STACKS is (_check._stacks_reader() is not None), "the C reader is built"
 looks = {}
 def look(label):

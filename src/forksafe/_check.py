@@ -37,7 +37,7 @@ from forksafe._probes import Probe, probes
 from forksafe._render.sites import one_working_directory
 from forksafe._render.text import printable
 from forksafe._report import Hazard, Report, Severity
-from forksafe._snapshot import ACTIVE, LIMBO, Snapshot
+from forksafe._snapshot import ACTIVE, LIMBO, Snapshot, read_tokens, same_tokens
 
 PROBE_FAILED = (
     "forksafe: the {probe!r} probe failed ({error}); its hazards are missing from fork "
@@ -91,7 +91,7 @@ def _check(
 ) -> Report:
     if reuse and platform is None and probes is None:
         report = fork_check(current_frames, _stacklevel=stacklevel)
-        if report is _last_report():
+        if report is _last_report() or any(r is report for r in _storm.values()):
             # The same hazards, as a report of its own, made now.
             report = Report(hazards=report.hazards, thread=report.thread)
     else:
@@ -132,7 +132,7 @@ def fork_check(
         key = None
     if not stacks:
         _misses += 1
-        return _run_probes(platform, current_frames, None, None, _stacklevel + 1, facts=key)
+        return _storm_check(platform, current_frames, key, _stacklevel + 1)
     last = _last
     if key is not None and last is not None and last[0] == key:
         if _misses:  # only then: a store per fork is a page written per fork
@@ -150,6 +150,32 @@ MISSES = 8
 RETRY = 16
 _misses = 0
 
+#: Reports of a fork storm, by what each was made of: the facts of the fingerprint
+#: and every other thread's token (``forksafe._snapshot.read_tokens``). The process as
+#: a whole never looks the same twice, but each thread stands at one of a few places,
+#: and the same few combinations come back: their report is made once. Bounded:
+#: cleared when full.
+_storm: dict[Fingerprint, Report] = {}
+STORM_SIZE = 256
+
+
+def _storm_check(platform: Platform,
+                 current_frames: Callable[[], dict[int, types.FrameType]],
+                 facts: Fingerprint | None, stacklevel: int) -> Report:
+    """``fork_check`` while threads fork at once: the report of the same facts and
+    thread tokens, if one was made, else the probes' (kept when nothing moved)."""
+    tokens = None
+    if facts is not None and current_frames is _CURRENT_FRAMES:
+        tokens = read_tokens()
+    if tokens is None or facts is None:
+        return _run_probes(platform, current_frames, None, None, stacklevel + 1, facts=facts)
+    key = (*facts, *tokens)
+    known = _storm.get(key)
+    if known is not None:
+        return known
+    return _run_probes(platform, current_frames, None, None, stacklevel + 1, facts=facts,
+                       tokens=tokens)
+
 
 def _last_report() -> Report | None:
     last = _last
@@ -164,9 +190,11 @@ def _run_probes(
     stacklevel: int,
     *,
     facts: Fingerprint | None = None,
+    tokens: list[object] | None = None,
 ) -> Report:
     """Run the probes; keep the report for reuse when ``key`` allows it (``facts``: a
-    key made without the stacks, not for reuse, whose facts the probes can use).
+    key made without the stacks, whose facts the probes can use; with the threads'
+    ``tokens``, the report is kept for the same facts and tokens, ``_storm_check``).
 
     ``key`` was computed once, from the stacks ``_current_frames`` gives (the guard
     passes the very table the fingerprint read). The report is kept only if nothing
@@ -182,6 +210,8 @@ def _run_probes(
         # The fingerprint found as many OS threads as Python threads, and read the
         # images version: facts the probes need not look up again.
         snapshot.images, snapshot.python_only = known[3], True  # type: ignore[assignment]
+    if tokens is not None:
+        snapshot.tokens = tokens
     tops = _tops(snapshot.frames) if key is not None else ()
     hazards: list[Hazard] = []
     failed = False
@@ -196,7 +226,24 @@ def _run_probes(
         except Exception:
             still = False
         _last = (key, report) if still else None
+    elif tokens is not None and facts is not None and not failed and not snapshot.volatile:
+        _keep_storm(facts, tokens, report)
     return report
+
+
+def _keep_storm(facts: Fingerprint, tokens: list[object], report: Report) -> None:
+    """Keep a storm's report if no thread moved while the probes looked (the tokens
+    read again are the same), none is starting, and no native one started."""
+    try:
+        if _LIMBO or not same_tokens(tokens, read_tokens()) or \
+                _lstat("/proc/self/task").st_nlink - 2 != len(_ACTIVE):
+            return
+    except OSError:
+        return
+    if len(_storm) >= STORM_SIZE:
+        _storm.clear()
+    key = (*facts, *tokens)
+    _storm[key] = report
 
 
 Tops = Tuple[Tuple[int, types.FrameType, "int | None"], ...]

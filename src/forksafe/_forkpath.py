@@ -98,10 +98,12 @@ _hooks_registered = False
 # Whether a fork only the hooks saw ever happened here: until then, the hook after
 # every fork need not look at _local (one object less touched per fork).
 _hooks_judged = False
-# The last verdict judge() reached without ``extra`` hazards: (report checked,
-# config, refusable, user code, user line, site, action, mechanism, report graded,
-# threads to confirm gone).
-_last: tuple[Any, ...] | None = None
+# The verdicts judge() reached without ``extra`` hazards, by the id of the report
+# checked: (report checked, config, refusable, user code, user line, site, action,
+# mechanism, report graded, threads to confirm gone). Several: threads forking at once
+# meet a few reports in turn (forksafe._check._storm). Bounded: cleared when full.
+_verdicts: dict[int, tuple[Any, ...]] = {}
+VERDICTS_SIZE = 64
 
 
 def own_state(pid: int | None = None) -> State:
@@ -254,7 +256,6 @@ def judge(
     st = _st  # own_state(), spelled out: a call less per fork
     if len((st if st.pid == os.getpid() else own_state()).queue) >= QUEUE_SIZE:
         flush_pending()
-    global _last
     lazy = Lazy
     cfg = config
     if cfg is None:
@@ -272,7 +273,7 @@ def judge(
             # The same report (an unchanged process, see forksafe._check) under the
             # same configuration from the same line: the same verdict and the same
             # Site object, rather than new objects for the same facts.
-            last = _last
+            last = _verdicts.get(id(report))
             code = user.f_code
             line = user.f_lineno
             if (last is not None and last[0] is report and last[1] is cfg
@@ -294,8 +295,10 @@ def judge(
     verdict = action(report, cfg, refusable)
     site = lazy.site_of(user)
     if extra is None:
-        _last = (raw, cfg, refusable, user.f_code, user.f_lineno, site, verdict, mechanism,
-                 report, confirm or None)
+        if len(_verdicts) >= VERDICTS_SIZE:
+            _verdicts.clear()
+        _verdicts[id(raw)] = (raw, cfg, refusable, user.f_code, user.f_lineno, site, verdict,
+                              mechanism, report, confirm or None)
     return make(Decision, (mechanism, site, user, report, verdict, stamp, confirm or None))
 
 
@@ -306,8 +309,7 @@ def _confirmed(decision: Decision) -> Decision:
 
 def forget_verdict() -> None:
     """The last verdict may not hold any more (the accepted hazards changed)."""
-    global _last
-    _last = None
+    _verdicts.clear()
 
 
 def _announce(decision: Decision, *, refusable: bool) -> None:

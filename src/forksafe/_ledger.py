@@ -322,6 +322,11 @@ def _live_entry(connection: object) -> Entry | None:
     return entry
 
 
+def has_connections() -> bool:
+    """Whether any connection's origin is recorded."""
+    return bool(_connection_origins)
+
+
 def recorded_connections() -> dict[int, Entry]:
     """A copy of the table, to take before looking for live connections."""
     return dict(_connection_origins)

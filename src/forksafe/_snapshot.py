@@ -9,11 +9,12 @@ questions cost, once.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import types
 from _thread import get_ident
-from typing import Callable
+from typing import Any, Callable, List, Optional
 
 from forksafe import _forkaware
 from forksafe._forkaware import Handler
@@ -23,6 +24,55 @@ from forksafe._platform import LoadedLibrary, OSThread, Platform
 #: them on every fork too, ``forksafe._check``).
 ACTIVE: dict[int, threading.Thread] = threading._active  # type: ignore[attr-defined]
 LIMBO: dict[object, threading.Thread] = threading._limbo  # type: ignore[attr-defined]
+
+#: Whether threads may be told apart by ``forksafe._speedups.thread_tokens`` (off: tests
+#: of the Python way).
+C_TOKENS = True
+#: The thread attributes a thread's hazard shows (name, daemon flag, OS id): read into
+#: its token.
+TOKEN_KEYS = ("_name", "_daemonic", "_native_id")
+#: The deepest stack a token is made for.
+TOKEN_DEPTH = 64
+#: Where forksafe's own code is, as its frames name their files: passed over at the top
+#: of a thread's stack, as ``forksafe._frames.outside_forksafe`` does.
+OWN = os.path.dirname(__file__) + os.sep
+_DUMMY = threading._DummyThread
+#: The C reader once looked up; False: there is none.
+_token_reader: Any = None
+
+Tokens = Optional[List[object]]
+
+
+def read_tokens() -> Tokens:
+    """A token for each Python thread but the caller, in ``threading``'s order: the same
+    object while the thread stands where it stood when it was made (its object, name,
+    daemon flag and OS id, its stack from its first frame outside forksafe). None: not
+    every thread can have one (no C reader, a dummy thread, a stack deeper than
+    TOKEN_DEPTH, a Python thread that ``threading`` does not list).
+
+    Read in C (``forksafe._speedups.thread_tokens``), writing to no thread, frame or
+    code object: in a fork storm every page written before a fork is copied after it.
+    """
+    global _token_reader
+    read = _token_reader
+    if read is None:
+        try:
+            from forksafe import _speedups
+
+            read = _token_reader = getattr(_speedups, "thread_tokens", None) or False
+        except ImportError:  # not built
+            read = _token_reader = False
+    if read is False or not C_TOKENS:
+        return None
+    tokens: Tokens = read(ACTIVE, get_ident(), _DUMMY, TOKEN_KEYS, TOKEN_DEPTH, OWN)
+    return tokens
+
+
+def same_tokens(tokens: list[object], again: Tokens) -> bool:
+    """Whether ``again`` is the very same tokens: no thread moved in between."""
+    return again is not None and len(again) == len(tokens) and \
+        all(a is b for a, b in zip(again, tokens))
+
 
 #: The libraries of the last check that knew its images version: (version, platform,
 #: libraries). A fork storm's checks read the same list again and again.
@@ -54,10 +104,25 @@ class Snapshot:
         # (no native thread to list, no /proc/self/task to read).
         self.images: int | None = None
         self.python_only = False
+        # Each other thread's token (``read_tokens``), when the check read them first.
+        self.tokens: Tokens | bool = False  # False: not read yet
         # Set by a probe whose answer can change while the process looks the
         # same to ``forksafe._check``'s fingerprint (a lock taken or released, a
         # runtime's own flag, a connection opened): such a report is never reused.
         self.volatile = False
+
+    @property
+    def live_frames(self) -> bool:
+        """The stacks are the interpreter's own, as they are now (not a table a test or
+        the check's fingerprint handed in): a probe may read them some other way."""
+        return self._current_frames is sys._current_frames
+
+    def thread_tokens(self) -> Tokens:
+        """``read_tokens()``, read once per check (None for stacks handed in)."""
+        tokens = self.tokens
+        if tokens is False:
+            tokens = self.tokens = read_tokens() if self.live_frames else None
+        return tokens  # type: ignore[return-value]
 
     @property
     def frames(self) -> dict[int, types.FrameType]:

@@ -35,11 +35,7 @@ def probe(snapshot: Snapshot, runtimes: tuple[Runtime, ...] = _catalog.RUNTIMES)
     libraries = snapshot.libraries
     threads = snapshot.os_threads
     claimed: set[int] = set()
-    by_runtime = _by_runtime(libraries, runtimes)
-    for runtime in runtimes:
-        paths = by_runtime.get(runtime.key)
-        if not paths:
-            continue
+    for runtime, paths in _present(libraries, runtimes):
         if any(activity != "threads" for activity in runtime.activity):
             snapshot.volatile = True  # a flag or SQLite's use: no fingerprint sees it change
         own = [t for t in threads if _belongs(t, runtime)]
@@ -48,6 +44,8 @@ def probe(snapshot: Snapshot, runtimes: tuple[Runtime, ...] = _catalog.RUNTIMES)
         hazard = _runtime_hazard(runtime, paths, own, signals)
         if hazard is not None:
             hazards.append(hazard)
+    if not threads:  # every thread is a Python thread (the common case): nothing more
+        return hazards
     snapshot.claimed |= claimed
     dummies = snapshot.dummy_native_ids()
     unknown = [t for t in threads if t.tid not in claimed and t.tid not in dummies]
@@ -108,23 +106,28 @@ def _is_interpreter(path: str) -> bool:
 _interpreter_paths: dict[str, bool] = {}
 
 
-#: The last answer of ``_by_runtime``: (libraries, catalog, answer), by identity: the
+#: The last answer of ``_present``: (libraries, catalog, answer), by identity: the
 #: check hands the same list of libraries while nothing was loaded (``forksafe._snapshot``).
-_last_by_runtime: tuple[list[Any], tuple[Runtime, ...], dict[str, list[str]]] | None = None
+_last_present: tuple[list[Any], tuple[Runtime, ...],
+                     tuple[tuple[Runtime, list[str]], ...]] | None = None
 
 
-def _by_runtime(libraries: list[Any], runtimes: tuple[Runtime, ...]) -> dict[str, list[str]]:
-    """Runtime key -> the paths of its loaded libraries."""
-    global _last_by_runtime
-    last = _last_by_runtime
+def _present(libraries: list[Any],
+             runtimes: tuple[Runtime, ...]) -> tuple[tuple[Runtime, list[str]], ...]:
+    """The runtimes with a loaded library, in catalog order, each with the paths of its
+    libraries. Not the whole catalog per check: each entry looked at is an object
+    written to (its reference count), a page copied in a fork storm."""
+    global _last_present
+    last = _last_present
     if last is not None and last[0] is libraries and last[1] is runtimes:
         return last[2]
     found: dict[str, list[str]] = {}
     for lib in libraries:
         for key in _runtimes_of(lib.path, runtimes):
             found.setdefault(key, []).append(lib.path)
-    _last_by_runtime = (libraries, runtimes, found)
-    return found
+    present = tuple((r, found[r.key]) for r in runtimes if found.get(r.key))
+    _last_present = (libraries, runtimes, present)
+    return present
 
 
 #: Catalog (by identity) -> library path -> matching runtime keys.

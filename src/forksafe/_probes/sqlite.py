@@ -100,8 +100,11 @@ def _subclasses(kind: type) -> list[type]:
 
 
 def probe(snapshot: Snapshot) -> list[Hazard]:
-    if "sqlite3" in sys.modules:
-        snapshot.volatile = True  # connections come and go unseen by the fingerprint
+    if "sqlite3" not in sys.modules:
+        if _ledger.has_connections():  # sqlite3 taken out of sys.modules: tidy up
+            _ledger.forget_closed(_ledger.recorded_connections(), ())
+        return []
+    snapshot.volatile = True  # connections come and go unseen by the fingerprint
     hazards = []
     recorded = _ledger.recorded_connections()
     connections = open_connections()

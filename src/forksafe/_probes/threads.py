@@ -25,12 +25,13 @@ from __future__ import annotations
 import threading
 import types
 import weakref
+from _thread import get_ident
 from typing import Any
 
 from forksafe import _catalog, _forkaware, _frames, _ledger
 from forksafe._render.sites import where, working_directory
 from forksafe._report import Hazard, Severity, Site
-from forksafe._snapshot import Snapshot
+from forksafe._snapshot import ACTIVE, Snapshot, read_tokens, same_tokens
 
 ORIGIN_UNKNOWN = "origin unknown: call forksafe.observe() (or install()) before threads start"
 MAIN_THREAD = "the main thread, started by the interpreter"
@@ -52,20 +53,78 @@ DURING = " during {}"
 
 
 def probe(snapshot: Snapshot) -> list[Hazard]:
-    threads = snapshot.python_threads()
-    raw = snapshot.raw_threads()
-    if not threads and not raw:
-        return []
+    if len(ACTIVE) == 1 and get_ident() in ACTIVE and not snapshot.raw_threads():
+        return []  # the caller alone
     # What every thread's hazard is looked up by, read once per check, not per thread.
-    frames = snapshot.frames
     handlers = snapshot.fork_handlers_version()
     try:
         directory: str | None = working_directory()
     except OSError:
         directory = None
+    tokens = _tokens(snapshot, handlers, directory)
+    if tokens is not None:
+        known = _known(tokens)
+        if known is not None:
+            return known
+    threads = snapshot.python_threads()
+    raw = snapshot.raw_threads()
+    if not threads and not raw:
+        return []
+    frames = snapshot.frames
     hazards = [_hazard(t, snapshot, frames, handlers, directory) for t in threads]
+    if tokens is not None and not raw and len(tokens) == len(threads):
+        _learn(tokens, hazards)
     hazards.extend(_raw_hazard(ident, tid, snapshot) for ident, tid in raw)
     return hazards
+
+
+#: Hazards by their thread's token (``forksafe._speedups.thread_tokens``: the same
+#: token while a thread stands where it stood), made under ``_token_context`` (the fork
+#: handlers version and the working directory); bounded: cleared when full. This is
+#: the memo below without a Python look at any thread: in a fork storm each of 8
+#: threads is met at one of a few places, and reading their frames from Python made
+#: a frame object for each and wrote to every one (~90 pages copied per fork).
+BY_TOKEN: dict[object, Hazard] = {}
+_token_context: tuple[int, str | None] = (0, None)
+
+
+def _tokens(snapshot: Snapshot, handlers: int, directory: str | None) -> list[object] | None:
+    """Each other thread's token (``forksafe._snapshot.read_tokens``); the memo by token
+    emptied when the hazards' context changed. None: no tokens to go by."""
+    global _token_context
+    if directory is None:
+        return None
+    tokens = snapshot.thread_tokens()
+    context = _token_context
+    if context[0] != handlers or context[1] != directory:
+        BY_TOKEN.clear()
+        _token_context = (handlers, directory)
+    return tokens
+
+
+def _known(tokens: list[object]) -> list[Hazard] | None:
+    """Every thread's hazard, if each token has one; else None."""
+    hazards = []
+    memo = BY_TOKEN
+    for token in tokens:
+        hazard = memo.get(token)
+        if hazard is None:
+            return None
+        hazards.append(hazard)
+    return hazards
+
+
+def _learn(tokens: list[object], hazards: list[Hazard]) -> None:
+    """Keep each hazard by its thread's token, if every thread still stands where its
+    token says (the probe's Python may have let another thread run) — but not one
+    inside a ``with lock:`` block, whose lock may change while the thread stands still."""
+    if not same_tokens(tokens, read_tokens()):
+        return
+    if len(BY_TOKEN) + len(tokens) > MEMO_SIZE:
+        BY_TOKEN.clear()
+    for token, hazard in zip(tokens, hazards):
+        if not hazard.evidence.get("locks"):
+            BY_TOKEN[token] = hazard
 
 
 #: Hazards made before, by what each was made of (``_memo_key``); bounded: cleared when
