@@ -79,3 +79,14 @@ def test_a_frame_at_an_instruction_of_no_line_is_read_at_its_first_line() -> Non
     [site] = _frames.stack(frame)
     assert site.line == parked.__code__.co_firstlineno
     assert _frames.held_locks(frame) == []
+
+
+def test_the_standard_library_is_where_sysconfig_says() -> None:
+    """``forksafe._stdlib`` tells the two directories without loading the build
+    variables; they are the ones ``sysconfig`` names."""
+    import sysconfig
+
+    from forksafe import _stdlib
+
+    paths = sysconfig.get_paths()
+    assert (paths["stdlib"], paths["platstdlib"]) == (_stdlib.STDLIB, _stdlib.PLATSTDLIB)

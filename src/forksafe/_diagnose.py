@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import sysconfig
 from typing import Any, Iterable
 
 from forksafe import _catalog
 from forksafe._exits import HEADER
 from forksafe._render import forks, outcomes
 from forksafe._report import CRASH_SIGNALS, ForkEvent, Hazard, Outcome, Severity, Site
+from forksafe._stdlib import PLATSTDLIB, STDLIB
 from forksafe._tracebacks import sections
 
 
@@ -145,8 +145,7 @@ def thread_packages(evidence: Any, *, libraries: bool = False) -> set[str]:
     return found - _PLUMBING
 
 
-_STDLIB = tuple(os.path.join(p, "") for p in {
-    sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]})
+_STDLIB = tuple(os.path.join(p, "") for p in {STDLIB, PLATSTDLIB})
 
 
 def library_code(path: str) -> bool:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import linecache
 import os
 import re
-import sysconfig
 import types
 from dataclasses import dataclass
 from typing import Any
 
 from forksafe._report import Site
+from forksafe._stdlib import PLATSTDLIB, STDLIB
 
 #: Functions in which a thread sits idle, by (file name suffix, function name).
 _WAIT_FUNCTIONS = {
@@ -45,7 +45,7 @@ _DOTTED = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 _LIB_DIRS = tuple(
     os.path.normcase(os.path.realpath(p)) + os.sep
-    for p in {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}
+    for p in {STDLIB, PLATSTDLIB}
 )
 _OWN_DIR = os.path.normcase(os.path.dirname(os.path.realpath(__file__))) + os.sep
 

@@ -40,20 +40,20 @@ wraps ``connect`` the moment the program imports it. SQLite protection
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import itertools
 import sys
 import types
-from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Collection, Optional, Sequence, cast
 
 from forksafe._report import Site
 
 if TYPE_CHECKING:
+    import importlib.abc
+    import importlib.machinery
     import threading
 
 # ``threading`` is imported only by observe()/unobserve(), and ``_frames``
-# (which imports ``sysconfig``, which imports ``threading`` on 3.13) only when
+# (which may import ``sysconfig``, which imports ``threading`` on 3.13) only when
 # a wrapper is installed, never by importing this module: SQLite protection
 # imports it for ``set_connect_layer``, and the guard starts observing on the
 # program's first ``import threading`` — which must not happen while this
@@ -77,7 +77,7 @@ def _bind() -> None:
     """Bind ``_frames.is_library_file``, unless ``_frames`` is only half imported.
 
     That happens when importing ``_frames`` itself imports ``threading``
-    (through ``sysconfig`` on 3.13) and the guard's import hook starts
+    (through ``sysconfig`` on 3.13, see ``forksafe._stdlib``) and the guard's import hook starts
     observing right then; the stand-in binds on a later call instead.
     """
     global _is_library, _known_files
@@ -625,8 +625,14 @@ def _prune(origins: dict[int, Entry]) -> None:
         _forgotten.append(True)
 
 
-class _SqliteImportHook(importlib.abc.MetaPathFinder):
+class _SqliteImportHook:
     """Wraps ``sqlite3.connect`` right after the program imports ``sqlite3``.
+
+    A meta path finder by its ``find_spec`` alone, not a subclass of
+    ``importlib.abc.MetaPathFinder``: importing ``importlib.abc`` imports
+    ``importlib.resources``, ``pathlib``, ``tempfile`` and ``shutil`` (eight
+    megabytes of a guarded process's memory, copied at every fork, were forksafe's
+    imports).
 
     It answers ``None`` for every other module, so the import system's cost is
     one string comparison per import. While it asks the other finders it answers
@@ -652,14 +658,16 @@ class _SqliteImportHook(importlib.abc.MetaPathFinder):
                 spec: importlib.machinery.ModuleSpec | None = finder.find_spec(
                     fullname, path, target)
                 if spec is not None and spec.loader is not None:
-                    spec.loader = _WrappingLoader(spec.loader)
+                    spec.loader = cast("importlib.abc.Loader", _WrappingLoader(spec.loader))
                     return spec
         finally:
             self.resolving = False
         return None
 
 
-class _WrappingLoader(importlib.abc.Loader):
+class _WrappingLoader:
+    """The ``sqlite3`` module's loader, wrapped (a loader by its methods, as above)."""
+
     def __init__(self, loader: importlib.abc.Loader) -> None:
         self._loader = loader
 

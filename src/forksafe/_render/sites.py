@@ -13,16 +13,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sysconfig
 import threading
 from typing import Iterator, Mapping
 
 from forksafe._render.shapes import SiteLike
+from forksafe._stdlib import PLATSTDLIB, STDLIB
 
 _PACKAGES = "-packages" + os.sep  # site-packages, dist-packages
-_STDLIB = tuple(sorted({os.path.join(p, "") for p in (
-    sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"])}, key=len,
-    reverse=True))
+_STDLIB = tuple(sorted({os.path.join(p, "") for p in (STDLIB, PLATSTDLIB)}, key=len,
+                      reverse=True))
 
 
 def path(filename: str) -> str:
