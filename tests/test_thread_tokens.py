@@ -174,3 +174,66 @@ emit(looks=looks)
     if reader == "c":
         assert looks["parked"]["reused"] and looks["released"]["reused"]
         assert looks["renamed"]["reused"]
+
+
+def test_a_new_combination_of_known_places_is_composed_not_probed(
+        tmp_path: pathlib.Path) -> None:
+    """Two threads each met at two places, in two combinations: the other two
+    combinations are made of the parts already known (no probe runs), and each
+    equals a fresh check."""
+    s = run_scenario(STORM + """
+import queue
+runs = []
+real = _check._run_probes
+def counted(*args, **kwargs):
+    runs.append(1)
+    return real(*args, **kwargs)
+_check._run_probes = counted
+orders = {n: queue.Queue() for n in "ab"}
+here = {n: threading.Event() for n in "ab"}
+go = {n: threading.Event() for n in "ab"}
+def worker(name):
+    while True:
+        place = orders[name].get()
+        if place is None:
+            return
+        if place == "x":
+            here[name].set(); go[name].wait()  # place-x
+        else:
+            here[name].set(); go[name].wait()  # place-y
+        go[name].clear()
+threads = [threading.Thread(target=worker, args=(n,), name=n) for n in "ab"]
+for t in threads: t.start()
+def put(name, place, first=False):
+    here[name].clear()
+    orders[name].put(place)
+    if not first:
+        go[name].set()
+    here[name].wait(); time.sleep(0.05)
+def storm_look(label):
+    before = len(runs)
+    got = storm_check()
+    probed = len(runs) > before
+    fresh = _check.check_with(reuse=False)
+    looks[label] = {"equal": got.hazards == fresh.hazards, "probed": probed,
+                    "summaries": sorted(h.summary for h in fresh.hazards)}
+put("a", "x", True); put("b", "x", True)
+storm_look("ax bx")
+put("a", "y"); put("b", "y")
+storm_look("ay by")
+put("a", "x")
+storm_look("ax by")
+put("a", "y"); put("b", "x")
+storm_look("ay bx")
+for n in "ab":
+    orders[n].put(None); go[n].set()
+for t in threads: t.join()
+emit(looks=looks)
+""", tmp_path, env={"FORKSAFE_TEST_STACKS": "c"})
+    looks = s.result["looks"]
+    for label, seen in looks.items():
+        assert seen["equal"], (label, seen)
+    assert looks["ax bx"]["probed"] and looks["ay by"]["probed"]
+    assert looks["ax by"]["summaries"] != looks["ay by"]["summaries"]
+    assert not looks["ax by"]["probed"], "both places known: composed"
+    assert not looks["ay bx"]["probed"], "both places known: composed"

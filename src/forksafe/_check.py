@@ -34,6 +34,7 @@ from forksafe._errors import ForkSafetyWarning
 from forksafe._frames import outside_forksafe
 from forksafe._platform import Platform, current
 from forksafe._probes import Probe, probes
+from forksafe._probes.threads import by_tokens
 from forksafe._render.sites import one_working_directory
 from forksafe._render.text import printable
 from forksafe._report import Hazard, Report, Severity
@@ -173,8 +174,34 @@ def _storm_check(platform: Platform,
     known = _storm.get(key)
     if known is not None:
         return known
+    composed = _compose(facts, tokens)
+    if composed is not None:
+        if len(_storm) >= STORM_SIZE:
+            _storm.clear()
+        _storm[key] = composed
+        return composed
     return _run_probes(platform, current_frames, None, None, stacklevel + 1, facts=facts,
                        tokens=tokens)
+
+
+#: For the facts of a storm's check (``_storm_check``): the hazards the probes other
+#: than the thread probe found, those before it and those after it, when nothing they
+#: read could change unseen (no probe marked the snapshot volatile). Bounded.
+_others: dict[Fingerprint, tuple[tuple[Hazard, ...], tuple[Hazard, ...]]] = {}
+
+
+def _compose(facts: Fingerprint, tokens: list[object]) -> Report | None:
+    """A storm's report made of known parts, without running the probes: the other
+    probes' hazards for the same facts, and each thread's hazard by its token. Every
+    combination of places the forking threads stand at is a new report, but not new
+    parts (a fork storm of 8 threads meets hundreds of combinations)."""
+    parts = _others.get(facts)
+    if parts is None:
+        return None
+    hazards = by_tokens(tokens, facts[4])  # type: ignore[arg-type]
+    if hazards is None:
+        return None
+    return Report(hazards=(*parts[0], *hazards, *parts[1]), thread=facts[2])  # type: ignore[arg-type]
 
 
 def _last_report() -> Report | None:
@@ -216,9 +243,14 @@ def _run_probes(
     hazards: list[Hazard] = []
     failed = False
     # The fingerprint read the working directory: every site's text is made against it.
+    threads_at = threads_end = -1  # where the thread probe's hazards are in the report
     with one_working_directory(known[4] if known is not None else None):
         for name, probe in _all_probes() if _probes is None else _probes:
+            if name == "threads":
+                threads_at = len(hazards)
             failed |= _run_probe(name, probe, snapshot, hazards, stacklevel)
+            if name == "threads":
+                threads_end = len(hazards)
     report = Report(hazards=tuple(hazards), thread=snapshot.caller.name)
     if key is not None:
         try:
@@ -227,13 +259,17 @@ def _run_probes(
             still = False
         _last = (key, report) if still else None
     elif tokens is not None and facts is not None and not failed and not snapshot.volatile:
-        _keep_storm(facts, tokens, report)
+        others = None if threads_at < 0 else (
+            tuple(hazards[:threads_at]), tuple(hazards[threads_end:]))
+        _keep_storm(facts, tokens, report, others)
     return report
 
 
-def _keep_storm(facts: Fingerprint, tokens: list[object], report: Report) -> None:
-    """Keep a storm's report if no thread moved while the probes looked (the tokens
-    read again are the same), none is starting, and no native one started."""
+def _keep_storm(facts: Fingerprint, tokens: list[object], report: Report,
+                others: tuple[tuple[Hazard, ...], tuple[Hazard, ...]] | None) -> None:
+    """Keep a storm's report, and the other probes' hazards for its facts (``others``),
+    if no thread moved while the probes looked (the tokens read again are the same),
+    none is starting, and no native one started."""
     try:
         if _LIMBO or not same_tokens(tokens, read_tokens()) or \
                 _lstat("/proc/self/task").st_nlink - 2 != len(_ACTIVE):
@@ -244,6 +280,10 @@ def _keep_storm(facts: Fingerprint, tokens: list[object], report: Report) -> Non
         _storm.clear()
     key = (*facts, *tokens)
     _storm[key] = report
+    if others is not None:
+        if len(_others) >= STORM_SIZE:
+            _others.clear()
+        _others[facts] = others
 
 
 Tops = Tuple[Tuple[int, types.FrameType, "int | None"], ...]

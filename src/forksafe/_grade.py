@@ -104,21 +104,32 @@ _SQLITE_REMEDY_START = "open a new connection in the child"
 _graded: dict[tuple[int, ForkContext, int], tuple[Report, Report, tuple[Any, ...]]] = {}
 
 
+#: ``_catalog.POOL_REFORKS`` by function name: a frame's name is looked up once, not
+#: compared with every entry (each entry read is objects written to, per fork).
+_REFORKS_BY_NAME: dict[str, list[tuple[str, str]]] = {}
+for _suffix, _function, _name in _catalog.POOL_REFORKS:
+    _REFORKS_BY_NAME.setdefault(_function, []).append((_suffix, _name))
+_GUNICORN = f"{os.sep}gunicorn{os.sep}"
+_CELERY = (f"{os.sep}billiard{os.sep}", f"{os.sep}celery{os.sep}")
+
+
 def context(mechanism: str, caller: types.FrameType | None) -> ForkContext:
     """The kind of fork ``caller``'s thread is making, from the frames above it."""
     pool = framework = None
     frame = caller
     depth = 0
+    reforks = _REFORKS_BY_NAME
     while frame is not None and depth < 64:
-        filename = frame.f_code.co_filename
+        code = frame.f_code
+        filename = code.co_filename
         if pool is None:
-            for suffix, function, name in _catalog.POOL_REFORKS:
-                if frame.f_code.co_name == function and filename.endswith(suffix):
+            for suffix, name in reforks.get(code.co_name, ()):
+                if filename.endswith(suffix):
                     pool = name
         if framework is None:
-            if f"{os.sep}gunicorn{os.sep}" in filename:
+            if _GUNICORN in filename:
                 framework = "gunicorn"
-            elif f"{os.sep}billiard{os.sep}" in filename or f"{os.sep}celery{os.sep}" in filename:
+            elif _CELERY[0] in filename or _CELERY[1] in filename:
                 framework = "celery"
         frame = frame.f_back
         depth += 1

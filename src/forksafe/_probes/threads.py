@@ -102,6 +102,17 @@ def _tokens(snapshot: Snapshot, handlers: int, directory: str | None) -> list[ob
     return tokens
 
 
+def by_tokens(tokens: list[object], directory: str) -> list[Hazard] | None:
+    """The probe's answer for threads whose tokens are ``tokens``, if every one is
+    known under the fork handlers there are now and ``directory``; else None (for
+    ``forksafe._check``, which then runs the probe)."""
+    context = _token_context
+    if context[1] != directory or \
+            context[0] != _forkaware.versioned(_forkaware.GUARD_HOOKS)[1]:
+        return None
+    return _known(tokens)
+
+
 def _known(tokens: list[object]) -> list[Hazard] | None:
     """Every thread's hazard, if each token has one; else None."""
     hazards = []
