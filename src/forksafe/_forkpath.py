@@ -11,7 +11,8 @@
 * The at-fork hooks (``os.register_at_fork``, once per process). ``before`` sees
   forks no wrapper saw — C code calling ``PyOS_BeforeFork()``, or ``fork`` bound
   before ``install()`` — which cannot be refused (CPython ignores exceptions from
-  fork hooks); their child's pid comes from ``/proc/self/task/<tid>/children``.
+  fork hooks); their child's pid comes from ``/proc/self/task/<tid>/children``,
+  read by an ``after_in_parent`` hook registered at the first such fork.
   ``after_in_child`` is the only child side: it arms ``forksafe._child`` once per
   fork; for ``os.fork``'s wrapper with a memory crash file it is C calls prepared
   in the parent (``child_calls``), and no Python runs in the child at all.
@@ -22,13 +23,14 @@ which run inside the real ``fork()``, do not count it twice.
 Everything here is written for the pages it touches. After a fork, parent and
 child share every page copy-on-write, every Python statement writes (reference
 counts, allocator pools), and each page written costs a copy: so the wrappers
-spell their steps out rather than call helpers, the decision reuses the last
-verdict of an unchanged process, and forks and reaps are queued and recorded
-``QUEUE_SIZE`` at a time (``forksafe._record.flush``) unless someone outside the
-process waits for them (a report file, a hang timeout, or - for a hazardous fork -
-a ``logging`` handler for its record: ``forksafe._record.State.log_now``).
-docs/guard.md ("Cost")
-says where the remaining pages go.
+spell their steps out rather than call helpers, the decision reuses the verdict
+on a report it judged before (an unchanged process, or threads forking at once
+that meet the same few reports: ``forksafe._check._storm``), and forks and reaps
+are queued and recorded ``QUEUE_SIZE`` at a time (``forksafe._record.flush``)
+unless someone outside the process waits for them (a report file, a hang timeout,
+or - for a hazardous fork - a ``logging`` handler for its record:
+``forksafe._record.State.log_now``). docs/guard.md ("Cost") says where the
+remaining pages go.
 
 Anything that goes wrong here is reported once and the fork goes on unguarded;
 only a refusal under ``raise`` (or the program's own ``-W
@@ -532,10 +534,23 @@ def register_hooks() -> None:
     global _hooks_registered
     if _hooks_registered:
         return
-    # The child's hook is C: what it runs is chosen per thread (see child_calls).
-    os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
-                        after_in_child=_child_hook)
+    # The child's hook is C: what it runs is chosen per thread (see child_calls). The
+    # parent's is registered by the first fork only the hooks see (_before_fork): a
+    # Python call after every wrapped fork, for nothing, is pages written per fork.
+    os.register_at_fork(before=_before_fork, after_in_child=_child_hook)
     _hooks_registered = True
+
+
+_parent_hook_registered = False
+
+
+def _register_parent_hook() -> None:
+    """Once per process, at the first fork no wrapper saw. Safe within a before-fork
+    hook: the interpreter runs a copy of each hook list."""
+    global _parent_hook_registered
+    if not _parent_hook_registered:
+        _parent_hook_registered = True
+        os.register_at_fork(after_in_parent=_after_fork_parent)
 
 
 def _children_of_this_thread() -> set[int] | None:
@@ -580,6 +595,7 @@ def _before_fork() -> None:
         _prepare_followers()
         global _hooks_judged
         _hooks_judged = True
+        _register_parent_hook()
         _local.pending = (os.getpid(), decision, _children_of_this_thread())
         _announce(decision, refusable=False)
     except Exception as exc:  # an exception here would only be printed as unraisable

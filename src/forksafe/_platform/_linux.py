@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import array
 import bisect
-import ctypes
 import os
 import sys
 import threading
@@ -273,6 +272,10 @@ class LinuxPlatform:
     # -- flags ----------------------------------------------------------------
 
     def call_flag(self, library: str, symbol: str) -> int | None:
+        # ctypes only here, for a runtime with a flag function: importing it (and
+        # libffi) for every guarded process made each fork copy its pages too.
+        import ctypes
+
         mode = getattr(os, "RTLD_NOLOAD", 4) | getattr(os, "RTLD_LAZY", 1)
         try:
             lib = ctypes.CDLL(library, mode=mode)
