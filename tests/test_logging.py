@@ -325,13 +325,17 @@ def test_captured_warnings_make_one_record_per_event(tmp_path: pathlib.Path) -> 
     assert "ForkSafetyWarning" not in s.stderr
 
 
-#: forksafe's hooks registered before logging's, and forks only those hooks see.
+#: forksafe's hooks registered before logging's, and forks only those hooks see. (The
+#: hooks' after_in_parent is registered at the first fork only they see: here as if
+#: that had been before logging was imported.)
 IN_THE_WINDOW = """
 import os, sys
 from os import fork as raw_fork  # bound before install(): only the hooks see it
 import forksafe
+from forksafe import _forkpath
 forksafe.install("log")
-import logging  # after install(): logging's at-fork hooks run inside forksafe's
+_forkpath._register_parent_hook()
+import logging  # now: logging's at-fork hooks run inside forksafe's
 logging.basicConfig(level=logging.INFO, format="RECORD %(forksafe_child_pid)s",
                     stream=sys.stdout)
 """
@@ -415,3 +419,17 @@ def test_hazardous_forks_nobody_listens_to_keep_the_batch(tmp_path: pathlib.Path
         os.waitpid(pid, 0)
     """), tmp_path, timeout=60)
     assert s.result["queued"] == 0 and s.result["before"] == [s.result["pid"]]
+
+
+def test_a_fork_only_the_hooks_see_is_logged_at_once_when_logging_came_first(
+        tmp_path: pathlib.Path) -> None:
+    """The hooks' after_in_parent is registered at the first fork only they see, so when
+    logging was imported before it, it runs after logging let go: the record comes at
+    the fork, not at the next one or at exit."""
+    setup = IN_THE_WINDOW.replace("_forkpath._register_parent_hook()\n", "")
+    s = run_scenario(script(setup, HOLDER, FORK_RAW), tmp_path, timeout=60,
+                     env={"FORKS": "2"})
+    first, second = s.result["pids"]
+    lines = [line for line in s.stdout.splitlines() if line.startswith(("RECORD", "FORKED"))]
+    assert lines == [f"RECORD {first}", f"FORKED {first}", f"RECORD {second}",
+                     f"FORKED {second}"], s.stdout
