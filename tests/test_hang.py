@@ -85,8 +85,8 @@ def test_child_idle_in_an_unrelated_wait_is_not_reported(tmp_path: pathlib.Path)
     assert "ForkSafetyWarning: child" not in s.stderr
 
 
-@pytest.mark.parametrize(("wait", "most"), [("threading.Event().wait(3.0)", 3),
-                                            ("time.sleep(3.0)", 1)])
+@pytest.mark.parametrize(("wait", "most"), [("threading.Event().wait(3.0)", 4),
+                                            ("time.sleep(3.0)", 2)])
 def test_an_idle_child_is_not_signalled_again_and_again(tmp_path: pathlib.Path, wait: str,
                                                         most: int) -> None:
     """Safe twin: an idle child waiting in futex gets one stack-dump signal, not one per hang
@@ -96,7 +96,9 @@ def test_an_idle_child_is_not_signalled_again_and_again(tmp_path: pathlib.Path, 
               f"    before = ticks()\n    {wait}\n"
               "    os._exit(min(ticks() - before, 100))"), tmp_path, timeout=30)
     assert s.result["outcome"]["status"] == "exited", s.result
-    # Waiting without signals it is scheduled once (to wake); each dump adds one or two.
+    # Waiting without signals it is scheduled once (to wake), twice if preempted once
+    # awake on a busy machine; each dump adds one or two, one per hang timeout (6 here)
+    # would add six or more.
     assert s.result["outcome"]["exit_code"] <= most, s.result
 
 
