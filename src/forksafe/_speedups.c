@@ -286,6 +286,45 @@ typedef struct {
 
 enum { WALK_OK = 0, WALK_NO_KEY = 1, WALK_ERROR = -1 };
 
+/* Append `value` to a growing array of values (`*items`, `*len`, `*cap`). */
+static int
+push_value(uintptr_t **items, Py_ssize_t *len, Py_ssize_t *cap, uintptr_t value)
+{
+    if (*len >= *cap) {
+        Py_ssize_t grown = *cap ? *cap * 2 : 256;
+        uintptr_t *more = PyMem_RawRealloc(*items, (size_t)grown * sizeof(uintptr_t));
+        if (more == NULL) {
+            PyErr_NoMemory();
+            return WALK_ERROR;
+        }
+        *items = more;
+        *cap = grown;
+    }
+    (*items)[(*len)++] = value;
+    return WALK_OK;
+}
+
+/* A walk's anchors: counted on its first pass (`anchors` NULL), kept on its second,
+   which may not find more than the first did (something moved). */
+static int
+put_anchor(PyObject *anchors, Py_ssize_t *count, PyObject *object)
+{
+    if (object == NULL) {
+        return WALK_OK;
+    }
+    if (anchors == NULL) {
+        (*count)++;
+        return WALK_OK;
+    }
+    if (*count >= PyList_GET_SIZE(anchors)) {
+        return WALK_NO_KEY; /* more than the first pass found: something moved */
+    }
+    Py_INCREF(object);
+    PyList_SET_ITEM(anchors, *count, object);
+    (*count)++;
+    return WALK_OK;
+}
+
 static int
 emit(Walk *walk, uintptr_t value)
 {
@@ -305,37 +344,13 @@ emit(Walk *walk, uintptr_t value)
         }
         walk->same = 0;
     }
-    if (walk->pos >= last_read.cap) {
-        Py_ssize_t cap = last_read.cap ? last_read.cap * 2 : 1024;
-        uintptr_t *items = PyMem_RawRealloc(last_read.items, (size_t)cap * sizeof(uintptr_t));
-        if (items == NULL) {
-            PyErr_NoMemory();
-            return WALK_ERROR;
-        }
-        last_read.items = items;
-        last_read.cap = cap;
-    }
-    last_read.items[walk->pos++] = value;
-    return WALK_OK;
+    return push_value(&last_read.items, &walk->pos, &last_read.cap, value);
 }
 
 static int
 anchor(Walk *walk, PyObject *object)
 {
-    if (object == NULL) {
-        return WALK_OK;
-    }
-    if (walk->anchors == NULL) {
-        walk->count++;
-        return WALK_OK;
-    }
-    if (walk->count >= PyList_GET_SIZE(walk->anchors)) {
-        return WALK_NO_KEY; /* more than the first pass found: something moved */
-    }
-    Py_INCREF(object);
-    PyList_SET_ITEM(walk->anchors, walk->count, object);
-    walk->count++;
-    return WALK_OK;
+    return put_anchor(walk->anchors, &walk->count, object);
 }
 
 #define STEP(call) do { int _done = (call); if (_done != WALK_OK) return _done; } while (0)
@@ -570,37 +585,13 @@ state_emit(StateWalk *walk, uintptr_t value)
         walk->len++;
         return WALK_OK;
     }
-    if (walk->len >= walk->cap) {
-        Py_ssize_t cap = walk->cap ? walk->cap * 2 : 256;
-        uintptr_t *items = PyMem_RawRealloc(walk->items, (size_t)cap * sizeof(uintptr_t));
-        if (items == NULL) {
-            PyErr_NoMemory();
-            return WALK_ERROR;
-        }
-        walk->items = items;
-        walk->cap = cap;
-    }
-    walk->items[walk->len++] = value;
-    return WALK_OK;
+    return push_value(&walk->items, &walk->len, &walk->cap, value);
 }
 
 static int
 state_anchor(StateWalk *walk, PyObject *object)
 {
-    if (object == NULL) {
-        return WALK_OK;
-    }
-    if (walk->anchors == NULL) {
-        walk->count++;
-        return WALK_OK;
-    }
-    if (walk->count >= PyList_GET_SIZE(walk->anchors)) {
-        return WALK_NO_KEY;
-    }
-    Py_INCREF(object);
-    PyList_SET_ITEM(walk->anchors, walk->count, object);
-    walk->count++;
-    return WALK_OK;
+    return put_anchor(walk->anchors, &walk->count, object);
 }
 
 /* The code object a frame runs, or NULL. */
