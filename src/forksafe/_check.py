@@ -17,6 +17,12 @@ inside a ``with`` block, a runtime's own activity flag, SQLite connections, an
 event loop — makes that probe mark the snapshot ``volatile``, and a volatile
 report is never reused. Neither is a report a probe failed in, nor one whose
 fingerprint changed while it was being computed.
+
+Threads forking at once (a fork storm) never find the process as it was: after
+``MISSES`` misses in a row the check goes by the fingerprint's facts and a token
+per thread instead (``_storm_check``): reports are kept by those, and a new
+combination of places the threads were met at before is composed from known
+parts (``_compose``), without running a probe.
 """
 
 from __future__ import annotations
