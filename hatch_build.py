@@ -7,7 +7,8 @@ editable wheels, so this hook adds it there; its name sorts after hatchling's
 ``_forksafe.pth`` path file, so ``forksafe`` is importable when it runs.
 
 ``src/forksafe/_speedups.c`` (the observation layer's ``sqlite3.connect``
-wrapper) is compiled with the compiler this Python was built with, when there
+wrapper, the guard's stack and image readers; the ``_speedups_*.h`` parts are
+included into it) is compiled with the compiler this Python was built with, when there
 is one: into ``src/forksafe`` for an editable install (where the package is
 imported from), into a temporary directory for a wheel. Without a compiler, or
 if compiling fails, the wheel stays pure Python and forksafe uses its Python
