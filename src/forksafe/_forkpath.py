@@ -97,9 +97,6 @@ follower: FollowerSide | None = None
 
 _st = State(os.getpid())
 _hooks_registered = False
-# Whether a fork only the hooks saw ever happened here: until then, the hook after
-# every fork need not look at _local (one object less touched per fork).
-_hooks_judged = False
 # The verdicts judge() reached without ``extra`` hazards, by the id of the report
 # checked: (report checked, config, refusable, user code, user line, site, action,
 # mechanism, report graded, threads to confirm gone). Several: threads forking at once
@@ -541,6 +538,8 @@ def register_hooks() -> None:
     _hooks_registered = True
 
 
+#: Whether a fork only the hooks saw happened in this process (or its parent): until
+#: then no hook runs after the fork in the parent, where there is nothing to do.
 _parent_hook_registered = False
 
 
@@ -593,8 +592,6 @@ def _before_fork() -> None:
             decision = make(Decision, (decision.mechanism, None, None, decision.report,
                                        decision.action, decision.time, decision.confirm))
         _prepare_followers()
-        global _hooks_judged
-        _hooks_judged = True
         _register_parent_hook()
         _local.pending = (os.getpid(), decision, _children_of_this_thread())
         _announce(decision, refusable=False)
@@ -603,8 +600,6 @@ def _before_fork() -> None:
 
 
 def _after_fork_parent() -> None:
-    if not _hooks_judged:
-        return
     pending = _local.pending
     if pending is None:
         return
