@@ -30,7 +30,7 @@ ROUNDS = 7
 TARGET = 2.0
 
 STORM = """
-import json, os, sys, threading, time
+import json, os, resource, sys, threading, time
 guarded = sys.argv[1] == "guarded"
 threads, forks = int(sys.argv[2]), int(sys.argv[3])
 if guarded:
@@ -50,16 +50,20 @@ for w in workers:
     w.start()
 start.wait()
 began = time.perf_counter()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for w in workers:
     w.join()
 elapsed = time.perf_counter() - began
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (threads * forks)
+with open("/proc/self/status") as status:  # what a fork late in the storm maps again
+    anon = next((int(line.split()[1]) for line in status if line.startswith("RssAnon")), 0)
 repeated = 0
 if guarded:
     from forksafe._guard import history
     for event in history():
         summaries = [h.summary for h in event.report.hazards]
         repeated = max(repeated, len(summaries) - len(set(summaries)))
-print(json.dumps({"elapsed": elapsed, "repeated": repeated}))
+print(json.dumps({"elapsed": elapsed, "repeated": repeated, "faults": faults, "anon": anon}))
 """
 
 
@@ -78,12 +82,18 @@ def main() -> int:
     quick = "--quick" in sys.argv
     rounds = 2 if quick else ROUNDS
     bare, guarded, ratios = [], [], []
+    faults: dict[str, list[float]] = {"bare": [], "guarded": []}
+    anon = {"bare": 0, "guarded": 0}
     repeated = 0
     began = time.perf_counter()
     for _ in range(rounds):
-        bare.append(float(storm("bare", THREADS, FORKS)["elapsed"]))  # type: ignore[arg-type]
+        plain = storm("bare", THREADS, FORKS)
+        bare.append(float(plain["elapsed"]))  # type: ignore[arg-type]
+        faults["bare"].append(float(plain["faults"]))  # type: ignore[arg-type]
         got = storm("guarded", THREADS, FORKS)
         guarded.append(float(got["elapsed"]))  # type: ignore[arg-type]
+        faults["guarded"].append(float(got["faults"]))  # type: ignore[arg-type]
+        anon = {"bare": int(plain["anon"]), "guarded": int(got["anon"])}  # type: ignore[call-overload]
         ratios.append(guarded[-1] / bare[-1])
         repeated = max(repeated, int(got["repeated"]))  # type: ignore[call-overload]
     base, cand = statistics.median(bare), statistics.median(guarded)
@@ -93,6 +103,9 @@ def main() -> int:
           f"forksafe {cand:.3f} s  {ratio:.2f}x (median of rounds)  (target <= {TARGET:.1f}x: "
           f"{verdict})")
     print(f"  round ratios {' '.join(f'{r:.2f}' for r in sorted(ratios))}")
+    print(f"  parent page faults per fork: bare {statistics.median(faults['bare']):.0f}, "
+          f"forksafe {statistics.median(faults['guarded']):.0f}; anonymous memory at the end: "
+          f"bare {anon['bare'] / 1024:.1f} MB, forksafe {anon['guarded'] / 1024:.1f} MB")
     print(f"  hazards repeated within one fork's report: {repeated} (must be 0); "
           f"{rounds} rounds in {time.perf_counter() - began:.0f} s")
     return 0 if ratio <= TARGET and repeated == 0 else 1
